@@ -1,0 +1,108 @@
+// MoEConfig: everything that describes one MoE layer. The exact semantics of each routing
+// option are in docs/routing.md; defaults follow Tutel's moe_layer.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "switchyard/device.h"
+#include "switchyard/dtype.h"
+#include "switchyard/index.h"
+
+namespace switchyard {
+
+// Which framework's routing rules to follow where Tutel and Megatron-Core differ.
+enum class RuleSet { kTutel, kMegatron };
+enum class GateType { kLinear, kCosine };
+enum class ScoreFn { kSoftmax, kSigmoid };
+// Expert activations; kSwiGLU and kGeGLU are gated (fc1 has 2h rows: gate rows then up rows).
+enum class Activation { kRelu, kGelu, kGeluTanh, kSilu, kSwiGLU, kGeGLU };
+// Expert buffer layouts: padded [E, C, d] or packed rows with offsets[E+1]. kAuto: padded when
+// capacity_factor > 0 under Tutel's rules, packed otherwise (Megatron: packed).
+enum class Layout { kAuto, kPadded, kPacked };
+// Megatron's drop policies: keep the C choices with the largest weights, or the earliest tokens.
+enum class DropPolicy { kProbs, kPosition };
+enum class AuxLoss { kNone, kGShard, kLoadImportance, kSwitch, kSwitchSequence };
+
+const char* to_string(RuleSet v);
+const char* to_string(GateType v);
+const char* to_string(ScoreFn v);
+const char* to_string(Activation v);
+const char* to_string(Layout v);
+const char* to_string(DropPolicy v);
+const char* to_string(AuxLoss v);
+// Parse the names printed by to_string (e.g. "megatron", "swiglu", "packed"); throw on others.
+RuleSet parse_rule_set(const std::string& s);
+GateType parse_gate_type(const std::string& s);
+ScoreFn parse_score_fn(const std::string& s);
+Activation parse_activation(const std::string& s);
+Layout parse_layout(const std::string& s);
+DropPolicy parse_drop_policy(const std::string& s);
+AuxLoss parse_aux_loss(const std::string& s);
+bool is_gated(Activation a);
+
+struct MoEConfig {
+  // Shapes and storage.
+  index_t model_dim = 0;    // d
+  index_t hidden_size = 0;  // h, per expert
+  index_t num_experts = 0;  // E
+  int top_k = 2;            // k; clamped to E, 0 is an error
+  DType dtype = DType::kF32;
+  Device device;
+  std::uint64_t seed = 1;  // parameter initialisation and the noise/jitter streams
+
+  // Gate.
+  RuleSet rules = RuleSet::kTutel;
+  GateType gate = GateType::kLinear;
+  bool fp32_gate = false;  // gate weights in f32, x cast to f32 for the gate GEMM
+  index_t cosine_proj_dim = 256;
+  double cosine_init_t = 0.5;
+  double gate_noise = 0.0;    // Tutel: logits + gate_noise * N(0,1) / E, training only
+  double input_jitter = 0.0;  // Megatron: gate input * U(1-eps, 1+eps), training only
+  ScoreFn score_fn = ScoreFn::kSoftmax;
+  bool pre_softmax = false;   // Megatron: softmax before top-k (else top-k of logits, then softmax)
+  bool normalize_gate = true;  // renormalise the k weights (k > 1)
+  double scaling_factor = 1.0;
+  bool expert_bias = false;  // aux-loss-free balancing: selection uses score + bias
+  int num_groups = 0;        // group-limited routing when > 1
+  int topk_groups = 0;       // groups kept per token
+  bool sinkhorn = false;     // Megatron sinkhorn balancing (training only)
+  int sinkhorn_max_iters = 100;
+  double sinkhorn_tol = 1e-4;
+
+  // Capacity and dispatch.
+  double capacity_factor = 1.0;  // > 0 fixed, 0 dropless, < 0 dropless up to -capacity_factor
+  bool batch_prioritized_routing = false;  // Tutel rules
+  DropPolicy drop_policy = DropPolicy::kProbs;  // Megatron rules
+  Layout layout = Layout::kAuto;  // kPadded under Megatron rules is pad_to_capacity
+  int overlap_degree = 1;         // capacity alignment (sharded_count * overlap_degree)
+  bool is_postscore = true;       // weight expert outputs at combine (else rows at encode)
+
+  // Losses (returned unweighted; backward takes their weights).
+  AuxLoss aux_loss = AuxLoss::kGShard;
+  index_t seq_len = 0;  // for kSwitchSequence: tokens per sequence (batch-major)
+
+  // Experts.
+  Activation activation = Activation::kRelu;
+  bool has_fc1_bias = true;
+  bool has_fc2_bias = true;
+  index_t shared_expert_hidden = 0;  // hidden size of one shared expert on every token; 0: none
+};
+
+// Per-call overrides; none of them moves or re-shards weights.
+struct ForwardOptions {
+  std::optional<double> capacity_factor;
+  std::optional<int> top_k;
+  std::optional<Layout> layout;
+  bool training = true;  // noise, jitter, sinkhorn and expert-bias counting only when training
+};
+
+// Weights of the losses in the objective whose gradient backward computes:
+// sum(y * dy) + aux * l_aux + z * l_z.
+struct LossWeights {
+  double aux = 0.0;
+  double z = 0.0;
+};
+
+}  // namespace switchyard

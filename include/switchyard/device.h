@@ -1,0 +1,36 @@
+// Where a tensor lives and on which queue work runs. Public headers never include CUDA headers:
+// a Stream carries a cudaStream_t as an opaque handle.
+#pragma once
+
+#include <string>
+
+namespace switchyard {
+
+enum class DeviceType { kCpu, kCuda };
+
+struct Device {
+  DeviceType type = DeviceType::kCpu;
+  int index = 0;
+
+  static Device cpu() { return Device{}; }
+  static Device cuda(int index = 0) { return Device{DeviceType::kCuda, index}; }
+  bool is_cpu() const { return type == DeviceType::kCpu; }
+  bool is_cuda() const { return type == DeviceType::kCuda; }
+  bool operator==(const Device& o) const { return type == o.type && index == o.index; }
+  bool operator!=(const Device& o) const { return !(*this == o); }
+};
+
+std::string to_string(const Device& device);  // "cpu", "cuda:0"
+Device parse_device(const std::string& name);  // "cpu", "cuda", "cuda:1"
+
+// Whether this build has the CUDA backend and a usable GPU.
+bool cuda_available();
+
+// A work queue on a device. On CPU work runs synchronously on the calling thread (with OpenMP
+// and BLAS threads); on CUDA `handle` is the cudaStream_t every kernel of a call is launched on.
+struct Stream {
+  Device device;
+  void* handle = nullptr;
+};
+
+}  // namespace switchyard

@@ -1,0 +1,44 @@
+// Extension points: a custom gate (x -> logits) and a custom expert network (rows -> rows).
+// The built-in linear/cosine gates and FFN experts implement these same interfaces.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "switchyard/tensor.h"
+
+namespace switchyard {
+
+// A learnable tensor and its gradient. `replicated` marks parameters every rank holds a full
+// copy of (gate, shared experts): under expert parallelism the caller all-reduces their grads.
+struct Parameter {
+  std::string name;  // Tutel state_dict key, e.g. "experts.batched_fc1_w"
+  Tensor value;
+  Tensor grad;  // same shape and dtype as value; backward accumulates into it
+  bool replicated = true;
+};
+
+class Gate {
+ public:
+  virtual ~Gate() = default;
+  // x [T, d] -> logits [T, E] (any floating dtype; routing converts to f32, f64 for f64).
+  // Saves what backward needs.
+  virtual Tensor forward(const Tensor& x, bool training) = 0;
+  // dlogits [T, E] (f32, or f64 for an f64 layer) -> dx [T, d] in x's dtype; accumulates the
+  // gradients of parameters(). Called at most once after each forward.
+  virtual Tensor backward(const Tensor& dlogits) = 0;
+  virtual std::vector<Parameter*> parameters() { return {}; }
+};
+
+class ExpertNetwork {
+ public:
+  virtual ~ExpertNetwork() = default;
+  // rows [R, d]: rows [offsets[e], offsets[e+1]) go to local expert e; offsets is an i64 tensor
+  // of E+1 entries on rows' device. Returns [R, d_out] in rows' dtype. Saves what backward needs.
+  virtual Tensor forward(const Tensor& rows, const Tensor& offsets) = 0;
+  // drows_out [R, d_out] -> drows [R, d]; accumulates the gradients of parameters().
+  virtual Tensor backward(const Tensor& drows_out) = 0;
+  virtual std::vector<Parameter*> parameters() = 0;
+};
+
+}  // namespace switchyard

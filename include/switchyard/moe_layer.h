@@ -1,0 +1,78 @@
+// MoELayer: routing -> dispatch -> experts -> combine, forward and backward.
+//
+//   MoEConfig cfg;  cfg.model_dim = 1024; cfg.hidden_size = 4096; cfg.num_experts = 8;
+//   MoELayer layer(cfg);
+//   ForwardResult r = layer.forward(x);              // x [..., d]
+//   Tensor dx = layer.backward(dy, {.aux = 0.01});   // fills parameter gradients
+//
+// Threading: one layer is used by one thread at a time. backward() refers to the most recent
+// forward() with training = true.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "switchyard/config.h"
+#include "switchyard/extension.h"
+#include "switchyard/tensor.h"
+
+namespace switchyard {
+
+struct RoutingStats {
+  std::vector<index_t> tokens_per_expert;  // [E] rows kept per expert (after drops)
+  index_t dropped_choices = 0;             // (token, choice) pairs beyond capacity
+  index_t capacity = 0;                    // C: rows per expert in the padded layout
+  index_t num_rows = 0;                    // rows in the expert buffer (E*C padded, kept packed)
+  int top_k = 0;                           // k used (after clamping to E)
+  Layout layout = Layout::kAuto;           // layout used (never kAuto)
+};
+
+struct Losses {
+  double aux = 0.0;  // the configured balancing loss, unweighted (0 when kNone)
+  double z = 0.0;    // router z-loss, unweighted
+};
+
+struct ForwardResult {
+  Tensor y;  // same shape as x, in the layer's dtype
+  Losses losses;
+  RoutingStats stats;
+};
+
+class MoELayer {
+ public:
+  // Built-in gate and FFN experts, initialised from cfg.seed as Tutel initialises them.
+  explicit MoELayer(const MoEConfig& cfg);
+  // A custom gate and/or expert network; a null pointer keeps the built-in one.
+  MoELayer(const MoEConfig& cfg, std::shared_ptr<Gate> gate, std::shared_ptr<ExpertNetwork> experts);
+  ~MoELayer();
+  MoELayer(MoELayer&&) noexcept;
+  MoELayer& operator=(MoELayer&&) noexcept;
+
+  const MoEConfig& config() const;
+
+  // x [..., d] on the layer's device, any floating dtype (cast to the layer's dtype).
+  // T = 0 gives an empty output. Throws switchyard::Error on bad input, NaN/Inf in x or the
+  // logits, or bad options; the layer stays usable.
+  ForwardResult forward(const Tensor& x, const ForwardOptions& options = {});
+
+  // dy: same shape as the last forward's y. Returns dx (shape and dtype of that x) and
+  // accumulates parameter gradients.
+  Tensor backward(const Tensor& dy, const LossWeights& weights = {});
+
+  // Gate parameters first ("gates.0.wg.weight"), then experts ("experts.batched_fc1_w", ...),
+  // then shared experts ("shared_experts.batched_fc1_w", ...): Tutel's state_dict keys.
+  std::vector<Parameter*> parameters();
+  Parameter& parameter(const std::string& name);  // throws when no parameter has that name
+  void zero_grad();
+
+  // Aux-loss-free balancing: bias[e] += rate * sign(mean(count) - count[e]) over the token
+  // counts accumulated by training forwards since the last update; then resets the counts.
+  void update_expert_bias(double rate = 1e-3);
+  Tensor expert_bias() const;  // [E] f32; zeros unless cfg.expert_bias
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace switchyard

@@ -1,0 +1,39 @@
+#include <cmath>
+
+#include "core/backend.h"
+#include "core/dtype_dispatch.h"
+#include "core/ops.h"
+
+namespace switchyard {
+
+void add_inplace(Tensor& dst, const Tensor& src_in, const Tensor* scale_in) {
+  require_backend("add_inplace", dst.device());
+  SY_ASSERT(dst.is_contiguous() && dst.sizes() == src_in.sizes() && dst.dtype() == src_in.dtype());
+  const Tensor src = src_in.contiguous();
+  const Tensor scale = scale_in ? scale_in->to(dst.dtype()).contiguous() : Tensor();
+  dispatch_float(dst.dtype(), "add_inplace", [&]<class T>() {
+    T* d = dst.data<T>();
+    const T* s = src.data<T>();
+    const T* m = scale.defined() ? scale.data<T>() : nullptr;
+    const index_t n = dst.numel();
+#pragma omp parallel for schedule(static)
+    for (index_t i = 0; i < n; ++i) d[i] = store<T>(load(d[i]) + load(s[i]) * (m ? load(m[i]) : 1));
+  });
+}
+
+void check_finite(const Tensor& t_in, const char* what) {
+  require_backend("check_finite", t_in.device());
+  const Tensor t = t_in.contiguous();
+  dispatch_float(t.dtype(), "check_finite", [&]<class T>() {
+    const T* p = t.data<T>();
+    const index_t n = t.numel();
+    index_t bad = n;
+#pragma omp parallel for reduction(min : bad) schedule(static)
+    for (index_t i = 0; i < n; ++i)
+      if (!std::isfinite(static_cast<double>(load(p[i])))) bad = std::min(bad, i);
+    SY_CHECK(bad == n, what, " holds ", load(p[bad < n ? bad : 0]), " (NaN or Inf) at element ", bad,
+             ": expected finite values");
+  });
+}
+
+}  // namespace switchyard

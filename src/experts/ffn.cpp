@@ -1,0 +1,86 @@
+#include "experts/ffn.h"
+
+#include <cmath>
+
+#include "core/backend.h"
+#include "core/init.h"
+#include "switchyard/error.h"
+
+namespace switchyard {
+namespace {
+
+Parameter make_param(const std::string& name, const Shape& shape, const FfnShape& s,
+                     bool replicated) {
+  return Parameter{name, Tensor::zeros(shape, s.dtype, s.device), Tensor::zeros(shape, s.dtype, s.device),
+                   replicated};
+}
+
+// Host copy of the offsets with its invariants checked (first 0, non-decreasing, last = rows).
+std::vector<index_t> read_offsets(const Tensor& offsets, index_t num_experts, index_t num_rows) {
+  SY_CHECK(offsets.dtype() == DType::kI64 && offsets.dim() == 1 &&
+               offsets.size(0) == num_experts + 1,
+           "experts: offsets must be an i64 tensor of ", num_experts + 1, " entries");
+  std::vector<index_t> off(static_cast<std::size_t>(num_experts + 1));
+  const Tensor c = offsets.contiguous();
+  const index_t* p = c.data<index_t>();
+  for (index_t e = 0; e <= num_experts; ++e) off[e] = p[e];
+  SY_CHECK(off[0] == 0 && off[num_experts] == num_rows, "experts: offsets must run from 0 to ",
+           num_rows, ", got ", off[0], " to ", off[num_experts]);
+  for (index_t e = 0; e < num_experts; ++e)
+    SY_CHECK(off[e] <= off[e + 1], "experts: offsets must not decrease (expert ", e, ")");
+  return off;
+}
+
+}  // namespace
+
+FfnExperts::FfnExperts(const FfnShape& s, const std::string& prefix, bool replicated,
+                       std::uint64_t seed, std::uint64_t init_id)
+    : shape_(s) {
+  SY_CHECK(s.num_experts >= 1, "experts: num_experts must be >= 1, got ", s.num_experts);
+  SY_CHECK(s.model_dim >= 1, "experts: model_dim must be >= 1, got ", s.model_dim);
+  SY_CHECK(s.hidden_size >= 1, "experts: hidden_size must be >= 1, got ", s.hidden_size);
+  SY_CHECK(is_floating(s.dtype), "experts: dtype must be floating, got ", dtype_name(s.dtype));
+  const index_t E = s.num_experts, d = s.model_dim, h = s.hidden_size;
+  const index_t h1 = is_gated(s.activation) ? 2 * h : h;
+  fc1_w_ = make_param(prefix + "batched_fc1_w", {E, h1, d}, s, replicated);
+  fc2_w_ = make_param(prefix + "batched_fc2_w", {E, h, d}, s, replicated);
+  if (s.has_fc1_bias) fc1_b_ = make_param(prefix + "batched_fc1_bias", {E, h1}, s, replicated);
+  if (s.has_fc2_bias) fc2_b_ = make_param(prefix + "batched_fc2_bias", {E, d}, s, replicated);
+  // Like nn.Linear(d, h1) and nn.Linear(h, d) per expert: U(±1/sqrt(fan_in)) for both.
+  fill_uniform(fc1_w_.value, 1.0 / std::sqrt(static_cast<double>(d)), seed, init_id + 0);
+  fill_uniform(fc2_w_.value, 1.0 / std::sqrt(static_cast<double>(h)), seed, init_id + 1);
+  if (s.has_fc1_bias) fill_uniform(fc1_b_.value, 1.0 / std::sqrt(static_cast<double>(d)), seed, init_id + 2);
+  if (s.has_fc2_bias) fill_uniform(fc2_b_.value, 1.0 / std::sqrt(static_cast<double>(h)), seed, init_id + 3);
+}
+
+std::vector<Parameter*> FfnExperts::parameters() {
+  std::vector<Parameter*> p{&fc1_w_, &fc2_w_};
+  if (shape_.has_fc1_bias) p.push_back(&fc1_b_);
+  if (shape_.has_fc2_bias) p.push_back(&fc2_b_);
+  return p;
+}
+
+Tensor FfnExperts::forward(const Tensor& rows, const Tensor& offsets) {
+  SY_CHECK(rows.dim() == 2 && rows.size(1) == shape_.model_dim, "experts: rows must be [R, ",
+           shape_.model_dim, "], got a ", rows.dim(), "-d tensor",
+           rows.dim() == 2 ? detail::str_cat(" with ", rows.size(1), " columns") : "");
+  SY_CHECK(rows.device() == shape_.device, "experts: rows are on ", to_string(rows.device()),
+           ", the experts on ", to_string(shape_.device));
+  require_backend("experts", rows.device());
+  has_saved_ = false;
+  std::vector<index_t> off = read_offsets(offsets, shape_.num_experts, rows.size(0));
+  Tensor y = ffn_forward_cpu(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, rows.to(shape_.dtype),
+                             std::move(off), saved_);
+  has_saved_ = true;
+  return y;
+}
+
+Tensor FfnExperts::backward(const Tensor& dy) {
+  SY_CHECK(has_saved_, "experts: backward called without a forward");
+  const index_t R = saved_.x.size(0);
+  SY_CHECK(dy.dim() == 2 && dy.size(0) == R && dy.size(1) == shape_.model_dim,
+           "experts: gradient must be [", R, ", ", shape_.model_dim, "]");
+  return ffn_backward_cpu(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, dy, saved_);
+}
+
+}  // namespace switchyard

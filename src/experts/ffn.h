@@ -1,0 +1,61 @@
+// FFN experts (Tutel's FusedExpertsNetwork): per local expert e,
+//   y = act(x · fc1_w[e]ᵀ + fc1_bias[e]) · fc2_w[e] + fc2_bias[e]
+// fc1_w [E, h, d] (gated: [E, 2h, d], rows [0,h) gate, [h,2h) up, act(gate) * up),
+// fc2_w [E, h, d] (stored transposed, as Tutel), fc1_bias [E, h or 2h], fc2_bias [E, d].
+// Each expert is initialised like a fresh nn.Linear: weights and biases U(±1/sqrt(fan_in)).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "switchyard/config.h"
+#include "switchyard/extension.h"
+
+namespace switchyard {
+
+struct FfnShape {
+  index_t num_experts = 0;
+  index_t model_dim = 0;
+  index_t hidden_size = 0;
+  Activation activation = Activation::kRelu;
+  bool has_fc1_bias = true;
+  bool has_fc2_bias = true;
+  DType dtype = DType::kF32;
+  Device device;
+};
+
+class FfnExperts final : public ExpertNetwork {
+ public:
+  // `prefix` names the parameters ("experts." gives "experts.batched_fc1_w", ...);
+  // `init_id` separates the random streams of different networks with one seed.
+  FfnExperts(const FfnShape& shape, const std::string& prefix, bool replicated,
+             std::uint64_t seed, std::uint64_t init_id);
+
+  Tensor forward(const Tensor& rows, const Tensor& offsets) override;
+  Tensor backward(const Tensor& drows_out) override;
+  std::vector<Parameter*> parameters() override;
+  const FfnShape& shape() const { return shape_; }
+
+  // Tensors saved by forward for backward, in the arithmetic dtype (f32, f64 for f64).
+  struct Saved {
+    Tensor x;  // [R, d]
+    Tensor h;  // [R, h or 2h] pre-activation
+    Tensor a;  // [R, h] activation (gated: act(gate) * up)
+    std::vector<index_t> offsets;  // [E+1]
+  };
+
+ private:
+  FfnShape shape_;
+  Parameter fc1_w_, fc2_w_, fc1_b_, fc2_b_;
+  Saved saved_;
+  bool has_saved_ = false;
+};
+
+// CPU math (experts/ffn_cpu.cpp). Weights are the parameters; results in the arithmetic dtype.
+Tensor ffn_forward_cpu(const FfnShape& s, const Parameter& fc1_w, const Parameter& fc2_w,
+                       const Parameter& fc1_b, const Parameter& fc2_b, const Tensor& rows,
+                       std::vector<index_t> offsets, FfnExperts::Saved& saved);
+Tensor ffn_backward_cpu(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Parameter& fc1_b,
+                        Parameter& fc2_b, const Tensor& dy, const FfnExperts::Saved& saved);
+
+}  // namespace switchyard

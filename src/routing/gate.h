@@ -1,0 +1,42 @@
+// Built-in gates (x -> logits), with Tutel's parameter names under the prefix "gates.0.".
+//   LinearGate: logits = x · Wgᵀ, Wg [E, d] ("wg.weight"), initialised like nn.Linear(d, E).
+//   CosineGate: logits = normalize(P x + b) · normalize(S, columns) * exp(min(tau, ln 100)),
+//     P [p, d] ("cosine_projector.weight"), b [p] ("cosine_projector.bias"), S [p, E]
+//     ("sim_matrix", N(0, 0.01)), tau [1] ("temperature", ln(1/init_t)).
+// With fp32_gate the parameters are f32 and x is cast to f32 for the gate.
+#pragma once
+
+#include "switchyard/config.h"
+#include "switchyard/extension.h"
+
+namespace switchyard {
+
+class LinearGate final : public Gate {
+ public:
+  explicit LinearGate(const MoEConfig& cfg);
+  Tensor forward(const Tensor& x, bool training) override;
+  Tensor backward(const Tensor& dlogits) override;
+  std::vector<Parameter*> parameters() override { return {&wg_}; }
+
+ private:
+  Parameter wg_;
+  Tensor x_;  // gate input in the gate's dtype, saved for backward
+  DType x_dtype_ = DType::kF32;
+};
+
+class CosineGate final : public Gate {
+ public:
+  explicit CosineGate(const MoEConfig& cfg);
+  Tensor forward(const Tensor& x, bool training) override;
+  Tensor backward(const Tensor& dlogits) override;
+  std::vector<Parameter*> parameters() override { return {&temperature_, &proj_w_, &proj_b_, &sim_}; }
+
+ private:
+  Parameter temperature_, proj_w_, proj_b_, sim_;
+  DType x_dtype_ = DType::kF32;
+  // Saved for backward, in the routing dtype.
+  Tensor x_, u_, un_, unorm_, sn_, snorm_, cos_;
+  double scale_ = 1.0;
+};
+
+}  // namespace switchyard

@@ -1,0 +1,48 @@
+// The router (ROUTING.md §1-5): logits -> scores -> top-k experts and weights -> slots, plus the
+// balancing losses; and the backward from weight gradients and loss weights to dlogits.
+#pragma once
+
+#include "routing/capacity.h"
+#include "routing/plan.h"
+#include "switchyard/config.h"
+#include "switchyard/moe_layer.h"
+
+namespace switchyard {
+
+struct RouteArgs {
+  int top_k = 1;                 // already clamped to E
+  double capacity_factor = 1.0;
+  Layout layout = Layout::kPadded;  // resolved
+  bool training = true;
+  std::uint64_t step = 0;        // random-stream counter (advanced per training forward)
+  index_t token_base = 0;        // global index of token 0, for the random draws
+  index_t max_tokens = 0;        // T_max for Tutel's capacity (0: this call's T)
+  const Tensor* expert_bias = nullptr;  // [E] f32, or null
+};
+
+// How choices and weights are derived from the logits (ROUTING.md §2).
+enum class WeightRule {
+  kScores,        // weights = scores of the chosen experts (Tutel; Megatron pre-softmax, sigmoid)
+  kLogitSoftmax,  // Megatron softmax: top-k of the logits, softmax over the k chosen
+  kSinkhorn,      // Megatron sinkhorn (training): sinkhorn selection, act(logits) weights
+};
+
+// What the router keeps for its backward. All [T, E] tensors in the routing dtype.
+struct RouterState {
+  Tensor logits;  // clean logits
+  Tensor noisy;   // logits + gate noise (same tensor as logits without noise)
+  Tensor probs;   // softmax or sigmoid of the noisy logits
+  Tensor gates;   // [T, k] score of each choice before normalisation/scaling
+  WeightRule rule = WeightRule::kScores;
+};
+
+// Routes logits [T, E] (routing dtype: f32, or f64 for f64 layers). Throws on NaN/Inf logits.
+RoutingPlan route_cpu(const MoEConfig& cfg, const RouteArgs& args, const Tensor& logits,
+                      RouterState& state, Losses& losses);
+
+// dweight [T, k] (gradient of the objective w.r.t. plan.weight) and the loss weights ->
+// dlogits [T, E] in the routing dtype.
+Tensor route_backward_cpu(const MoEConfig& cfg, const RoutingPlan& plan, const RouterState& state,
+                          const Tensor& dweight, const LossWeights& weights);
+
+}  // namespace switchyard
