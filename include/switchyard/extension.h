@@ -22,7 +22,7 @@ class Gate {
  public:
   virtual ~Gate() = default;
   // x [T, d] -> logits [T, E] (any floating dtype; routing converts to f32, f64 for f64).
-  // Saves what backward needs.
+  // When training, saves what backward needs; an evaluation forward must leave that untouched.
   virtual Tensor forward(const Tensor& x, bool training) = 0;
   // dlogits [T, E] (f32, or f64 for an f64 layer) -> dx [T, d] in x's dtype; accumulates the
   // gradients of parameters(). Called at most once after each forward.
@@ -34,8 +34,9 @@ class ExpertNetwork {
  public:
   virtual ~ExpertNetwork() = default;
   // rows [R, d]: rows [offsets[e], offsets[e+1]) go to local expert e; offsets is an i64 tensor
-  // of E+1 entries on rows' device. Returns [R, d_out] in rows' dtype. Saves what backward needs.
-  virtual Tensor forward(const Tensor& rows, const Tensor& offsets) = 0;
+  // of E+1 entries on rows' device. Returns [R, d_out] in rows' dtype. When training, saves what
+  // backward needs; an evaluation forward (training = false) must leave that state untouched.
+  virtual Tensor forward(const Tensor& rows, const Tensor& offsets, bool training) = 0;
   // drows_out [R, d_out] -> drows [R, d]; accumulates the gradients of parameters().
   virtual Tensor backward(const Tensor& drows_out) = 0;
   virtual std::vector<Parameter*> parameters() = 0;

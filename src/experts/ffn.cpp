@@ -60,18 +60,21 @@ std::vector<Parameter*> FfnExperts::parameters() {
   return p;
 }
 
-Tensor FfnExperts::forward(const Tensor& rows, const Tensor& offsets) {
+Tensor FfnExperts::forward(const Tensor& rows, const Tensor& offsets, bool training) {
   SY_CHECK(rows.dim() == 2 && rows.size(1) == shape_.model_dim, "experts: rows must be [R, ",
            shape_.model_dim, "], got a ", rows.dim(), "-d tensor",
            rows.dim() == 2 ? detail::str_cat(" with ", rows.size(1), " columns") : "");
   SY_CHECK(rows.device() == shape_.device, "experts: rows are on ", to_string(rows.device()),
            ", the experts on ", to_string(shape_.device));
   require_backend("experts", rows.device());
-  has_saved_ = false;
   std::vector<index_t> off = read_offsets(offsets, shape_.num_experts, rows.size(0));
+  Saved saved;
   Tensor y = ffn_forward_cpu(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, rows.to(shape_.dtype),
-                             std::move(off), saved_);
-  has_saved_ = true;
+                             std::move(off), saved);
+  if (training) {
+    saved_ = std::move(saved);
+    has_saved_ = true;
+  }
   return y;
 }
 

@@ -31,7 +31,7 @@ class FfnExperts final : public ExpertNetwork {
   FfnExperts(const FfnShape& shape, const std::string& prefix, bool replicated,
              std::uint64_t seed, std::uint64_t init_id);
 
-  Tensor forward(const Tensor& rows, const Tensor& offsets) override;
+  Tensor forward(const Tensor& rows, const Tensor& offsets, bool training) override;
   Tensor backward(const Tensor& drows_out) override;
   std::vector<Parameter*> parameters() override;
   const FfnShape& shape() const { return shape_; }

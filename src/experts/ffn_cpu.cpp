@@ -117,7 +117,11 @@ Tensor backward_impl(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Para
 
   Tensor da = Tensor::empty({R, h}, wd), dh = Tensor::empty({R, h1}, wd);
   Tensor dx = Tensor::empty({R, d}, wd);
-  Tensor gw1 = Tensor::zeros({E, h1, d}, wd), gw2 = Tensor::zeros({E, h, d}, wd);
+  // Weight gradients accumulate straight into the parameters' grads (GEMM beta = 1) when they
+  // are stored in the arithmetic dtype; f16/bf16 grads go through an f32 buffer.
+  const bool direct = s.dtype == wd;
+  Tensor gw1 = direct ? fc1_w.grad : Tensor::zeros({E, h1, d}, wd);
+  Tensor gw2 = direct ? fc2_w.grad : Tensor::zeros({E, h, d}, wd);
   W* dap = da.data<W>();
   W* dhp = dh.data<W>();
   for (index_t e = 0; e < E; ++e) {
@@ -126,7 +130,7 @@ Tensor backward_impl(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Para
     // da = dy · fc2_wᵀ ; d fc2_w = actᵀ · dy
     gemm_raw(false, true, n, h, d, 1.0, dyp + offset_of(r0, d), d,
              w2.data<W>() + offset_of(e, h * d), d, 0.0, dap + offset_of(r0, h), h);
-    gemm_raw(true, false, h, d, n, 1.0, ap + offset_of(r0, h), h, dyp + offset_of(r0, d), d, 0.0,
+    gemm_raw(true, false, h, d, n, 1.0, ap + offset_of(r0, h), h, dyp + offset_of(r0, d), d, 1.0,
              gw2.data<W>() + offset_of(e, h * d), d);
   }
 #pragma omp parallel for schedule(static)
@@ -148,12 +152,14 @@ Tensor backward_impl(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Para
     if (n == 0) continue;
     // d fc1_w = dhᵀ · x ; dx = dh · fc1_w
     gemm_raw(true, false, h1, d, n, 1.0, dhp + offset_of(r0, h1), h1, xp + offset_of(r0, d), d,
-             0.0, gw1.data<W>() + offset_of(e, h1 * d), d);
+             1.0, gw1.data<W>() + offset_of(e, h1 * d), d);
     gemm_raw(false, false, n, d, h1, 1.0, dhp + offset_of(r0, h1), h1,
              w1.data<W>() + offset_of(e, h1 * d), d, 0.0, dx.data<W>() + offset_of(r0, d), d);
   }
-  accumulate<T>(fc1_w.grad, gw1.data<W>());
-  accumulate<T>(fc2_w.grad, gw2.data<W>());
+  if (!direct) {
+    accumulate<T>(fc1_w.grad, gw1.data<W>());
+    accumulate<T>(fc2_w.grad, gw2.data<W>());
+  }
   if (fc1_b.value.defined()) {
     Tensor g = Tensor::empty({E, h1}, wd);
     for (index_t e = 0; e < E; ++e) column_sums(dhp, h1, off[e], off[e + 1], g.data<W>() + offset_of(e, h1));

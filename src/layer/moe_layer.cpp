@@ -104,7 +104,7 @@ const MoEConfig& MoELayer::config() const { return impl_->cfg; }
 ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
   Impl& m = *impl_;
   const MoEConfig& cfg = m.cfg;
-  m.saved = false;
+  if (opt.training) m.saved = false;  // a failed training forward leaves nothing to differentiate
   SY_CHECK(x_in.defined(), "forward: x is undefined");
   SY_CHECK(x_in.device() == cfg.device, "forward: x is on ", to_string(x_in.device()),
            ", the layer on ", to_string(cfg.device));
@@ -144,7 +144,7 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
   RoutingPlan plan = route_cpu(cfg, args, logits, router, result.losses);
 
   const Tensor buffer = encode(plan, x, !cfg.is_postscore);
-  Tensor expert_out = m.experts->forward(buffer, plan.offsets);
+  Tensor expert_out = m.experts->forward(buffer, plan.offsets, opt.training);
   SY_CHECK(expert_out.dim() == 2 && expert_out.size(0) == plan.num_rows && expert_out.size(1) == d,
            "experts: output must be [", plan.num_rows, ", ", d, "], got ",
            shape_str(expert_out.sizes()));
@@ -152,7 +152,7 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
   Tensor y = decode(plan, expert_out, cfg.is_postscore);
   if (m.shared) {
     const Tensor all_rows = Tensor::from_vector({0.0, static_cast<double>(T)}, {2}, DType::kI64);
-    add_inplace(y, m.shared->forward(x, all_rows));
+    add_inplace(y, m.shared->forward(x, all_rows, opt.training));
   }
 
   RoutingStats& s = result.stats;
@@ -169,6 +169,7 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
     ++m.step;
   }
   result.y = y.view(x_in.sizes());
+  if (!opt.training) return result;
 
   m.x_shape = x_in.sizes();
   m.x_dtype = x_in.dtype();

@@ -33,10 +33,15 @@ class CosineGate final : public Gate {
 
  private:
   Parameter temperature_, proj_w_, proj_b_, sim_;
-  DType x_dtype_ = DType::kF32;
-  // Saved for backward, in the routing dtype.
-  Tensor x_, u_, un_, unorm_, sn_, snorm_, cos_;
-  double scale_ = 1.0;
+  // Saved by a training forward for backward, in the routing dtype.
+  struct Saved {
+    DType x_dtype = DType::kF32;
+    Tensor x;             // [T, d]
+    Tensor un, unorm;     // normalised projection [T, p] and its row norms [T]
+    Tensor sn, snorm;     // normalised sim_matrix [p, E] and its column norms [E]
+    Tensor cos;           // [T, E]
+    double scale = 1.0;   // exp(min(tau, ln 100))
+  } saved_;
 };
 
 }  // namespace switchyard

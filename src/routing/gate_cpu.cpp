@@ -34,16 +34,20 @@ LinearGate::LinearGate(const MoEConfig& cfg) {
   fill_uniform(wg_.value, 1.0 / std::sqrt(static_cast<double>(cfg.model_dim)), cfg.seed, kGateInitId);
 }
 
-Tensor LinearGate::forward(const Tensor& x, bool /*training*/) {
+Tensor LinearGate::forward(const Tensor& x, bool training) {
   require_backend("gate", x.device());
-  x_dtype_ = x.dtype();
-  x_ = x.to(wg_.value.dtype()).contiguous();
-  Tensor logits = Tensor::empty({x_.size(0), wg_.value.size(0)}, wg_.value.dtype(), x.device());
-  gemm(x_, false, wg_.value, true, logits);
+  const Tensor xg = x.to(wg_.value.dtype()).contiguous();
+  Tensor logits = Tensor::empty({xg.size(0), wg_.value.size(0)}, wg_.value.dtype(), x.device());
+  gemm(xg, false, wg_.value, true, logits);
+  if (training) {
+    x_dtype_ = x.dtype();
+    x_ = xg;
+  }
   return logits;
 }
 
 Tensor LinearGate::backward(const Tensor& dlogits) {
+  SY_CHECK(x_.defined(), "gate: backward called without a training forward");
   const Tensor dl = dlogits.to(wg_.value.dtype()).contiguous();
   gemm(dl, true, x_, false, wg_.grad, 1.0, 1.0);  // dWg += dlᵀ · x
   Tensor dx = Tensor::empty(x_.sizes(), wg_.value.dtype(), x_.device());
@@ -100,78 +104,81 @@ void normalize_backward(const A* vn, const A* norms, const A* dvn, index_t n, in
 
 }  // namespace
 
-Tensor CosineGate::forward(const Tensor& x, bool /*training*/) {
+Tensor CosineGate::forward(const Tensor& x, bool training) {
   require_backend("gate", x.device());
-  x_dtype_ = x.dtype();
   const DType rd = routing_dtype(proj_w_.value.dtype());
   const index_t T = x.size(0), p = proj_w_.value.size(0), E = sim_.value.size(1);
-  x_ = x.to(proj_w_.value.dtype()).to(rd).contiguous();
-  const Tensor pw = proj_w_.value.to(rd), pb = proj_b_.value.to(rd), sim = sim_.value.to(rd).contiguous();
-  u_ = Tensor::empty({T, p}, rd);
-  gemm(x_, false, pw, true, u_);
-  return dispatch_float(rd, "cosine gate", [&]<class A>() -> Tensor {
+  Saved sv;
+  sv.x_dtype = x.dtype();
+  sv.x = x.to(proj_w_.value.dtype()).to(rd).contiguous();
+  const Tensor pw = proj_w_.value.to(rd), pb = proj_b_.value.to(rd).contiguous();
+  const Tensor sim = sim_.value.to(rd).contiguous();
+  Tensor u = Tensor::empty({T, p}, rd);
+  gemm(sv.x, false, pw, true, u);
+  Tensor logits = Tensor::empty({T, E}, rd);
+  dispatch_float(rd, "cosine gate", [&]<class A>() {
     if constexpr (std::is_same_v<A, float> || std::is_same_v<A, double>) {
-      A* u = u_.data<A>();
-      const A* b = pb.contiguous().data<A>();
+      A* up = u.data<A>();
+      const A* b = pb.data<A>();
       for (index_t t = 0; t < T; ++t)
-        for (index_t j = 0; j < p; ++j) u[t * p + j] += b[j];
-      un_ = Tensor::empty({T, p}, rd);
-      unorm_ = Tensor::empty({T}, rd);
-      normalize(u, T, p, p, 1, unorm_.data<A>(), un_.data<A>());
-      sn_ = Tensor::empty({p, E}, rd);
-      snorm_ = Tensor::empty({E}, rd);
-      normalize(sim.data<A>(), E, p, 1, E, snorm_.data<A>(), sn_.data<A>());  // columns
-      cos_ = Tensor::empty({T, E}, rd);
-      gemm(un_, false, sn_, false, cos_);
-      const double tau = temperature_.value.to_vector()[0];
-      scale_ = std::exp(std::min(tau, kMaxLogScale));
-      Tensor logits = Tensor::empty({T, E}, rd);
-      const A* c = cos_.data<A>();
+        for (index_t j = 0; j < p; ++j) up[t * p + j] += b[j];
+      sv.un = Tensor::empty({T, p}, rd);
+      sv.unorm = Tensor::empty({T}, rd);
+      normalize(up, T, p, p, 1, sv.unorm.data<A>(), sv.un.data<A>());
+      sv.sn = Tensor::empty({p, E}, rd);
+      sv.snorm = Tensor::empty({E}, rd);
+      normalize(sim.data<A>(), E, p, 1, E, sv.snorm.data<A>(), sv.sn.data<A>());  // columns
+      sv.cos = Tensor::empty({T, E}, rd);
+      gemm(sv.un, false, sv.sn, false, sv.cos);
+      sv.scale = std::exp(std::min(temperature_.value.to_vector()[0], kMaxLogScale));
+      const A* c = sv.cos.data<A>();
       A* l = logits.data<A>();
-      for (index_t i = 0; i < T * E; ++i) l[i] = static_cast<A>(c[i] * scale_);
-      return logits;
+      for (index_t i = 0; i < T * E; ++i) l[i] = static_cast<A>(c[i] * sv.scale);
     }
-    return {};
   });
+  if (training) saved_ = std::move(sv);
+  return logits;
 }
 
 Tensor CosineGate::backward(const Tensor& dlogits_in) {
-  const DType rd = cos_.dtype();
-  const index_t T = x_.size(0), p = un_.size(1), E = cos_.size(1);
+  SY_CHECK(saved_.cos.defined(), "gate: backward called without a training forward");
+  const Saved& sv = saved_;
+  const DType rd = sv.cos.dtype();
+  const index_t T = sv.x.size(0), p = sv.un.size(1), E = sv.cos.size(1);
   const Tensor dl = dlogits_in.to(rd).contiguous();
   return dispatch_float(rd, "cosine gate backward", [&]<class A>() -> Tensor {
     if constexpr (std::is_same_v<A, float> || std::is_same_v<A, double>) {
       const A* dlp = dl.data<A>();
-      const A* c = cos_.data<A>();
+      const A* c = sv.cos.data<A>();
       double dscale = 0;
       Tensor dcos = Tensor::empty({T, E}, rd);
       A* dc = dcos.data<A>();
       for (index_t i = 0; i < T * E; ++i) {
         dscale += static_cast<double>(dlp[i]) * c[i];
-        dc[i] = static_cast<A>(dlp[i] * scale_);
+        dc[i] = static_cast<A>(dlp[i] * sv.scale);
       }
       // clamp(tau, max) passes gradient where tau <= max.
       const double tau = temperature_.value.to_vector()[0];
-      const double dtau = tau <= kMaxLogScale ? dscale * scale_ : 0.0;
+      const double dtau = tau <= kMaxLogScale ? dscale * sv.scale : 0.0;
       Tensor dun = Tensor::empty({T, p}, rd), dsn = Tensor::empty({p, E}, rd);
-      gemm(dcos, false, sn_, true, dun);   // [T, p]
-      gemm(un_, true, dcos, false, dsn);   // [p, E]
+      gemm(dcos, false, sv.sn, true, dun);   // [T, p]
+      gemm(sv.un, true, dcos, false, dsn);   // [p, E]
       Tensor du = Tensor::empty({T, p}, rd), dsim = Tensor::empty({p, E}, rd);
-      normalize_backward(un_.data<A>(), unorm_.data<A>(), dun.data<A>(), T, p, p, 1, du.data<A>());
-      normalize_backward(sn_.data<A>(), snorm_.data<A>(), dsn.data<A>(), E, p, 1, E, dsim.data<A>());
-      Tensor dpw = Tensor::empty({p, x_.size(1)}, rd), dpb = Tensor::zeros({p}, rd);
-      gemm(du, true, x_, false, dpw);
+      normalize_backward(sv.un.data<A>(), sv.unorm.data<A>(), dun.data<A>(), T, p, p, 1, du.data<A>());
+      normalize_backward(sv.sn.data<A>(), sv.snorm.data<A>(), dsn.data<A>(), E, p, 1, E, dsim.data<A>());
+      Tensor dpw = Tensor::empty({p, sv.x.size(1)}, rd), dpb = Tensor::zeros({p}, rd);
+      gemm(du, true, sv.x, false, dpw);
       A* db = dpb.data<A>();
       const A* dup = du.data<A>();
       for (index_t t = 0; t < T; ++t)
         for (index_t j = 0; j < p; ++j) db[j] += dup[t * p + j];
-      Tensor dx = Tensor::empty({T, x_.size(1)}, rd);
+      Tensor dx = Tensor::empty({T, sv.x.size(1)}, rd);
       gemm(du, false, proj_w_.value.to(rd), false, dx);
       accumulate(temperature_, Tensor::from_vector({dtau}, {1}, rd));
       accumulate(proj_w_, dpw);
       accumulate(proj_b_, dpb);
       accumulate(sim_, dsim);
-      return dx.to(x_dtype_);
+      return dx.to(sv.x_dtype);
     }
     return {};
   });

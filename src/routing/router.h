@@ -24,7 +24,8 @@ struct RouteArgs {
 enum class WeightRule {
   kScores,        // weights = scores of the chosen experts (Tutel; Megatron pre-softmax, sigmoid)
   kLogitSoftmax,  // Megatron softmax: top-k of the logits, softmax over the k chosen
-  kSinkhorn,      // Megatron sinkhorn (training): sinkhorn selection, act(logits) weights
+  kSinkhorn,      // Megatron sinkhorn: sinkhorn selection (training; top-k of act(logits) in
+                  // evaluation), weights act(logits) at the chosen experts
 };
 
 // What the router keeps for its backward. All [T, E] tensors in the routing dtype.

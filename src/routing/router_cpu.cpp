@@ -12,8 +12,8 @@
 namespace switchyard {
 namespace {
 
-WeightRule weight_rule(const MoEConfig& cfg, bool training) {
-  if (cfg.sinkhorn && training) return WeightRule::kSinkhorn;
+WeightRule weight_rule(const MoEConfig& cfg) {
+  if (cfg.sinkhorn) return WeightRule::kSinkhorn;
   if (cfg.rules == RuleSet::kMegatron && cfg.score_fn == ScoreFn::kSoftmax && !cfg.pre_softmax)
     return WeightRule::kLogitSoftmax;
   return WeightRule::kScores;
@@ -126,7 +126,7 @@ RoutingPlan route_impl(const MoEConfig& cfg, const RouteArgs& args, const Tensor
   const A* zn = noisy.data<A>();
 
   // 2. Scores and selection scores.
-  const WeightRule rule = weight_rule(cfg, args.training);
+  const WeightRule rule = weight_rule(cfg);
   Tensor probs = Tensor::empty({T, E}, rd);
   A* p = probs.data<A>();
   const ScoreFn pfn = probs_fn(cfg, rule, k);
@@ -134,8 +134,10 @@ RoutingPlan route_impl(const MoEConfig& cfg, const RouteArgs& args, const Tensor
   for (index_t t = 0; t < T; ++t) apply_score(pfn, zn + t * E, p + t * E, E);
 
   std::vector<A> sel;
-  if (rule == WeightRule::kSinkhorn) {
+  if (rule == WeightRule::kSinkhorn && args.training) {
     sel = sinkhorn(zn, T, E, cfg.sinkhorn_max_iters, cfg.sinkhorn_tol);
+  } else if (rule == WeightRule::kSinkhorn) {
+    sel.assign(p, p + T * E);  // evaluation: plain top-k of act(logits), as Megatron
   } else {
     const A* base = rule == WeightRule::kLogitSoftmax ? zn : p;
     sel.assign(base, base + T * E);

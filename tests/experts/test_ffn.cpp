@@ -46,7 +46,7 @@ TEST_P(FfnCpu, MatchesANaiveLoop) {
   const index_t R = 7, d = 5, h = 4, h1 = is_gated(act) ? 8 : 4;
   const std::vector<double> xv = randn(R * d, 1);
   const std::vector<double> y =
-      ffn.forward(Tensor::from_vector(xv, {R, d}, DType::kF64), Tensor::from_vector(kOffsets, {4}, DType::kI64)).to_vector();
+      ffn.forward(Tensor::from_vector(xv, {R, d}, DType::kF64), Tensor::from_vector(kOffsets, {4}, DType::kI64), true).to_vector();
   const auto w1 = ffn.parameters()[0]->value.to_vector(), w2 = ffn.parameters()[1]->value.to_vector();
   const auto b1 = ffn.parameters()[2]->value.to_vector(), b2 = ffn.parameters()[3]->value.to_vector();
   for (index_t r = 0; r < R; ++r) {
@@ -76,7 +76,7 @@ TEST_P(FfnCpu, GradientsMatchFiniteDifferences) {
     const std::vector<double> dyv = randn(R * d, 3);
     const Tensor off = Tensor::from_vector(kOffsets, {4}, DType::kI64);
     auto f = [&](const std::vector<double>& x) {
-      const std::vector<double> y = ffn.forward(Tensor::from_vector(x, {R, d}, DType::kF64), off).to_vector();
+      const std::vector<double> y = ffn.forward(Tensor::from_vector(x, {R, d}, DType::kF64), off, true).to_vector();
       double s = 0;
       for (std::size_t i = 0; i < y.size(); ++i) s += y[i] * dyv[i];
       return s;
@@ -139,8 +139,8 @@ TEST(FfnCpuShapes, LowPrecisionAgreesWithF64OnTheSameRoundedWeights) {
       hi.parameters()[i]->value.copy_from(lo.parameters()[i]->value);
     const Tensor off = Tensor::from_vector({0, 10, 30}, {3}, DType::kI64);
     const Tensor x = Tensor::from_vector(randn(30 * 32, 5), {30, 32}, dt);
-    const auto y = lo.forward(x, off).to_vector();
-    const auto y64 = hi.forward(x.to(DType::kF64), off).to_vector();
+    const auto y = lo.forward(x, off, true).to_vector();
+    const auto y64 = hi.forward(x.to(DType::kF64), off, true).to_vector();
     double num = 0, den = 0;
     for (std::size_t i = 0; i < y.size(); ++i) {
       num += (y[i] - y64[i]) * (y[i] - y64[i]);
@@ -154,10 +154,10 @@ TEST(FfnCpuShapes, LowPrecisionAgreesWithF64OnTheSameRoundedWeights) {
 TEST(FfnCpuShapes, RejectsBadRowsAndOffsets) {
   FfnExperts ffn(shape(Activation::kRelu, true), "experts.", false, 1, 0);
   const Tensor off = Tensor::from_vector(kOffsets, {4}, DType::kI64);
-  EXPECT_THROW(ffn.forward(Tensor::zeros({7, 6}, DType::kF64), off), Error);  // wrong d
-  EXPECT_THROW(ffn.forward(Tensor::zeros({8, 5}, DType::kF64), off), Error);  // offsets end at 7
+  EXPECT_THROW(ffn.forward(Tensor::zeros({7, 6}, DType::kF64), off, true), Error);  // wrong d
+  EXPECT_THROW(ffn.forward(Tensor::zeros({8, 5}, DType::kF64), off, true), Error);  // offsets end at 7
   EXPECT_THROW(ffn.forward(Tensor::zeros({7, 5}, DType::kF64),
-                           Tensor::from_vector({0, 5, 4, 7}, {4}, DType::kI64)), Error);  // decreasing
+                           Tensor::from_vector({0, 5, 4, 7}, {4}, DType::kI64), true), Error);  // decreasing
   EXPECT_THROW(ffn.backward(Tensor::zeros({7, 5}, DType::kF64)), Error);  // no forward yet
 }
 
