@@ -100,5 +100,7 @@ struct MemoryStats {
 };
 MemoryStats memory_stats(Device device = Device::cpu());
 void reset_peak_memory(Device device = Device::cpu());
+// Freed blocks are cached for reuse; this returns the cache to the system.
+void release_cached_memory(Device device = Device::cpu());
 
 }  // namespace switchyard

@@ -207,6 +207,7 @@ void Tensor::copy_from(const Tensor& src) {
       const S* s = static_cast<const S*>(src.data_ptr());
       if (is_contiguous() && src.is_contiguous()) {
         const index_t n = numel();
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
         for (index_t i = 0; i < n; ++i) dst[i] = store<D>(load(s[i]));
         return;
       }
@@ -225,6 +226,12 @@ void Tensor::fill(double value) {
   dispatch_any(dtype_, "fill", [&]<class D>() {
     D* dst = static_cast<D*>(data_ptr());
     const D v = store<D>(value);
+    if (is_contiguous()) {
+      const index_t n = numel();
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
+      for (index_t i = 0; i < n; ++i) dst[i] = v;
+      return;
+    }
     for_each_offset(sizes_, strides_, [&](index_t o) { dst[o] = v; });
   });
 }
