@@ -1,6 +1,7 @@
 // FFN experts on the CPU: one BLAS GEMM per expert and matrix (outside OpenMP regions), bias and
 // activation loops in OpenMP. Arithmetic in f32 (f64 for f64); f16/bf16 intermediates are
 // rounded to the storage precision where a GPU would store them.
+#include <algorithm>
 #include <vector>
 
 #include "core/dtype_dispatch.h"
@@ -88,14 +89,19 @@ Tensor forward_impl(const FfnShape& s, const Parameter& fc1_w, const Parameter& 
   return out;
 }
 
-// Column sums of rows [r0, r1) of m [*, n] into out[n], in row order (deterministic).
+// Column sums of rows [r0, r1) of m [*, n] into out[n], adding rows in order (deterministic).
+// Threads split the columns into blocks and walk the rows, so reads stay contiguous.
 template <class W>
 void column_sums(const W* m, index_t n, index_t r0, index_t r1, W* out) {
+  constexpr index_t kBlock = 256;
 #pragma omp parallel for schedule(static)
-  for (index_t j = 0; j < n; ++j) {
-    W acc = 0;
-    for (index_t r = r0; r < r1; ++r) acc += m[offset_of(r, n) + j];
-    out[j] = acc;
+  for (index_t j0 = 0; j0 < n; j0 += kBlock) {
+    const index_t j1 = std::min(n, j0 + kBlock);
+    for (index_t j = j0; j < j1; ++j) out[j] = 0;
+    for (index_t r = r0; r < r1; ++r) {
+      const W* row = m + offset_of(r, n);
+      for (index_t j = j0; j < j1; ++j) out[j] += row[j];
+    }
   }
 }
 
