@@ -1,0 +1,307 @@
+// `switchyard bench`: one JSON line per (named config, layout) with the median forward and
+// backward times of one MoE layer, its useful TFLOPS, and the TFLOPS of a dense GEMM of the
+// same work timed in the same run (DESIGN.md §8). Every case is checked (finite output and
+// gradients, nothing dropped when dropless) before it is timed.
+#include <fmt/core.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "bench_configs.h"
+#include "commands.h"
+#include "experts/gemm.h"
+#include "flag_checks.h"
+#include "progress.h"
+#include "run_info.h"
+#include "tensor_ops.h"
+
+namespace switchyard::tools {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct BenchFlags {
+  std::string device = "cpu";
+  std::vector<std::string> configs;
+  std::string dtype = "f32";
+  std::string layout = "both";
+  int iters = 10;
+  int warmup = 2;
+  index_t tokens = 0;  // 0: the config's T
+  std::string out;
+  bool list = false;
+  std::uint64_t seed = 1;
+};
+
+// The two layouts a config is timed in: padded at capacity_factor 1 (fixed shapes, drops) and
+// packed dropless (capacity_factor 0).
+struct LayoutCase {
+  Layout layout;
+  double capacity_factor;
+};
+constexpr LayoutCase kPadded{Layout::kPadded, 1.0};
+constexpr LayoutCase kPacked{Layout::kPacked, 0.0};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+double ms_since(Clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+}
+
+// Waits until the device has finished the work that produced `t`. CPU ops return finished.
+// NOTE: the public API has no device synchronize yet; reading one element back is a blocking
+// copy that waits for the work on t's stream, which is what the timing needs.
+void wait_for(const Tensor& t) {
+  if (t.device().is_cpu() || t.numel() == 0) return;
+  (void)t.reshape({-1}).narrow(0, 0, 1).to_vector();
+}
+
+// Median ms of a dense GEMM with the experts' total work: [M=T*k, K=d] x [K, N=h].
+// Uses the library's BLAS wrapper (src/experts/gemm.h), so the ratio compares the MoE layer
+// with the best the same BLAS does on one matrix. CPU only (the GEMM wrapper is).
+std::optional<double> dense_gemm_ms(index_t m, index_t n, index_t k, DType dtype, Device device,
+                                    const BenchFlags& f) {
+  if (!device.is_cpu()) return std::nullopt;
+  const Tensor a = random_normal(m, k, f.seed, 100, dtype, device);
+  const Tensor b = random_normal(n, k, f.seed, 101, dtype, device);
+  Tensor c = Tensor::empty({m, n}, dtype, device);
+  gemm(a, false, b, true, c);
+  if (!all_finite(c)) throw std::runtime_error("dense GEMM baseline gave NaN/Inf");
+  for (int i = 0; i < f.warmup; ++i) gemm(a, false, b, true, c);
+  std::vector<double> ms;
+  for (int i = 0; i < f.iters; ++i) {
+    const auto start = Clock::now();
+    gemm(a, false, b, true, c);
+    ms.push_back(ms_since(start));
+  }
+  return median(ms);
+}
+
+nlohmann::ordered_json run_case(const BenchConfig& bc, const LayoutCase& lc, DType dtype,
+                                Device device, const BenchFlags& f, ProgressLine& progress) {
+  const index_t T = f.tokens > 0 ? f.tokens : bc.num_tokens;
+  MoEConfig cfg;
+  cfg.model_dim = bc.model_dim;
+  cfg.hidden_size = bc.hidden_size;
+  cfg.num_experts = bc.num_experts;
+  cfg.top_k = bc.top_k;
+  cfg.activation = bc.activation;
+  cfg.dtype = dtype;
+  cfg.device = device;
+  cfg.seed = f.seed;
+  cfg.capacity_factor = lc.capacity_factor;
+  cfg.layout = lc.layout;
+  const std::string label = fmt::format("{} {}", bc.name, to_string(lc.layout));
+
+  const Tensor x = random_normal(T, bc.model_dim, f.seed, 0, dtype, device);
+  const Tensor dy = random_normal(T, bc.model_dim, f.seed, 1, dtype, device);
+
+  // 1. Build and run once; what the library rejects here is a configuration it cannot run.
+  std::unique_ptr<MoELayer> layer;
+  ForwardResult r;
+  Tensor dx;
+  try {
+    layer = std::make_unique<MoELayer>(cfg);
+    r = layer->forward(x);
+    dx = layer->backward(dy);
+  } catch (const Error& e) {
+    throw UsageError(fmt::format("{}: {}", label, e.what()));
+  }
+
+  // 2. Check before timing: a fast wrong answer is not a result.
+  const auto fail = [&](const std::string& what) {
+    throw std::runtime_error(fmt::format("{}: {}; not timed", label, what));
+  };
+  if (r.y.sizes() != x.sizes()) fail("forward output has the wrong shape");
+  if (!all_finite(r.y)) fail("forward output has NaN/Inf");
+  if (!all_finite(dx)) fail("input gradient has NaN/Inf");
+  for (Parameter* p : layer->parameters()) {
+    if (p->grad.defined() && !all_finite(p->grad)) fail("gradient of " + p->name + " has NaN/Inf");
+  }
+  if (lc.capacity_factor == 0.0 && r.stats.dropped_choices != 0) {
+    fail(fmt::format("dropless routing dropped {} choices", r.stats.dropped_choices));
+  }
+  const int k = r.stats.top_k;
+  const index_t dropped = r.stats.dropped_choices;
+
+  // 3. Warm up, then time forward and backward apart; zeroing gradients is not timed.
+  const int total = f.warmup + f.iters;
+  std::vector<double> fwd_ms, bwd_ms;
+  for (int i = 0; i < total; ++i) {
+    progress.update(fmt::format("{}: iteration {}/{}", label, i + 1, total));
+    if (i == f.warmup) reset_peak_memory(device);
+    layer->zero_grad();
+    auto start = Clock::now();
+    r = layer->forward(x);
+    wait_for(r.y);
+    const double fwd = ms_since(start);
+    start = Clock::now();
+    dx = layer->backward(dy);
+    wait_for(dx);
+    const double bwd = ms_since(start);
+    if (i >= f.warmup) {
+      fwd_ms.push_back(fwd);
+      bwd_ms.push_back(bwd);
+    }
+  }
+  const std::int64_t peak_bytes = memory_stats(device).peak_bytes;
+  r = ForwardResult{};
+  dx = Tensor();
+
+  progress.update(fmt::format("{}: dense GEMM baseline", label), /*force=*/true);
+  const double matrices = is_gated(bc.activation) ? 3.0 : 2.0;
+  // Useful work: 2*T*k*d*h per expert weight matrix, x3 for forward + backward (DESIGN.md §8).
+  const double flops_per_matrix =
+      2.0 * static_cast<double>(T) * k * static_cast<double>(bc.model_dim) * bc.hidden_size;
+  const double ms_fwd = median(fwd_ms);
+  const double ms_bwd = median(bwd_ms);
+  const double tflops = 3.0 * matrices * flops_per_matrix / ((ms_fwd + ms_bwd) * 1e-3) / 1e12;
+  const std::optional<double> dense_ms =
+      dense_gemm_ms(T * k, bc.hidden_size, bc.model_dim, dtype, device, f);
+
+  nlohmann::ordered_json j;
+  j["impl"] = "switchyard";
+  j["config"] = bc.name;
+  j["device"] = device_description(device);
+  if (device.is_cpu()) j["threads"] = cpu_threads();
+  j["dtype"] = dtype_name(dtype);
+  j["T"] = T;
+  j["d"] = bc.model_dim;
+  j["h"] = bc.hidden_size;
+  j["E"] = bc.num_experts;
+  j["k"] = k;
+  j["layout"] = to_string(lc.layout);
+  j["capacity_factor"] = lc.capacity_factor;
+  j["activation"] = to_string(bc.activation);
+  j["ms_fwd"] = ms_fwd;
+  j["ms_bwd"] = ms_bwd;
+  j["tflops"] = tflops;
+  if (dense_ms) {
+    const double dense_tflops = flops_per_matrix / (*dense_ms * 1e-3) / 1e12;
+    j["dense_tflops"] = dense_tflops;
+    j["ratio"] = tflops / dense_tflops;
+  } else {
+    j["dense_tflops"] = nullptr;  // no dense GEMM baseline on this device yet
+    j["ratio"] = nullptr;
+  }
+  j["peak_mem_bytes"] = peak_bytes;
+  j["dropped"] = dropped;
+  j["iters"] = f.iters;
+  j["warmup"] = f.warmup;
+  j["date"] = iso_date_utc();
+  j["commit"] = git_commit();
+  return j;
+}
+
+void list_configs() {
+  for (const BenchConfig& c : bench_configs()) {
+    fmt::print("{:<15} T={:<6} d={:<5} h={:<6} E={:<4} k={} {}{}\n", c.name, c.num_tokens,
+               c.model_dim, c.hidden_size, c.num_experts, c.top_k, to_string(c.activation),
+               c.cpu_default ? "  (default for --device cpu)" : "");
+  }
+}
+
+int run_bench(const BenchFlags& f) {
+  if (f.list) {
+    list_configs();
+    return 0;
+  }
+  const DType dtype = parse_dtype_flag(f.dtype);
+  const Device device = parse_device_flag(f.device);
+  std::vector<LayoutCase> layouts;
+  if (f.layout == "both") {
+    layouts = {kPadded, kPacked};
+  } else {
+    const Layout l = parse_flag("--layout", f.layout, "both|padded|packed", parse_layout);
+    if (l == Layout::kPadded)
+      layouts = {kPadded};
+    else if (l == Layout::kPacked)
+      layouts = {kPacked};
+    else
+      throw UsageError("--layout: expected one of both|padded|packed, got 'auto'");
+  }
+  std::vector<const BenchConfig*> configs;
+  for (const std::string& name : f.configs) {
+    const BenchConfig* c = find_bench_config(name);
+    if (c == nullptr) {
+      throw UsageError(fmt::format(
+          "--config: unknown config '{}' (`switchyard bench --list` names them)", name));
+    }
+    configs.push_back(c);
+  }
+  if (configs.empty()) {
+    // CPU: the small configs; a GPU: the goals.
+    for (const BenchConfig& c : bench_configs()) {
+      if (c.cpu_default == device.is_cpu()) configs.push_back(&c);
+    }
+  }
+
+  std::ofstream out;
+  if (!f.out.empty()) {
+    const std::filesystem::path path(f.out);
+    std::error_code ec;
+    if (path.has_parent_path()) std::filesystem::create_directories(path.parent_path(), ec);
+    out.open(path, std::ios::app);
+    if (!out) throw UsageError(fmt::format("--out: cannot open '{}' for appending", f.out));
+  }
+
+  ProgressLine progress;
+  for (const BenchConfig* c : configs) {
+    for (const LayoutCase& lc : layouts) {
+      const std::string line = run_case(*c, lc, dtype, device, f, progress).dump();
+      progress.clear();
+      fmt::print("{}\n", line);
+      std::fflush(stdout);
+      if (out.is_open()) out << line << '\n' << std::flush;
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+Command add_bench_command(CLI::App& app) {
+  auto flags = std::make_shared<BenchFlags>();
+  BenchFlags& f = *flags;
+  CLI::App* sub = app.add_subcommand(
+      "bench",
+      "Time one MoE layer (forward, backward) for named configs; one JSON line per config and "
+      "layout, with the TFLOPS of a dense GEMM of the same work from the same run.");
+  sub->option_defaults()->always_capture_default();
+  sub->footer(
+      "Layouts: padded = capacity_factor 1.0 ([E, C, d], drops), packed = dropless.\n"
+      "tflops = 2*T*k*d*h * (2, or 3 for swiglu/geglu) * 3 / (ms_fwd + ms_bwd): the expert GEMMs\n"
+      "of routed tokens only. dense_tflops: a GEMM with M = T*k, N = h, K = d in the same dtype;\n"
+      "ratio = tflops / dense_tflops. ms are medians over --iters after --warmup;\n"
+      "peak_mem_bytes is the allocator's peak over the timed iterations. Record CPU results with\n"
+      "  switchyard bench --device cpu --out bench/results/$(date +%F)-cpu.jsonl");
+  sub->add_option("--device", f.device, "cpu|cuda[:N]");
+  sub->add_option("--config", f.configs,
+                  "Config names (default: the cpu_* ones on cpu, the others on cuda); see --list")
+      ->default_str("");
+  sub->add_option("--dtype", f.dtype, "f32|f64|bf16|f16");
+  sub->add_option("--layout", f.layout, "both|padded|packed");
+  sub->add_option("--iters", f.iters, "Timed iterations")->check(at_least(1));
+  sub->add_option("--warmup", f.warmup, "Untimed iterations first")->check(at_least(0));
+  sub->add_option("--tokens,--T", f.tokens, "Override every config's T (0: the config's own)")
+      ->check(at_least(0));
+  sub->add_option("--seed", f.seed, "Seed of the inputs and the parameters");
+  sub->add_option("--out", f.out, "Also append the JSON lines to this file");
+  sub->add_flag("--list", f.list, "List the named configs and exit");
+  return [flags] { return run_bench(*flags); };
+}
+
+}  // namespace switchyard::tools

@@ -1,0 +1,21 @@
+// What a benchmark record says about where and when it was taken (DESIGN.md §8: results carry
+// the device, the date and the commit).
+#pragma once
+
+#include <string>
+
+#include "switchyard/switchyard.h"
+
+namespace switchyard::tools {
+
+// "cpu: <model name from /proc/cpuinfo>, <n> threads"; "cuda:0" for a GPU.
+std::string device_description(Device device);
+// Threads the CPU stages run on (OpenMP's maximum).
+int cpu_threads();
+// Now, UTC, ISO 8601: "2025-01-31T12:34:56Z".
+std::string iso_date_utc();
+// `git describe --always --dirty` of the source tree the tool was built from, run now (so
+// uncommitted changes show as -dirty); "unknown" when that tree is gone or has no commit.
+std::string git_commit();
+
+}  // namespace switchyard::tools
