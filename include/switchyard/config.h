@@ -61,7 +61,7 @@ struct MoEConfig {
   double gate_noise = 0.0;    // Tutel: logits + gate_noise * N(0,1) / E, training only
   double input_jitter = 0.0;  // Megatron: gate input * U(1-eps, 1+eps), training only
   ScoreFn score_fn = ScoreFn::kSoftmax;
-  bool pre_softmax = false;   // Megatron: softmax before top-k (else top-k of logits, then softmax)
+  bool pre_softmax = false;  // Megatron: softmax before top-k (else top-k of logits, then softmax)
   bool normalize_gate = true;  // renormalise the k weights (k > 1)
   double scaling_factor = 1.0;
   bool expert_bias = false;  // aux-loss-free balancing: selection uses score + bias
@@ -73,11 +73,11 @@ struct MoEConfig {
 
   // Capacity and dispatch.
   double capacity_factor = 1.0;  // > 0 fixed, 0 dropless, < 0 dropless up to -capacity_factor
-  bool batch_prioritized_routing = false;  // Tutel rules
+  bool batch_prioritized_routing = false;       // Tutel rules
   DropPolicy drop_policy = DropPolicy::kProbs;  // Megatron rules
-  Layout layout = Layout::kAuto;  // kPadded under Megatron rules is pad_to_capacity
-  int overlap_degree = 1;         // capacity alignment (sharded_count * overlap_degree)
-  bool is_postscore = true;       // weight expert outputs at combine (else rows at encode)
+  Layout layout = Layout::kAuto;                // kPadded under Megatron rules is pad_to_capacity
+  int overlap_degree = 1;    // capacity alignment (sharded_count * overlap_degree)
+  bool is_postscore = true;  // weight expert outputs at combine (else rows at encode)
 
   // Losses (returned unweighted; backward takes their weights).
   AuxLoss aux_loss = AuxLoss::kGShard;

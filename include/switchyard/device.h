@@ -20,7 +20,7 @@ struct Device {
   bool operator!=(const Device& o) const { return !(*this == o); }
 };
 
-std::string to_string(const Device& device);  // "cpu", "cuda:0"
+std::string to_string(const Device& device);   // "cpu", "cuda:0"
 Device parse_device(const std::string& name);  // "cpu", "cuda", "cuda:1"
 
 // Whether this build has the CUDA backend and a usable GPU.

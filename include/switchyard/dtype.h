@@ -11,7 +11,7 @@ namespace switchyard {
 enum class DType : std::uint8_t { kF64, kF32, kF16, kBF16, kI32, kI64 };
 
 std::size_t dtype_size(DType dtype);
-const char* dtype_name(DType dtype);  // "f64", "f32", "f16", "bf16", "i32", "i64"
+const char* dtype_name(DType dtype);         // "f64", "f32", "f16", "bf16", "i32", "i64"
 DType parse_dtype(const std::string& name);  // accepts the names above and float32, bfloat16, ...
 inline bool is_floating(DType d) { return d != DType::kI32 && d != DType::kI64; }
 
@@ -33,7 +33,8 @@ inline float bf16_to_float(BFloat16 v) {
 inline BFloat16 float_to_bf16(float f) {
   std::uint32_t u;
   std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return BFloat16{static_cast<std::uint16_t>((u >> 16) | 0x40)};  // quiet NaN
+  if ((u & 0x7fffffffu) > 0x7f800000u)
+    return BFloat16{static_cast<std::uint16_t>((u >> 16) | 0x40)};  // quiet NaN
   u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
   return BFloat16{static_cast<std::uint16_t>(u >> 16)};
 }

@@ -30,24 +30,25 @@ std::string str_cat(const Args&... args) {
 }  // namespace switchyard
 
 // Input checks: the message is the user's to read. SY_CHECK(k >= 1, "top_k must be >= 1, got ", k)
-#define SY_CHECK(cond, ...)                                                  \
-  do {                                                                       \
-    if (!(cond)) ::switchyard::detail::throw_error(                          \
-        ::switchyard::detail::str_cat(__VA_ARGS__));                         \
+#define SY_CHECK(cond, ...)                                                                     \
+  do {                                                                                          \
+    if (!(cond)) ::switchyard::detail::throw_error(::switchyard::detail::str_cat(__VA_ARGS__)); \
   } while (0)
 
 // SY_CHECK_EQ(x.size(1), d, "x columns vs model_dim") prints both sides.
-#define SY_CHECK_EQ(a, b, what)                                              \
-  do {                                                                       \
-    const auto& sy_a_ = (a);                                                 \
-    const auto& sy_b_ = (b);                                                 \
-    if (!(sy_a_ == sy_b_)) ::switchyard::detail::throw_error(                \
-        ::switchyard::detail::str_cat(what, ": expected ", sy_b_, ", got ", sy_a_)); \
+#define SY_CHECK_EQ(a, b, what)                                                        \
+  do {                                                                                 \
+    const auto& sy_a_ = (a);                                                           \
+    const auto& sy_b_ = (b);                                                           \
+    if (!(sy_a_ == sy_b_))                                                             \
+      ::switchyard::detail::throw_error(                                               \
+          ::switchyard::detail::str_cat(what, ": expected ", sy_b_, ", got ", sy_a_)); \
   } while (0)
 
 // Internal invariants only (a failure is a bug in switchyard, not in the caller's input).
-#define SY_ASSERT(cond, ...)                                                 \
-  do {                                                                       \
-    if (!(cond)) ::switchyard::detail::throw_internal(                       \
-        __FILE__, __LINE__, #cond, ::switchyard::detail::str_cat(__VA_ARGS__)); \
+#define SY_ASSERT(cond, ...)                                                            \
+  do {                                                                                  \
+    if (!(cond))                                                                        \
+      ::switchyard::detail::throw_internal(__FILE__, __LINE__, #cond,                   \
+                                           ::switchyard::detail::str_cat(__VA_ARGS__)); \
   } while (0)

@@ -43,7 +43,8 @@ class MoELayer {
   // Built-in gate and FFN experts, initialised from cfg.seed as Tutel initialises them.
   explicit MoELayer(const MoEConfig& cfg);
   // A custom gate and/or expert network; a null pointer keeps the built-in one.
-  MoELayer(const MoEConfig& cfg, std::shared_ptr<Gate> gate, std::shared_ptr<ExpertNetwork> experts);
+  MoELayer(const MoEConfig& cfg, std::shared_ptr<Gate> gate,
+           std::shared_ptr<ExpertNetwork> experts);
   ~MoELayer();
   MoELayer(MoELayer&&) noexcept;
   MoELayer& operator=(MoELayer&&) noexcept;

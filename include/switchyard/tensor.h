@@ -38,7 +38,7 @@ class Tensor {
   int dim() const { return static_cast<int>(sizes_.size()); }
   const Shape& sizes() const { return sizes_; }
   const Shape& strides() const { return strides_; }
-  index_t size(int d) const;    // negative d counts from the end
+  index_t size(int d) const;  // negative d counts from the end
   index_t stride(int d) const;
   index_t numel() const;
   bool is_contiguous() const;
@@ -83,13 +83,20 @@ class Tensor {
 
 template <class T>
 constexpr int Tensor::type_tag() {
-  if constexpr (std::is_same_v<T, double>) return static_cast<int>(DType::kF64);
-  else if constexpr (std::is_same_v<T, float>) return static_cast<int>(DType::kF32);
-  else if constexpr (std::is_same_v<T, Half>) return static_cast<int>(DType::kF16);
-  else if constexpr (std::is_same_v<T, BFloat16>) return static_cast<int>(DType::kBF16);
-  else if constexpr (std::is_same_v<T, std::int32_t>) return static_cast<int>(DType::kI32);
-  else if constexpr (std::is_same_v<T, std::int64_t>) return static_cast<int>(DType::kI64);
-  else return -1;  // raw bytes (void, char): any dtype
+  if constexpr (std::is_same_v<T, double>)
+    return static_cast<int>(DType::kF64);
+  else if constexpr (std::is_same_v<T, float>)
+    return static_cast<int>(DType::kF32);
+  else if constexpr (std::is_same_v<T, Half>)
+    return static_cast<int>(DType::kF16);
+  else if constexpr (std::is_same_v<T, BFloat16>)
+    return static_cast<int>(DType::kBF16);
+  else if constexpr (std::is_same_v<T, std::int32_t>)
+    return static_cast<int>(DType::kI32);
+  else if constexpr (std::is_same_v<T, std::int64_t>)
+    return static_cast<int>(DType::kI64);
+  else
+    return -1;  // raw bytes (void, char): any dtype
 }
 
 // Bytes the library's allocator holds on a device now, and the most it has held since the last

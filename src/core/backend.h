@@ -8,8 +8,7 @@
 namespace switchyard {
 
 inline void require_backend(const char* op, Device device) {
-  SY_CHECK(device.is_cpu(), op, " has no ", to_string(device),
-           " backend in this build (CPU only)");
+  SY_CHECK(device.is_cpu(), op, " has no ", to_string(device), " backend in this build (CPU only)");
 }
 
 }  // namespace switchyard

@@ -65,7 +65,9 @@ GateType parse_gate_type(const std::string& s) { return parse(kGateTypes, s, "ga
 ScoreFn parse_score_fn(const std::string& s) { return parse(kScoreFns, s, "score function"); }
 Activation parse_activation(const std::string& s) { return parse(kActivations, s, "activation"); }
 Layout parse_layout(const std::string& s) { return parse(kLayouts, s, "layout"); }
-DropPolicy parse_drop_policy(const std::string& s) { return parse(kDropPolicies, s, "drop policy"); }
+DropPolicy parse_drop_policy(const std::string& s) {
+  return parse(kDropPolicies, s, "drop policy");
+}
 AuxLoss parse_aux_loss(const std::string& s) { return parse(kAuxLosses, s, "aux loss"); }
 bool is_gated(Activation a) { return a == Activation::kSwiGLU || a == Activation::kGeGLU; }
 

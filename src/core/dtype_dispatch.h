@@ -22,20 +22,28 @@ inline double load(std::int64_t v) { return static_cast<double>(v); }
 // Rounds (to nearest even) into the storage type T.
 template <class T, class A>
 inline T store(A v) {
-  if constexpr (std::is_same_v<T, Half>) return float_to_half(static_cast<float>(v));
-  else if constexpr (std::is_same_v<T, BFloat16>) return float_to_bf16(static_cast<float>(v));
-  else return static_cast<T>(v);
+  if constexpr (std::is_same_v<T, Half>)
+    return float_to_half(static_cast<float>(v));
+  else if constexpr (std::is_same_v<T, BFloat16>)
+    return float_to_bf16(static_cast<float>(v));
+  else
+    return static_cast<T>(v);
 }
 
 // Calls f.template operator()<T>() with T the element type of a floating dtype.
 template <class F>
 decltype(auto) dispatch_float(DType dtype, const char* op, F&& f) {
   switch (dtype) {
-    case DType::kF64: return f.template operator()<double>();
-    case DType::kF32: return f.template operator()<float>();
-    case DType::kF16: return f.template operator()<Half>();
-    case DType::kBF16: return f.template operator()<BFloat16>();
-    default: break;
+    case DType::kF64:
+      return f.template operator()<double>();
+    case DType::kF32:
+      return f.template operator()<float>();
+    case DType::kF16:
+      return f.template operator()<Half>();
+    case DType::kBF16:
+      return f.template operator()<BFloat16>();
+    default:
+      break;
   }
   detail::throw_error(detail::str_cat(op, " is not implemented for ", dtype_name(dtype),
                                       ": expected f64, f32, f16 or bf16"));
@@ -45,9 +53,12 @@ decltype(auto) dispatch_float(DType dtype, const char* op, F&& f) {
 template <class F>
 decltype(auto) dispatch_any(DType dtype, const char* op, F&& f) {
   switch (dtype) {
-    case DType::kI32: return f.template operator()<std::int32_t>();
-    case DType::kI64: return f.template operator()<std::int64_t>();
-    default: return dispatch_float(dtype, op, std::forward<F>(f));
+    case DType::kI32:
+      return f.template operator()<std::int32_t>();
+    case DType::kI64:
+      return f.template operator()<std::int64_t>();
+    default:
+      return dispatch_float(dtype, op, std::forward<F>(f));
   }
 }
 

@@ -31,8 +31,8 @@ void check_finite(const Tensor& t_in, const char* what) {
 #pragma omp parallel for reduction(min : bad) schedule(static)
     for (index_t i = 0; i < n; ++i)
       if (!std::isfinite(static_cast<double>(load(p[i])))) bad = std::min(bad, i);
-    SY_CHECK(bad == n, what, " holds ", load(p[bad < n ? bad : 0]), " (NaN or Inf) at element ", bad,
-             ": expected finite values");
+    SY_CHECK(bad == n, what, " holds ", load(p[bad < n ? bad : 0]), " (NaN or Inf) at element ",
+             bad, ": expected finite values");
   });
 }
 

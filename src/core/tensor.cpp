@@ -76,7 +76,8 @@ Tensor Tensor::from_blob(void* data, const Shape& sizes, const Shape& strides, D
   SY_CHECK(strides.empty() || strides.size() == sizes.size(), "from_blob: ", strides.size(),
            " strides given for ", sizes.size(), " dimensions");
   checked_numel(sizes);
-  SY_CHECK(data != nullptr || checked_numel(sizes) == 0, "from_blob: null data for a non-empty shape");
+  SY_CHECK(data != nullptr || checked_numel(sizes) == 0,
+           "from_blob: null data for a non-empty shape");
   Tensor t;
   static char empty_storage;
   t.storage_ = std::shared_ptr<void>(data ? data : &empty_storage, [](void*) {});
@@ -88,8 +89,8 @@ Tensor Tensor::from_blob(void* data, const Shape& sizes, const Shape& strides, D
 }
 
 Tensor Tensor::from_vector(const std::vector<double>& values, const Shape& sizes, DType dtype) {
-  SY_CHECK(static_cast<index_t>(values.size()) == checked_numel(sizes), "from_vector: ",
-           values.size(), " values for shape ", shape_str(sizes));
+  SY_CHECK(static_cast<index_t>(values.size()) == checked_numel(sizes),
+           "from_vector: ", values.size(), " values for shape ", shape_str(sizes));
   Tensor src = from_blob(const_cast<double*>(values.data()), sizes, {}, DType::kF64);
   Tensor t = empty(sizes, dtype);
   t.copy_from(src);
@@ -216,7 +217,8 @@ void Tensor::copy_from(const Tensor& src) {
       src_offsets.reserve(static_cast<std::size_t>(numel()));
       for_each_offset(src.sizes_, src.strides_, [&](index_t o) { src_offsets.push_back(o); });
       std::size_t i = 0;
-      for_each_offset(sizes_, strides_, [&](index_t o) { dst[o] = store<D>(load(s[src_offsets[i++]])); });
+      for_each_offset(sizes_, strides_,
+                      [&](index_t o) { dst[o] = store<D>(load(s[src_offsets[i++]])); });
     });
   });
 }
@@ -243,7 +245,8 @@ std::vector<double> Tensor::to_vector() const {
   out.reserve(static_cast<std::size_t>(numel()));
   dispatch_any(dtype_, "to_vector", [&]<class S>() {
     const S* s = static_cast<const S*>(data_ptr());
-    for_each_offset(sizes_, strides_, [&](index_t o) { out.push_back(static_cast<double>(load(s[o]))); });
+    for_each_offset(sizes_, strides_,
+                    [&](index_t o) { out.push_back(static_cast<double>(load(s[o]))); });
   });
   return out;
 }

@@ -19,9 +19,8 @@ decltype(auto) dispatch_data(const Tensor& data, const RoutingPlan& plan, const 
   require_backend(op, data.device());
   SY_ASSERT(plan.weight.dtype() == routing_dtype(data.dtype()), "plan weights are ",
             dtype_name(plan.weight.dtype()), " for ", dtype_name(data.dtype()), " data");
-  return dispatch_float(data.dtype(), op, [&]<class T>() {
-    return f.template operator()<T, acc_t<T>>();
-  });
+  return dispatch_float(data.dtype(), op,
+                        [&]<class T>() { return f.template operator()<T, acc_t<T>>(); });
 }
 
 }  // namespace

@@ -11,15 +11,15 @@ namespace {
 
 Parameter make_param(const std::string& name, const Shape& shape, const FfnShape& s,
                      bool replicated) {
-  return Parameter{name, Tensor::zeros(shape, s.dtype, s.device), Tensor::zeros(shape, s.dtype, s.device),
-                   replicated};
+  return Parameter{name, Tensor::zeros(shape, s.dtype, s.device),
+                   Tensor::zeros(shape, s.dtype, s.device), replicated};
 }
 
 // Host copy of the offsets with its invariants checked (first 0, non-decreasing, last = rows).
 std::vector<index_t> read_offsets(const Tensor& offsets, index_t num_experts, index_t num_rows) {
-  SY_CHECK(offsets.dtype() == DType::kI64 && offsets.dim() == 1 &&
-               offsets.size(0) == num_experts + 1,
-           "experts: offsets must be an i64 tensor of ", num_experts + 1, " entries");
+  SY_CHECK(
+      offsets.dtype() == DType::kI64 && offsets.dim() == 1 && offsets.size(0) == num_experts + 1,
+      "experts: offsets must be an i64 tensor of ", num_experts + 1, " entries");
   std::vector<index_t> off(static_cast<std::size_t>(num_experts + 1));
   const Tensor c = offsets.contiguous();
   const index_t* p = c.data<index_t>();
@@ -49,8 +49,10 @@ FfnExperts::FfnExperts(const FfnShape& s, const std::string& prefix, bool replic
   // Like nn.Linear(d, h1) and nn.Linear(h, d) per expert: U(±1/sqrt(fan_in)) for both.
   fill_uniform(fc1_w_.value, 1.0 / std::sqrt(static_cast<double>(d)), seed, init_id + 0);
   fill_uniform(fc2_w_.value, 1.0 / std::sqrt(static_cast<double>(h)), seed, init_id + 1);
-  if (s.has_fc1_bias) fill_uniform(fc1_b_.value, 1.0 / std::sqrt(static_cast<double>(d)), seed, init_id + 2);
-  if (s.has_fc2_bias) fill_uniform(fc2_b_.value, 1.0 / std::sqrt(static_cast<double>(h)), seed, init_id + 3);
+  if (s.has_fc1_bias)
+    fill_uniform(fc1_b_.value, 1.0 / std::sqrt(static_cast<double>(d)), seed, init_id + 2);
+  if (s.has_fc2_bias)
+    fill_uniform(fc2_b_.value, 1.0 / std::sqrt(static_cast<double>(h)), seed, init_id + 3);
 }
 
 std::vector<Parameter*> FfnExperts::parameters() {

@@ -28,8 +28,8 @@ class FfnExperts final : public ExpertNetwork {
  public:
   // `prefix` names the parameters ("experts." gives "experts.batched_fc1_w", ...);
   // `init_id` separates the random streams of different networks with one seed.
-  FfnExperts(const FfnShape& shape, const std::string& prefix, bool replicated,
-             std::uint64_t seed, std::uint64_t init_id);
+  FfnExperts(const FfnShape& shape, const std::string& prefix, bool replicated, std::uint64_t seed,
+             std::uint64_t init_id);
 
   Tensor forward(const Tensor& rows, const Tensor& offsets, bool training) override;
   Tensor backward(const Tensor& drows_out) override;
@@ -38,9 +38,9 @@ class FfnExperts final : public ExpertNetwork {
 
   // Tensors saved by forward for backward, in the arithmetic dtype (f32, f64 for f64).
   struct Saved {
-    Tensor x;  // [R, d]
-    Tensor h;  // [R, h or 2h] pre-activation
-    Tensor a;  // [R, h] activation (gated: act(gate) * up)
+    Tensor x;                      // [R, d]
+    Tensor h;                      // [R, h or 2h] pre-activation
+    Tensor a;                      // [R, h] activation (gated: act(gate) * up)
     std::vector<index_t> offsets;  // [E+1]
   };
 

@@ -5,8 +5,8 @@
 #include <vector>
 
 #include "core/dtype_dispatch.h"
-#include "experts/ffn.h"
 #include "experts/activation.h"
+#include "experts/ffn.h"
 #include "experts/gemm.h"
 
 namespace switchyard {
@@ -20,8 +20,10 @@ Tensor as_arith(const Parameter& p, DType arith) {
 // Rounds v to storage type T's precision (a no-op for f32/f64).
 template <class T, class W>
 inline W round_to(W v) {
-  if constexpr (std::is_same_v<T, Half> || std::is_same_v<T, BFloat16>) return load(store<T>(v));
-  else return v;
+  if constexpr (std::is_same_v<T, Half> || std::is_same_v<T, BFloat16>)
+    return load(store<T>(v));
+  else
+    return v;
 }
 
 // grad += g, both contiguous; g in the arithmetic dtype, grad in the parameter dtype.
@@ -84,7 +86,8 @@ Tensor forward_impl(const FfnShape& s, const Parameter& fc1_w, const Parameter& 
   for (index_t e = 0; e < E; ++e)
     for (index_t r = off[e]; r < off[e + 1]; ++r)
       for (index_t j = 0; j < d; ++j)
-        op[offset_of(r, d) + j] = store<T>(yp[offset_of(r, d) + j] + (b2p ? b2p[offset_of(e, d) + j] : W(0)));
+        op[offset_of(r, d) + j] =
+            store<T>(yp[offset_of(r, d) + j] + (b2p ? b2p[offset_of(e, d) + j] : W(0)));
   saved = FfnExperts::Saved{x, hpre, act, std::move(off)};
   return out;
 }
@@ -157,8 +160,8 @@ Tensor backward_impl(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Para
     const index_t r0 = off[e], n = off[e + 1] - off[e];
     if (n == 0) continue;
     // d fc1_w = dhᵀ · x ; dx = dh · fc1_w
-    gemm_raw(true, false, h1, d, n, 1.0, dhp + offset_of(r0, h1), h1, xp + offset_of(r0, d), d,
-             1.0, gw1.data<W>() + offset_of(e, h1 * d), d);
+    gemm_raw(true, false, h1, d, n, 1.0, dhp + offset_of(r0, h1), h1, xp + offset_of(r0, d), d, 1.0,
+             gw1.data<W>() + offset_of(e, h1 * d), d);
     gemm_raw(false, false, n, d, h1, 1.0, dhp + offset_of(r0, h1), h1,
              w1.data<W>() + offset_of(e, h1 * d), d, 0.0, dx.data<W>() + offset_of(r0, d), d);
   }
@@ -168,12 +171,14 @@ Tensor backward_impl(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Para
   }
   if (fc1_b.value.defined()) {
     Tensor g = Tensor::empty({E, h1}, wd);
-    for (index_t e = 0; e < E; ++e) column_sums(dhp, h1, off[e], off[e + 1], g.data<W>() + offset_of(e, h1));
+    for (index_t e = 0; e < E; ++e)
+      column_sums(dhp, h1, off[e], off[e + 1], g.data<W>() + offset_of(e, h1));
     accumulate<T>(fc1_b.grad, g.data<W>());
   }
   if (fc2_b.value.defined()) {
     Tensor g = Tensor::empty({E, d}, wd);
-    for (index_t e = 0; e < E; ++e) column_sums(dyp, d, off[e], off[e + 1], g.data<W>() + offset_of(e, d));
+    for (index_t e = 0; e < E; ++e)
+      column_sums(dyp, d, off[e], off[e + 1], g.data<W>() + offset_of(e, d));
     accumulate<T>(fc2_b.grad, g.data<W>());
   }
   return dx.to(s.dtype);

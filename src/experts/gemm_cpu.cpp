@@ -22,17 +22,17 @@ CBLAS_TRANSPOSE op(bool t) { return t ? CblasTrans : CblasNoTrans; }
 void gemm_raw(bool ta, bool tb, index_t m, index_t n, index_t k, double alpha, const float* a,
               index_t lda, const float* b, index_t ldb, double beta, float* c, index_t ldc) {
   if (m == 0 || n == 0) return;
-  cblas_sgemm(CblasRowMajor, op(ta), op(tb), blas_int(m, "M"), blas_int(n, "N"),
-              blas_int(k, "K"), static_cast<float>(alpha), a, blas_int(std::max<index_t>(lda, 1), "lda"),
-              b, blas_int(std::max<index_t>(ldb, 1), "ldb"), static_cast<float>(beta), c,
+  cblas_sgemm(CblasRowMajor, op(ta), op(tb), blas_int(m, "M"), blas_int(n, "N"), blas_int(k, "K"),
+              static_cast<float>(alpha), a, blas_int(std::max<index_t>(lda, 1), "lda"), b,
+              blas_int(std::max<index_t>(ldb, 1), "ldb"), static_cast<float>(beta), c,
               blas_int(std::max<index_t>(ldc, 1), "ldc"));
 }
 
 void gemm_raw(bool ta, bool tb, index_t m, index_t n, index_t k, double alpha, const double* a,
               index_t lda, const double* b, index_t ldb, double beta, double* c, index_t ldc) {
   if (m == 0 || n == 0) return;
-  cblas_dgemm(CblasRowMajor, op(ta), op(tb), blas_int(m, "M"), blas_int(n, "N"),
-              blas_int(k, "K"), alpha, a, blas_int(std::max<index_t>(lda, 1), "lda"), b,
+  cblas_dgemm(CblasRowMajor, op(ta), op(tb), blas_int(m, "M"), blas_int(n, "N"), blas_int(k, "K"),
+              alpha, a, blas_int(std::max<index_t>(lda, 1), "lda"), b,
               blas_int(std::max<index_t>(ldb, 1), "ldb"), beta, c,
               blas_int(std::max<index_t>(ldc, 1), "ldc"));
 }
@@ -41,16 +41,17 @@ void gemm(const Tensor& a_in, bool ta, const Tensor& b_in, bool tb, Tensor& c, d
           double beta) {
   SY_CHECK(a_in.dim() == 2 && b_in.dim() == 2 && c.dim() == 2, "gemm: expected 2-D tensors, got ",
            a_in.dim(), "-d, ", b_in.dim(), "-d and ", c.dim(), "-d");
-  SY_CHECK(a_in.dtype() == b_in.dtype() && a_in.dtype() == c.dtype(), "gemm: dtypes differ: ",
-           dtype_name(a_in.dtype()), ", ", dtype_name(b_in.dtype()), ", ", dtype_name(c.dtype()));
+  SY_CHECK(a_in.dtype() == b_in.dtype() && a_in.dtype() == c.dtype(),
+           "gemm: dtypes differ: ", dtype_name(a_in.dtype()), ", ", dtype_name(b_in.dtype()), ", ",
+           dtype_name(c.dtype()));
   SY_CHECK(a_in.device().is_cpu() && b_in.device().is_cpu() && c.device().is_cpu(),
            "gemm: expected CPU tensors");
   const index_t m = ta ? a_in.size(1) : a_in.size(0);
   const index_t k = ta ? a_in.size(0) : a_in.size(1);
   const index_t kb = tb ? b_in.size(1) : b_in.size(0);
   const index_t n = tb ? b_in.size(0) : b_in.size(1);
-  SY_CHECK(k == kb && c.size(0) == m && c.size(1) == n, "gemm: shapes do not chain: op(a) is [",
-           m, ", ", k, "], op(b) is [", kb, ", ", n, "], c is [", c.size(0), ", ", c.size(1), "]");
+  SY_CHECK(k == kb && c.size(0) == m && c.size(1) == n, "gemm: shapes do not chain: op(a) is [", m,
+           ", ", k, "], op(b) is [", kb, ", ", n, "], c is [", c.size(0), ", ", c.size(1), "]");
   auto unit_rows = [](const Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); };
   const DType dt = c.dtype();
   if (dt == DType::kF32 || dt == DType::kF64) {
@@ -60,8 +61,8 @@ void gemm(const Tensor& a_in, bool ta, const Tensor& b_in, bool tb, Tensor& c, d
       gemm_raw(ta, tb, m, n, k, alpha, a.data<float>(), a.stride(0), b.data<float>(), b.stride(0),
                beta, cc.data<float>(), cc.stride(0));
     } else {
-      gemm_raw(ta, tb, m, n, k, alpha, a.data<double>(), a.stride(0), b.data<double>(),
-               b.stride(0), beta, cc.data<double>(), cc.stride(0));
+      gemm_raw(ta, tb, m, n, k, alpha, a.data<double>(), a.stride(0), b.data<double>(), b.stride(0),
+               beta, cc.data<double>(), cc.stride(0));
     }
     if (cc.data_ptr() != c.data_ptr()) c.copy_from(cc);
     return;

@@ -29,7 +29,7 @@ std::string shape_str(const Shape& s) {
 }
 
 FfnShape ffn_shape(const MoEConfig& cfg, index_t num_experts, index_t hidden) {
-  return FfnShape{num_experts, cfg.model_dim,    hidden,    cfg.activation,
+  return FfnShape{num_experts,      cfg.model_dim,    hidden,    cfg.activation,
                   cfg.has_fc1_bias, cfg.has_fc2_bias, cfg.dtype, cfg.device};
 }
 
@@ -39,8 +39,9 @@ Tensor jitter_factors(const MoEConfig& cfg, std::uint64_t step, index_t T) {
   std::vector<double> f(static_cast<std::size_t>(T * d));
   for (index_t t = 0; t < T; ++t)
     for (index_t j = 0; j < d; ++j)
-      f[t * d + j] = 1.0 + cfg.input_jitter * (2.0 * rng_uniform(cfg.seed, RngStream::kInputJitter,
-                                                                 step, t, j) - 1.0);
+      f[t * d + j] =
+          1.0 + cfg.input_jitter *
+                    (2.0 * rng_uniform(cfg.seed, RngStream::kInputJitter, step, t, j) - 1.0);
   return Tensor::from_vector(f, {T, d}, cfg.dtype);
 }
 
@@ -185,13 +186,16 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
 Tensor MoELayer::backward(const Tensor& dy_in, const LossWeights& weights) {
   Impl& m = *impl_;
   const MoEConfig& cfg = m.cfg;
-  SY_CHECK(m.saved, "backward: no forward to differentiate (call forward first; each forward "
+  SY_CHECK(m.saved,
+           "backward: no forward to differentiate (call forward first; each forward "
            "allows one backward)");
   SY_CHECK(dy_in.defined() && dy_in.sizes() == m.x_shape, "backward: dy must have the shape of y ",
-           shape_str(m.x_shape), ", got ", dy_in.defined() ? shape_str(dy_in.sizes()) : "undefined");
+           shape_str(m.x_shape), ", got ",
+           dy_in.defined() ? shape_str(dy_in.sizes()) : "undefined");
   SY_CHECK(dy_in.device() == cfg.device, "backward: dy is on ", to_string(dy_in.device()),
            ", the layer on ", to_string(cfg.device));
-  SY_CHECK(is_floating(dy_in.dtype()), "backward: dy must be floating, got ", dtype_name(dy_in.dtype()));
+  SY_CHECK(is_floating(dy_in.dtype()), "backward: dy must be floating, got ",
+           dtype_name(dy_in.dtype()));
   SY_CHECK(std::isfinite(weights.aux) && std::isfinite(weights.z),
            "backward: loss weights must be finite, got aux=", weights.aux, ", z=", weights.z);
   const index_t d = cfg.model_dim, T = m.x.size(0);

@@ -12,7 +12,7 @@ namespace switchyard {
 
 struct SlotRules {
   RuleSet rules = RuleSet::kTutel;
-  double capacity_factor = 1.0;  // > 0 fixed, 0 dropless, < 0 dropless up to a cap
+  double capacity_factor = 1.0;     // > 0 fixed, 0 dropless, < 0 dropless up to a cap
   Layout layout = Layout::kPadded;  // resolved: padded or packed
   index_t alignment = 1;            // capacity rounded up to a multiple of this
   DropPolicy drop_policy = DropPolicy::kProbs;

@@ -20,8 +20,8 @@ index_t compute_capacity(const SlotRules& r, index_t T, index_t E, int k, index_
   if (r.rules == RuleSet::kTutel) {
     const index_t t_max = std::max(r.max_tokens, T);
     const index_t samples_per_expert = (t_max + E - 1) / E;
-    cap = std::max<index_t>(
-        1, k * static_cast<index_t>(std::floor(std::fabs(cf) * static_cast<double>(samples_per_expert))));
+    cap = std::max<index_t>(1, k * static_cast<index_t>(std::floor(
+                                       std::fabs(cf) * static_cast<double>(samples_per_expert))));
   } else {
     // Megatron: ceil((num_tokens * topk / num_experts) * capacity_factor).
     const double per_expert = static_cast<double>(T * k) / static_cast<double>(E);
@@ -84,7 +84,8 @@ void assign_slots_cpu(const SlotRules& r, const A* priority, const A* weight, Ro
   for (index_t e = 0; e < E; ++e)
     off[e + 1] = off[e] + (plan.layout == Layout::kPadded ? capacity : kept[e]);
   plan.num_rows = off[E];
-  plan.expert_count = Tensor::from_vector(std::vector<double>(kept.begin(), kept.end()), {E}, DType::kI64);
+  plan.expert_count =
+      Tensor::from_vector(std::vector<double>(kept.begin(), kept.end()), {E}, DType::kI64);
   plan.row = Tensor::empty({T, k}, DType::kI64);
   plan.row_choice = Tensor::empty({plan.num_rows}, DType::kI64);
   index_t* row = plan.row.data<index_t>();
@@ -103,6 +104,7 @@ void assign_slots_cpu(const SlotRules& r, const A* priority, const A* weight, Ro
 }
 
 template void assign_slots_cpu<float>(const SlotRules&, const float*, const float*, RoutingPlan&);
-template void assign_slots_cpu<double>(const SlotRules&, const double*, const double*, RoutingPlan&);
+template void assign_slots_cpu<double>(const SlotRules&, const double*, const double*,
+                                       RoutingPlan&);
 
 }  // namespace switchyard

@@ -29,18 +29,20 @@ class CosineGate final : public Gate {
   explicit CosineGate(const MoEConfig& cfg);
   Tensor forward(const Tensor& x, bool training) override;
   Tensor backward(const Tensor& dlogits) override;
-  std::vector<Parameter*> parameters() override { return {&temperature_, &proj_w_, &proj_b_, &sim_}; }
+  std::vector<Parameter*> parameters() override {
+    return {&temperature_, &proj_w_, &proj_b_, &sim_};
+  }
 
  private:
   Parameter temperature_, proj_w_, proj_b_, sim_;
   // Saved by a training forward for backward, in the routing dtype.
   struct Saved {
     DType x_dtype = DType::kF32;
-    Tensor x;             // [T, d]
-    Tensor un, unorm;     // normalised projection [T, p] and its row norms [T]
-    Tensor sn, snorm;     // normalised sim_matrix [p, E] and its column norms [E]
-    Tensor cos;           // [T, E]
-    double scale = 1.0;   // exp(min(tau, ln 100))
+    Tensor x;            // [T, d]
+    Tensor un, unorm;    // normalised projection [T, p] and its row norms [T]
+    Tensor sn, snorm;    // normalised sim_matrix [p, E] and its column norms [E]
+    Tensor cos;          // [T, E]
+    double scale = 1.0;  // exp(min(tau, ln 100))
   } saved_;
 };
 

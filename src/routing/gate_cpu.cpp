@@ -31,7 +31,8 @@ void accumulate(Parameter& p, const Tensor& g) {
 
 LinearGate::LinearGate(const MoEConfig& cfg) {
   wg_ = make_param("wg.weight", {cfg.num_experts, cfg.model_dim}, gate_dtype(cfg), cfg.device);
-  fill_uniform(wg_.value, 1.0 / std::sqrt(static_cast<double>(cfg.model_dim)), cfg.seed, kGateInitId);
+  fill_uniform(wg_.value, 1.0 / std::sqrt(static_cast<double>(cfg.model_dim)), cfg.seed,
+               kGateInitId);
 }
 
 Tensor LinearGate::forward(const Tensor& x, bool training) {
@@ -56,7 +57,8 @@ Tensor LinearGate::backward(const Tensor& dlogits) {
 }
 
 CosineGate::CosineGate(const MoEConfig& cfg) {
-  SY_CHECK(cfg.cosine_proj_dim >= 1, "cosine gate: proj_dim must be >= 1, got ", cfg.cosine_proj_dim);
+  SY_CHECK(cfg.cosine_proj_dim >= 1, "cosine gate: proj_dim must be >= 1, got ",
+           cfg.cosine_proj_dim);
   SY_CHECK(cfg.cosine_init_t > 0, "cosine gate: init_t must be > 0, got ", cfg.cosine_init_t);
   const DType dt = gate_dtype(cfg);
   const index_t p = cfg.cosine_proj_dim, d = cfg.model_dim, E = cfg.num_experts;
@@ -81,7 +83,8 @@ template <class A>
 void normalize(const A* m, index_t n, index_t c, index_t sn, index_t sc, A* norms, A* out) {
   for (index_t i = 0; i < n; ++i) {
     double s = 0;
-    for (index_t j = 0; j < c; ++j) s += static_cast<double>(m[i * sn + j * sc]) * m[i * sn + j * sc];
+    for (index_t j = 0; j < c; ++j)
+      s += static_cast<double>(m[i * sn + j * sc]) * m[i * sn + j * sc];
     norms[i] = static_cast<A>(std::max(std::sqrt(s), kNormEps));
     for (index_t j = 0; j < c; ++j) out[i * sn + j * sc] = m[i * sn + j * sc] / norms[i];
   }
@@ -94,7 +97,8 @@ void normalize_backward(const A* vn, const A* norms, const A* dvn, index_t n, in
   for (index_t i = 0; i < n; ++i) {
     const bool clamped = norms[i] <= kNormEps;
     double dot = 0;
-    for (index_t j = 0; j < c; ++j) dot += static_cast<double>(vn[i * sn + j * sc]) * dvn[i * sn + j * sc];
+    for (index_t j = 0; j < c; ++j)
+      dot += static_cast<double>(vn[i * sn + j * sc]) * dvn[i * sn + j * sc];
     for (index_t j = 0; j < c; ++j) {
       const index_t o = i * sn + j * sc;
       dv[o] = clamped ? dvn[o] / norms[i] : static_cast<A>((dvn[o] - vn[o] * dot) / norms[i]);
@@ -161,11 +165,13 @@ Tensor CosineGate::backward(const Tensor& dlogits_in) {
       const double tau = temperature_.value.to_vector()[0];
       const double dtau = tau <= kMaxLogScale ? dscale * sv.scale : 0.0;
       Tensor dun = Tensor::empty({T, p}, rd), dsn = Tensor::empty({p, E}, rd);
-      gemm(dcos, false, sv.sn, true, dun);   // [T, p]
-      gemm(sv.un, true, dcos, false, dsn);   // [p, E]
+      gemm(dcos, false, sv.sn, true, dun);  // [T, p]
+      gemm(sv.un, true, dcos, false, dsn);  // [p, E]
       Tensor du = Tensor::empty({T, p}, rd), dsim = Tensor::empty({p, E}, rd);
-      normalize_backward(sv.un.data<A>(), sv.unorm.data<A>(), dun.data<A>(), T, p, p, 1, du.data<A>());
-      normalize_backward(sv.sn.data<A>(), sv.snorm.data<A>(), dsn.data<A>(), E, p, 1, E, dsim.data<A>());
+      normalize_backward(sv.un.data<A>(), sv.unorm.data<A>(), dun.data<A>(), T, p, p, 1,
+                         du.data<A>());
+      normalize_backward(sv.sn.data<A>(), sv.snorm.data<A>(), dsn.data<A>(), E, p, 1, E,
+                         dsim.data<A>());
       Tensor dpw = Tensor::empty({p, sv.x.size(1)}, rd), dpb = Tensor::zeros({p}, rd);
       gemm(du, true, sv.x, false, dpw);
       A* db = dpb.data<A>();

@@ -22,8 +22,8 @@ double load_importance_loss(index_t T, index_t E, int k, const A* logits, const 
 // Switch / Megatron: E / (k T^2) * sum_e (sum_t prob[t,e]) * tokens(e), tokens from a plain
 // top-k of prob; per sequence of seq_len tokens (averaged) when seq_len > 0.
 template <class A>
-double switch_loss(index_t T, index_t E, int k, const A* logits, ScoreFn score_fn,
-                   index_t seq_len, A* grad, double weight);
+double switch_loss(index_t T, index_t E, int k, const A* logits, ScoreFn score_fn, index_t seq_len,
+                   A* grad, double weight);
 
 // ST-MoE z-loss: mean_t (logsumexp_e logits[t,e])^2.
 template <class A>

@@ -21,9 +21,9 @@ template <class A>
 void top_k_row(const A* v, index_t n, int k, std::int32_t* out) {
   std::vector<std::int32_t> order(static_cast<std::size_t>(n));
   std::iota(order.begin(), order.end(), 0);
-  std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](std::int32_t a, std::int32_t b) {
-    return v[a] > v[b] || (v[a] == v[b] && a < b);
-  });
+  std::partial_sort(
+      order.begin(), order.begin() + k, order.end(),
+      [&](std::int32_t a, std::int32_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); });
   std::copy(order.begin(), order.begin() + k, out);
 }
 
@@ -31,7 +31,8 @@ template <class A>
 double gshard_loss(index_t T, index_t E, int k, const A* probs, const std::int32_t* idx, A* grad,
                    double weight) {
   if (T == 0) return 0.0;
-  std::vector<double> first(static_cast<std::size_t>(E), 0.0), mass(static_cast<std::size_t>(E), 0.0);
+  std::vector<double> first(static_cast<std::size_t>(E), 0.0),
+      mass(static_cast<std::size_t>(E), 0.0);
   for (index_t t = 0; t < T; ++t) {
     first[idx[t * k]] += 1;
     for (index_t e = 0; e < E; ++e) mass[e] += probs[t * E + e];
@@ -112,8 +113,8 @@ double load_importance_loss(index_t T, index_t E, int k, const A* logits, const 
 }
 
 template <class A>
-double switch_loss(index_t T, index_t E, int k, const A* logits, ScoreFn score_fn,
-                   index_t seq_len, A* grad, double weight) {
+double switch_loss(index_t T, index_t E, int k, const A* logits, ScoreFn score_fn, index_t seq_len,
+                   A* grad, double weight) {
   if (T == 0) return 0.0;
   const index_t L = seq_len > 0 ? seq_len : T;
   SY_CHECK(T % L == 0, "the sequence-level aux loss needs whole sequences: ", T,
@@ -126,7 +127,8 @@ double switch_loss(index_t T, index_t E, int k, const A* logits, ScoreFn score_f
       softmax_row(logits + t * E, prob.data() + t * E, E);
     } else {
       A s = 0;
-      for (index_t e = 0; e < E; ++e) s += (prob[t * E + e] = A(1) / (A(1) + std::exp(-logits[t * E + e])));
+      for (index_t e = 0; e < E; ++e)
+        s += (prob[t * E + e] = A(1) / (A(1) + std::exp(-logits[t * E + e])));
       for (index_t e = 0; e < E; ++e) prob[t * E + e] /= s;
     }
   }
@@ -182,19 +184,21 @@ double z_loss(index_t T, index_t E, const A* logits, A* grad, double weight) {
     l += lse * lse;
     if (grad) {
       softmax_row(z, p.data(), E);
-      for (index_t e = 0; e < E; ++e) grad[t * E + e] += static_cast<A>(weight * 2 * lse * p[e] / T);
+      for (index_t e = 0; e < E; ++e)
+        grad[t * E + e] += static_cast<A>(weight * 2 * lse * p[e] / T);
     }
   }
   return l / static_cast<double>(T);
 }
 
-#define SY_INSTANTIATE_LOSSES(A)                                                                  \
-  template void softmax_row<A>(const A*, A*, index_t);                                            \
-  template void top_k_row<A>(const A*, index_t, int, std::int32_t*);                              \
-  template double gshard_loss<A>(index_t, index_t, int, const A*, const std::int32_t*, A*, double); \
-  template double load_importance_loss<A>(index_t, index_t, int, const A*, const A*,              \
-                                          const std::int32_t*, double, A*, double);               \
-  template double switch_loss<A>(index_t, index_t, int, const A*, ScoreFn, index_t, A*, double);  \
+#define SY_INSTANTIATE_LOSSES(A)                                                                 \
+  template void softmax_row<A>(const A*, A*, index_t);                                           \
+  template void top_k_row<A>(const A*, index_t, int, std::int32_t*);                             \
+  template double gshard_loss<A>(index_t, index_t, int, const A*, const std::int32_t*, A*,       \
+                                 double);                                                        \
+  template double load_importance_loss<A>(index_t, index_t, int, const A*, const A*,             \
+                                          const std::int32_t*, double, A*, double);              \
+  template double switch_loss<A>(index_t, index_t, int, const A*, ScoreFn, index_t, A*, double); \
   template double z_loss<A>(index_t, index_t, const A*, A*, double);
 SY_INSTANTIATE_LOSSES(float)
 SY_INSTANTIATE_LOSSES(double)

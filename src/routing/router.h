@@ -10,13 +10,13 @@
 namespace switchyard {
 
 struct RouteArgs {
-  int top_k = 1;                 // already clamped to E
+  int top_k = 1;  // already clamped to E
   double capacity_factor = 1.0;
   Layout layout = Layout::kPadded;  // resolved
   bool training = true;
-  std::uint64_t step = 0;        // random-stream counter (advanced per training forward)
-  index_t token_base = 0;        // global index of token 0, for the random draws
-  index_t max_tokens = 0;        // T_max for Tutel's capacity (0: this call's T)
+  std::uint64_t step = 0;               // random-stream counter (advanced per training forward)
+  index_t token_base = 0;               // global index of token 0, for the random draws
+  index_t max_tokens = 0;               // T_max for Tutel's capacity (0: this call's T)
   const Tensor* expert_bias = nullptr;  // [E] f32, or null
 };
 

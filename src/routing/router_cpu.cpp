@@ -118,10 +118,12 @@ RoutingPlan route_impl(const MoEConfig& cfg, const RouteArgs& args, const Tensor
 #pragma omp parallel for schedule(static)
     for (index_t t = 0; t < T; ++t)
       for (index_t e = 0; e < E; ++e)
-        zn[t * E + e] = z[t * E + e] + static_cast<A>(
-            cfg.gate_noise * rng_normal(cfg.seed, RngStream::kGateNoise, args.step,
-                                        static_cast<std::uint64_t>(args.token_base + t), e) /
-            static_cast<double>(E));
+        zn[t * E + e] =
+            z[t * E + e] +
+            static_cast<A>(cfg.gate_noise *
+                           rng_normal(cfg.seed, RngStream::kGateNoise, args.step,
+                                      static_cast<std::uint64_t>(args.token_base + t), e) /
+                           static_cast<double>(E));
   }
   const A* zn = noisy.data<A>();
 
@@ -204,8 +206,11 @@ RoutingPlan route_impl(const MoEConfig& cfg, const RouteArgs& args, const Tensor
   losses = Losses{};
   if (rule != WeightRule::kSinkhorn) {
     switch (cfg.aux_loss) {
-      case AuxLoss::kNone: break;
-      case AuxLoss::kGShard: losses.aux = gshard_loss<A>(T, E, k, p, idx, nullptr, 0); break;
+      case AuxLoss::kNone:
+        break;
+      case AuxLoss::kGShard:
+        losses.aux = gshard_loss<A>(T, E, k, p, idx, nullptr, 0);
+        break;
       case AuxLoss::kLoadImportance:
         losses.aux = load_importance_loss<A>(T, E, k, z, zn, idx, cfg.gate_noise, nullptr, 0);
         break;

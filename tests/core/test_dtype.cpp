@@ -43,13 +43,13 @@ TEST(DTypeHalf, RoundTripsEveryHalfValue) {
 }
 
 TEST(DTypeHalf, RoundsToNearestEvenIncludingSubnormals) {
-  EXPECT_EQ(float_to_half(1.0f + 0x1p-11f).bits, 0x3c00);       // tie -> even (1.0)
-  EXPECT_EQ(float_to_half(1.0f + 3 * 0x1p-11f).bits, 0x3c02);   // tie -> even (up)
-  EXPECT_EQ(float_to_half(0x1p-24f).bits, 0x0001);              // smallest subnormal
-  EXPECT_EQ(float_to_half(0x1p-25f).bits, 0x0000);              // tie between 0 and 2^-24 -> 0
-  EXPECT_EQ(float_to_half(3 * 0x1p-25f).bits, 0x0002);          // tie -> even (2 * 2^-24)
-  EXPECT_EQ(float_to_half(65504.0f).bits, 0x7bff);              // largest finite
-  EXPECT_EQ(float_to_half(65520.0f).bits, 0x7c00);              // rounds to infinity
+  EXPECT_EQ(float_to_half(1.0f + 0x1p-11f).bits, 0x3c00);      // tie -> even (1.0)
+  EXPECT_EQ(float_to_half(1.0f + 3 * 0x1p-11f).bits, 0x3c02);  // tie -> even (up)
+  EXPECT_EQ(float_to_half(0x1p-24f).bits, 0x0001);             // smallest subnormal
+  EXPECT_EQ(float_to_half(0x1p-25f).bits, 0x0000);             // tie between 0 and 2^-24 -> 0
+  EXPECT_EQ(float_to_half(3 * 0x1p-25f).bits, 0x0002);         // tie -> even (2 * 2^-24)
+  EXPECT_EQ(float_to_half(65504.0f).bits, 0x7bff);             // largest finite
+  EXPECT_EQ(float_to_half(65520.0f).bits, 0x7c00);             // rounds to infinity
   EXPECT_EQ(half_to_float(Half{0x8000}), -0.0f);
 }
 

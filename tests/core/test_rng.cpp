@@ -9,8 +9,8 @@ namespace {
 
 TEST(Rng, PhiloxMatchesTheRandom123KnownAnswer) {
   // Known-answer vector of Philox4x32-10 (Random123 kat_vectors): counter and key all ones.
-  const auto r = philox4x32({0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu},
-                            {0xffffffffu, 0xffffffffu});
+  const auto r =
+      philox4x32({0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu}, {0xffffffffu, 0xffffffffu});
   EXPECT_EQ(r[0], 0x408f276du);
   EXPECT_EQ(r[1], 0x41c83b0eu);
   EXPECT_EQ(r[2], 0xa20bc7c6u);
@@ -23,11 +23,16 @@ TEST(Rng, PhiloxMatchesTheRandom123KnownAnswer) {
 }
 
 TEST(Rng, DrawsArePureFunctionsOfTheirKeys) {
-  EXPECT_EQ(rng_normal(5, RngStream::kGateNoise, 3, 17, 2), rng_normal(5, RngStream::kGateNoise, 3, 17, 2));
-  EXPECT_NE(rng_normal(5, RngStream::kGateNoise, 3, 17, 2), rng_normal(5, RngStream::kGateNoise, 3, 17, 3));
-  EXPECT_NE(rng_normal(5, RngStream::kGateNoise, 3, 17, 2), rng_normal(5, RngStream::kInputJitter, 3, 17, 2));
-  EXPECT_NE(rng_normal(5, RngStream::kGateNoise, 3, 17, 2), rng_normal(6, RngStream::kGateNoise, 3, 17, 2));
-  EXPECT_NE(rng_uniform(5, RngStream::kData, 0, 1ULL << 33, 0), rng_uniform(5, RngStream::kData, 0, 0, 0));
+  EXPECT_EQ(rng_normal(5, RngStream::kGateNoise, 3, 17, 2),
+            rng_normal(5, RngStream::kGateNoise, 3, 17, 2));
+  EXPECT_NE(rng_normal(5, RngStream::kGateNoise, 3, 17, 2),
+            rng_normal(5, RngStream::kGateNoise, 3, 17, 3));
+  EXPECT_NE(rng_normal(5, RngStream::kGateNoise, 3, 17, 2),
+            rng_normal(5, RngStream::kInputJitter, 3, 17, 2));
+  EXPECT_NE(rng_normal(5, RngStream::kGateNoise, 3, 17, 2),
+            rng_normal(6, RngStream::kGateNoise, 3, 17, 2));
+  EXPECT_NE(rng_uniform(5, RngStream::kData, 0, 1ULL << 33, 0),
+            rng_uniform(5, RngStream::kData, 0, 0, 0));
 }
 
 TEST(Rng, NormalAndUniformHaveTheRightMoments) {

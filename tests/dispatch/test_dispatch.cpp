@@ -63,7 +63,8 @@ TEST_P(DispatchCpu, MatchesANaivePerTokenLoop) {
     for (int j = 0; j < k; ++j) {
       if (row[t * k + j] < 0) continue;
       for (index_t l = 0; l < d; ++l)
-        expect_buf[static_cast<index_t>(row[t * k + j]) * d + l] = (post ? 1.0 : w[t * k + j]) * xv[t * d + l];
+        expect_buf[static_cast<index_t>(row[t * k + j]) * d + l] =
+            (post ? 1.0 : w[t * k + j]) * xv[t * d + l];
     }
   EXPECT_EQ(buf, expect_buf);
 
@@ -74,7 +75,8 @@ TEST_P(DispatchCpu, MatchesANaivePerTokenLoop) {
     for (index_t l = 0; l < d; ++l) {
       double s = 0;
       for (int j = 0; j < k; ++j)
-        if (row[t * k + j] >= 0) s += (post ? w[t * k + j] : 1.0) * outv[static_cast<index_t>(row[t * k + j]) * d + l];
+        if (row[t * k + j] >= 0)
+          s += (post ? w[t * k + j] : 1.0) * outv[static_cast<index_t>(row[t * k + j]) * d + l];
       EXPECT_NEAR(y[t * d + l], s, 1e-14);
     }
 }
@@ -84,15 +86,20 @@ TEST_P(DispatchCpu, BackwardIsTheExactAdjoint) {
   const index_t T = 19, E = 4, d = 11;
   RoutingPlan plan = make_plan(T, E, 3, layout, DType::kF64);
   const Tensor x = Tensor::from_vector(randn(T * d, 4), {T, d}, DType::kF64);
-  const Tensor dbuf = Tensor::from_vector(randn(plan.num_rows * d, 5), {plan.num_rows, d}, DType::kF64);
+  const Tensor dbuf =
+      Tensor::from_vector(randn(plan.num_rows * d, 5), {plan.num_rows, d}, DType::kF64);
   const Tensor dy = Tensor::from_vector(randn(T * d, 6), {T, d}, DType::kF64);
-  const Tensor out = Tensor::from_vector(randn(plan.num_rows * d, 7), {plan.num_rows, d}, DType::kF64);
+  const Tensor out =
+      Tensor::from_vector(randn(plan.num_rows * d, 7), {plan.num_rows, d}, DType::kF64);
   Tensor dw = Tensor::zeros({T, 3}, DType::kF64);
-  // <encode(x), dbuf> = <x, encode_backward(dbuf)> and <decode(out), dy> = <out, decode_backward(dy)>.
+  // <encode(x), dbuf> = <x, encode_backward(dbuf)> and <decode(out), dy> = <out,
+  // decode_backward(dy)>.
   const Tensor dx = encode_backward(plan, dbuf, x, !post, dw);
-  EXPECT_NEAR(dot(encode(plan, x, !post).to_vector(), dbuf.to_vector()), dot(x.to_vector(), dx.to_vector()), 1e-12);
+  EXPECT_NEAR(dot(encode(plan, x, !post).to_vector(), dbuf.to_vector()),
+              dot(x.to_vector(), dx.to_vector()), 1e-12);
   const Tensor dout = decode_backward(plan, dy, out, post, dw);
-  EXPECT_NEAR(dot(decode(plan, out, post).to_vector(), dy.to_vector()), dot(out.to_vector(), dout.to_vector()), 1e-12);
+  EXPECT_NEAR(dot(decode(plan, out, post).to_vector(), dy.to_vector()),
+              dot(out.to_vector(), dout.to_vector()), 1e-12);
   // Padding rows get zero gradient.
   const std::vector<double> rc = plan.row_choice.to_vector(), dov = dout.to_vector();
   for (index_t r = 0; r < plan.num_rows; ++r)
@@ -113,7 +120,8 @@ TEST_P(DispatchCpu, WeightGradientMatchesFiniteDifferences) {
     std::vector<double> b = buf.to_vector();
     for (index_t r = 0; r < p.num_rows; ++r)
       for (index_t l = 0; l < d; ++l) b[r * d + l] *= 1.5 + r;
-    return dot(decode(p, Tensor::from_vector(b, {p.num_rows, d}, DType::kF64), post).to_vector(), dy.to_vector());
+    return dot(decode(p, Tensor::from_vector(b, {p.num_rows, d}, DType::kF64), post).to_vector(),
+               dy.to_vector());
   };
   Tensor buf = encode(plan, x, !post);
   std::vector<double> b = buf.to_vector();
@@ -125,7 +133,8 @@ TEST_P(DispatchCpu, WeightGradientMatchesFiniteDifferences) {
   for (index_t r = 0; r < plan.num_rows; ++r)
     for (index_t l = 0; l < d; ++l) dob[r * d + l] *= 1.5 + r;
   encode_backward(plan, Tensor::from_vector(dob, {plan.num_rows, d}, DType::kF64), x, !post, dw);
-  const std::vector<double> g = dw.to_vector(), w0 = plan.weight.to_vector(), row = plan.row.to_vector();
+  const std::vector<double> g = dw.to_vector(), w0 = plan.weight.to_vector(),
+                            row = plan.row.to_vector();
   for (std::size_t i = 0; i < w0.size(); ++i) {
     RoutingPlan pp = plan, pm = plan;
     std::vector<double> wp = w0, wm = w0;
@@ -141,7 +150,8 @@ TEST_P(DispatchCpu, WeightGradientMatchesFiniteDifferences) {
 
 INSTANTIATE_TEST_SUITE_P(Layouts, DispatchCpu,
                          ::testing::Values(Case{Layout::kPadded, true}, Case{Layout::kPacked, true},
-                                           Case{Layout::kPadded, false}, Case{Layout::kPacked, false}),
+                                           Case{Layout::kPadded, false},
+                                           Case{Layout::kPacked, false}),
                          [](const auto& info) {
                            return std::string(to_string(info.param.layout)) +
                                   (info.param.postscore ? "Postscore" : "Prescore");

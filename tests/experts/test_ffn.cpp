@@ -26,13 +26,18 @@ const std::vector<double> kOffsets = {0, 4, 4, 7};
 
 double naive_activation(Activation a, double x) {
   switch (a) {
-    case Activation::kRelu: return x > 0 ? x : 0;
-    case Activation::kGelu: return 0.5 * x * (1 + std::erf(x / std::sqrt(2.0)));
+    case Activation::kRelu:
+      return x > 0 ? x : 0;
+    case Activation::kGelu:
+      return 0.5 * x * (1 + std::erf(x / std::sqrt(2.0)));
     case Activation::kGeluTanh:
       return 0.5 * x * (1 + std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x)));
-    case Activation::kSilu: return x / (1 + std::exp(-x));
-    case Activation::kSwiGLU: return naive_activation(Activation::kSilu, x);
-    case Activation::kGeGLU: return naive_activation(Activation::kGelu, x);
+    case Activation::kSilu:
+      return x / (1 + std::exp(-x));
+    case Activation::kSwiGLU:
+      return naive_activation(Activation::kSilu, x);
+    case Activation::kGeGLU:
+      return naive_activation(Activation::kGelu, x);
   }
   return 0;
 }
@@ -45,10 +50,13 @@ TEST_P(FfnCpu, MatchesANaiveLoop) {
   FfnExperts ffn(s, "experts.", false, 7, 0);
   const index_t R = 7, d = 5, h = 4, h1 = is_gated(act) ? 8 : 4;
   const std::vector<double> xv = randn(R * d, 1);
-  const std::vector<double> y =
-      ffn.forward(Tensor::from_vector(xv, {R, d}, DType::kF64), Tensor::from_vector(kOffsets, {4}, DType::kI64), true).to_vector();
-  const auto w1 = ffn.parameters()[0]->value.to_vector(), w2 = ffn.parameters()[1]->value.to_vector();
-  const auto b1 = ffn.parameters()[2]->value.to_vector(), b2 = ffn.parameters()[3]->value.to_vector();
+  const std::vector<double> y = ffn.forward(Tensor::from_vector(xv, {R, d}, DType::kF64),
+                                            Tensor::from_vector(kOffsets, {4}, DType::kI64), true)
+                                    .to_vector();
+  const auto w1 = ffn.parameters()[0]->value.to_vector(),
+             w2 = ffn.parameters()[1]->value.to_vector();
+  const auto b1 = ffn.parameters()[2]->value.to_vector(),
+             b2 = ffn.parameters()[3]->value.to_vector();
   for (index_t r = 0; r < R; ++r) {
     const index_t e = r < 4 ? 0 : 2;
     std::vector<double> hid(h1), a(h);
@@ -76,13 +84,15 @@ TEST_P(FfnCpu, GradientsMatchFiniteDifferences) {
     const std::vector<double> dyv = randn(R * d, 3);
     const Tensor off = Tensor::from_vector(kOffsets, {4}, DType::kI64);
     auto f = [&](const std::vector<double>& x) {
-      const std::vector<double> y = ffn.forward(Tensor::from_vector(x, {R, d}, DType::kF64), off, true).to_vector();
+      const std::vector<double> y =
+          ffn.forward(Tensor::from_vector(x, {R, d}, DType::kF64), off, true).to_vector();
       double s = 0;
       for (std::size_t i = 0; i < y.size(); ++i) s += y[i] * dyv[i];
       return s;
     };
     f(xv);
-    const std::vector<double> dx = ffn.backward(Tensor::from_vector(dyv, {R, d}, DType::kF64)).to_vector();
+    const std::vector<double> dx =
+        ffn.backward(Tensor::from_vector(dyv, {R, d}, DType::kF64)).to_vector();
     const double eps = 1e-6;
     for (std::size_t i = 0; i < xv.size(); ++i) {
       std::vector<double> xp = xv, xm = xv;
@@ -110,8 +120,9 @@ TEST_P(FfnCpu, GradientsMatchFiniteDifferences) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Activations, FfnCpu,
-                         ::testing::Values(Activation::kRelu, Activation::kGelu, Activation::kGeluTanh,
-                                           Activation::kSilu, Activation::kSwiGLU, Activation::kGeGLU),
+                         ::testing::Values(Activation::kRelu, Activation::kGelu,
+                                           Activation::kGeluTanh, Activation::kSilu,
+                                           Activation::kSwiGLU, Activation::kGeGLU),
                          [](const auto& info) { return std::string(to_string(info.param)); });
 
 TEST(FfnCpuShapes, ParametersHaveTutelNamesShapesAndInitBounds) {
@@ -155,9 +166,11 @@ TEST(FfnCpuShapes, RejectsBadRowsAndOffsets) {
   FfnExperts ffn(shape(Activation::kRelu, true), "experts.", false, 1, 0);
   const Tensor off = Tensor::from_vector(kOffsets, {4}, DType::kI64);
   EXPECT_THROW(ffn.forward(Tensor::zeros({7, 6}, DType::kF64), off, true), Error);  // wrong d
-  EXPECT_THROW(ffn.forward(Tensor::zeros({8, 5}, DType::kF64), off, true), Error);  // offsets end at 7
+  EXPECT_THROW(ffn.forward(Tensor::zeros({8, 5}, DType::kF64), off, true),
+               Error);  // offsets end at 7
   EXPECT_THROW(ffn.forward(Tensor::zeros({7, 5}, DType::kF64),
-                           Tensor::from_vector({0, 5, 4, 7}, {4}, DType::kI64), true), Error);  // decreasing
+                           Tensor::from_vector({0, 5, 4, 7}, {4}, DType::kI64), true),
+               Error);                                                    // decreasing
   EXPECT_THROW(ffn.backward(Tensor::zeros({7, 5}, DType::kF64)), Error);  // no forward yet
 }
 

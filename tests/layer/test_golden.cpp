@@ -12,8 +12,8 @@ namespace sy_test {
 namespace {
 
 using sy_ref::all_close;
-using sy_ref::GoldenCase;
 using sy_ref::golden_cases;
+using sy_ref::GoldenCase;
 
 // The golden values are f32 results: 1e-4 absolute plus 1e-5 relative.
 constexpr double kAtol = 1e-4;
@@ -63,7 +63,8 @@ TEST_P(MoELayerGolden, BackwardMatchesTutel) {
   MoELayer layer = make_layer();
   layer.forward(make_tensor(g.x, {g.T, g.d}, DType::kF32));
   layer.zero_grad();
-  const Tensor dx = layer.backward(make_tensor(g.dy, {g.T, g.d}, DType::kF32), {.aux = g.aux_weight});
+  const Tensor dx =
+      layer.backward(make_tensor(g.dy, {g.T, g.d}, DType::kF32), {.aux = g.aux_weight});
   EXPECT_TRUE(all_close(dx.to_vector(), g.dx, kAtol, kRtol)) << "dx";
   for (const auto& [name, grad] : g.grads) {
     const Parameter& p = layer.parameter(name);

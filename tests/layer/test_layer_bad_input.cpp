@@ -30,7 +30,8 @@ std::string lower(std::string s) {
     const std::string msg = lower(e.what());
     for (const auto& w : words)
       if (msg.find(lower(w)) != std::string::npos) return ::testing::AssertionSuccess();
-    return ::testing::AssertionFailure() << "message \"" << e.what() << "\" names none of the key words";
+    return ::testing::AssertionFailure()
+           << "message \"" << e.what() << "\" names none of the key words";
   } catch (const std::exception& e) {
     return ::testing::AssertionFailure() << "threw a non-switchyard exception: " << e.what();
   }
@@ -47,54 +48,74 @@ struct BadCall {
 
 void PrintTo(const BadCall& c, std::ostream* os) { *os << c.name; }
 
-Tensor good_x(const MoEConfig& cfg) { return make_tensor(randn(kT * cfg.model_dim, 1), {kT, cfg.model_dim}, DType::kF32); }
+Tensor good_x(const MoEConfig& cfg) {
+  return make_tensor(randn(kT * cfg.model_dim, 1), {kT, cfg.model_dim}, DType::kF32);
+}
 
 std::vector<BadCall> bad_calls() {
   const MoEConfig cfg = small_config(DType::kF32);
   const std::int64_t d = cfg.model_dim;
   std::vector<BadCall> c;
-  c.push_back({"WrongModelDim", [=](MoELayer& l) {
+  c.push_back({"WrongModelDim",
+               [=](MoELayer& l) {
                  l.forward(make_tensor(randn(kT * (d + 1), 1), {kT, d + 1}, DType::kF32));
-               }, {"model_dim"}});
-  c.push_back({"ScalarInput", [=](MoELayer& l) {
-                 l.forward(make_tensor({1.0}, {}, DType::kF32));
-               }, {"model_dim", "dim", "shape"}});
-  c.push_back({"UndefinedInput", [=](MoELayer& l) { l.forward(Tensor()); }, {"undefined", "defined"}});
-  c.push_back({"IntegerInput", [=](MoELayer& l) {
+               },
+               {"model_dim"}});
+  c.push_back({"ScalarInput",
+               [=](MoELayer& l) { l.forward(make_tensor({1.0}, {}, DType::kF32)); },
+               {"model_dim", "dim", "shape"}});
+  c.push_back(
+      {"UndefinedInput", [=](MoELayer& l) { l.forward(Tensor()); }, {"undefined", "defined"}});
+  c.push_back({"IntegerInput",
+               [=](MoELayer& l) {
                  Tensor x = Tensor::zeros({kT, d}, DType::kI32);
                  l.forward(x);
-               }, {"i32", "floating", "dtype"}});
-  c.push_back({"CudaInputOnCpuLayer", [=](MoELayer& l) {
+               },
+               {"i32", "floating", "dtype"}});
+  c.push_back({"CudaInputOnCpuLayer",
+               [=](MoELayer& l) {
                  // Never dereferenced: the device check must come first.
                  static float fake[1];
                  l.forward(Tensor::from_blob(fake, {kT, d}, {}, DType::kF32, Device::cuda(0)));
-               }, {"cuda", "device"}});
-  c.push_back({"TopKZeroPerCall", [=](MoELayer& l) {
+               },
+               {"cuda", "device"}});
+  c.push_back({"TopKZeroPerCall",
+               [=](MoELayer& l) {
                  ForwardOptions o;
                  o.top_k = 0;
                  l.forward(good_x(cfg), o);
-               }, {"top_k"}});
-  c.push_back({"TopKNegativePerCall", [=](MoELayer& l) {
+               },
+               {"top_k"}});
+  c.push_back({"TopKNegativePerCall",
+               [=](MoELayer& l) {
                  ForwardOptions o;
                  o.top_k = -3;
                  l.forward(good_x(cfg), o);
-               }, {"top_k"}});
-  c.push_back({"NaNCapacityFactorPerCall", [=](MoELayer& l) {
+               },
+               {"top_k"}});
+  c.push_back({"NaNCapacityFactorPerCall",
+               [=](MoELayer& l) {
                  ForwardOptions o;
                  o.capacity_factor = kNaN;
                  l.forward(good_x(cfg), o);
-               }, {"capacity_factor"}});
-  c.push_back({"NaNInInput", [=](MoELayer& l) {
+               },
+               {"capacity_factor"}});
+  c.push_back({"NaNInInput",
+               [=](MoELayer& l) {
                  std::vector<double> v = randn(kT * d, 1);
                  v[7] = kNaN;
                  l.forward(make_tensor(v, {kT, d}, DType::kF32));
-               }, {"nan", "finite"}});
-  c.push_back({"InfInInput", [=](MoELayer& l) {
+               },
+               {"nan", "finite"}});
+  c.push_back({"InfInInput",
+               [=](MoELayer& l) {
                  std::vector<double> v = randn(kT * d, 1);
                  v[3] = -kInf;
                  l.forward(make_tensor(v, {kT, d}, DType::kF32));
-               }, {"inf", "finite"}});
-  c.push_back({"NaNInLogits", [=](MoELayer& l) {
+               },
+               {"inf", "finite"}});
+  c.push_back({"NaNInLogits",
+               [=](MoELayer& l) {
                  // A NaN gate weight makes NaN logits from a finite x.
                  Parameter& wg = l.parameter("gates.0.wg.weight");
                  const Tensor saved = wg.value.clone();
@@ -108,23 +129,32 @@ std::vector<BadCall> bad_calls() {
                    throw;
                  }
                  wg.value.copy_from(saved);
-               }, {"nan", "logit", "finite"}});
-  c.push_back({"DyOfWrongShape", [=](MoELayer& l) {
+               },
+               {"nan", "logit", "finite"}});
+  c.push_back({"DyOfWrongShape",
+               [=](MoELayer& l) {
                  l.forward(good_x(cfg));
                  l.backward(make_tensor(randn(kT * d - d, 2), {kT - 1, d}, DType::kF32));
-               }, {"dy"}});
-  c.push_back({"DyOnCuda", [=](MoELayer& l) {
+               },
+               {"dy"}});
+  c.push_back({"DyOnCuda",
+               [=](MoELayer& l) {
                  l.forward(good_x(cfg));
                  static float fake[1];
                  l.backward(Tensor::from_blob(fake, {kT, d}, {}, DType::kF32, Device::cuda(0)));
-               }, {"cuda", "device"}});
-  c.push_back({"NaNLossWeight", [=](MoELayer& l) {
+               },
+               {"cuda", "device"}});
+  c.push_back({"NaNLossWeight",
+               [=](MoELayer& l) {
                  l.forward(good_x(cfg));
                  l.backward(make_tensor(randn(kT * d, 2), {kT, d}, DType::kF32), {.aux = kNaN});
-               }, {"finite", "nan", "aux"}});
-  c.push_back({"UnknownParameterName", [=](MoELayer& l) { l.parameter("gates.0.nope"); },
+               },
+               {"finite", "nan", "aux"}});
+  c.push_back({"UnknownParameterName",
+               [=](MoELayer& l) { l.parameter("gates.0.nope"); },
                {"gates.0.nope"}});
-  c.push_back({"UpdateExpertBiasWithoutExpertBias", [=](MoELayer& l) { l.update_expert_bias(); },
+  c.push_back({"UpdateExpertBiasWithoutExpertBias",
+               [=](MoELayer& l) { l.update_expert_bias(); },
                {"expert_bias"}});
   return c;
 }
@@ -177,40 +207,55 @@ std::vector<BadConfig> bad_configs() {
   c.push_back({"ZeroModelDim", [](MoEConfig& cfg) { cfg.model_dim = 0; }, {"model_dim"}});
   c.push_back({"ZeroHiddenSize", [](MoEConfig& cfg) { cfg.hidden_size = 0; }, {"hidden_size"}});
   c.push_back({"TopKZero", [](MoEConfig& cfg) { cfg.top_k = 0; }, {"top_k"}});
-  c.push_back({"NaNCapacityFactor", [](MoEConfig& cfg) { cfg.capacity_factor = kNaN; },
+  c.push_back({"NaNCapacityFactor",
+               [](MoEConfig& cfg) { cfg.capacity_factor = kNaN; },
                {"capacity_factor"}});
   c.push_back({"IntegerDType", [](MoEConfig& cfg) { cfg.dtype = DType::kI64; }, {"dtype", "i64"}});
-  c.push_back({"GroupsDoNotDivideExperts", [](MoEConfig& cfg) {
+  c.push_back({"GroupsDoNotDivideExperts",
+               [](MoEConfig& cfg) {
                  cfg.num_groups = 3;
                  cfg.topk_groups = 1;
-               }, {"group"}});
-  c.push_back({"MoreKeptGroupsThanGroups", [](MoEConfig& cfg) {
+               },
+               {"group"}});
+  c.push_back({"MoreKeptGroupsThanGroups",
+               [](MoEConfig& cfg) {
                  cfg.num_groups = 2;
                  cfg.topk_groups = 3;
-               }, {"group"}});
-  c.push_back({"TopKNotAMultipleOfKeptGroups", [](MoEConfig& cfg) {
+               },
+               {"group"}});
+  c.push_back({"TopKNotAMultipleOfKeptGroups",
+               [](MoEConfig& cfg) {
                  cfg.top_k = 3;
                  cfg.num_groups = 2;
                  cfg.topk_groups = 2;
-               }, {"group"}});
-  c.push_back({"TopKBeyondTheKeptGroups", [](MoEConfig& cfg) {
+               },
+               {"group"}});
+  c.push_back({"TopKBeyondTheKeptGroups",
+               [](MoEConfig& cfg) {
                  cfg.num_experts = 8;
                  cfg.top_k = 4;
                  cfg.num_groups = 4;
                  cfg.topk_groups = 1;  // one group of 2 experts cannot hold 4 choices
-               }, {"group"}});
-  c.push_back({"LoadImportanceWithoutNoise", [](MoEConfig& cfg) {
+               },
+               {"group"}});
+  c.push_back({"LoadImportanceWithoutNoise",
+               [](MoEConfig& cfg) {
                  cfg.aux_loss = AuxLoss::kLoadImportance;
                  cfg.gate_noise = 0;
-               }, {"gate_noise"}});
-  c.push_back({"MegatronTopOneWithoutPreSoftmax", [](MoEConfig& cfg) {
+               },
+               {"gate_noise"}});
+  c.push_back({"MegatronTopOneWithoutPreSoftmax",
+               [](MoEConfig& cfg) {
                  cfg.rules = RuleSet::kMegatron;
                  cfg.top_k = 1;
-               }, {"pre_softmax"}});
-  c.push_back({"MegatronExpertBiasWithSoftmax", [](MoEConfig& cfg) {
+               },
+               {"pre_softmax"}});
+  c.push_back({"MegatronExpertBiasWithSoftmax",
+               [](MoEConfig& cfg) {
                  cfg.rules = RuleSet::kMegatron;
                  cfg.expert_bias = true;
-               }, {"expert_bias"}});
+               },
+               {"expert_bias"}});
   return c;
 }
 

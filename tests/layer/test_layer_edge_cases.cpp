@@ -23,7 +23,8 @@ TEST(MoELayerCpu, EmptyInputGivesEmptyOutputAndBackwardWorks) {
     EXPECT_EQ(r.stats.dropped_choices, 0);
     layer.zero_grad();
     Tensor dx;
-    ASSERT_NO_THROW(dx = layer.backward(Tensor::zeros({0, cfg.model_dim}, dt), {.aux = 0.1, .z = 0.1}));
+    ASSERT_NO_THROW(
+        dx = layer.backward(Tensor::zeros({0, cfg.model_dim}, dt), {.aux = 0.1, .z = 0.1}));
     EXPECT_EQ(dx.sizes(), (Shape{0, cfg.model_dim}));
     for (Parameter* p : layer.parameters())
       for (double g : p->grad.to_vector()) ASSERT_EQ(g, 0.0) << p->name;
@@ -38,7 +39,8 @@ TEST(MoELayerCpu, LeadingDimensionsAreFlattenedBatchMajor) {
   const std::vector<double> dy = randn(6 * d, 8);
   const ForwardResult flat = layer.forward(make_tensor(x, {6, d}, DType::kF64));
   layer.zero_grad();
-  const std::vector<double> dx_flat = layer.backward(make_tensor(dy, {6, d}, DType::kF64)).to_vector();
+  const std::vector<double> dx_flat =
+      layer.backward(make_tensor(dy, {6, d}, DType::kF64)).to_vector();
   const ForwardResult r = layer.forward(make_tensor(x, {2, 3, d}, DType::kF64));
   EXPECT_EQ(r.y.sizes(), (Shape{2, 3, d}));
   EXPECT_TRUE(sy_ref::bitwise_equal(r.y.to_vector(), flat.y.to_vector()));
@@ -153,8 +155,7 @@ TEST(MoELayerCpu, ExpertBiasUpdatesBySignOfCountDeficitAndSteersSelection) {
   layer.update_expert_bias(rate);
   const double mean = (2.0 * T * cfg.top_k) / E;
   std::vector<double> want(E);
-  for (std::int64_t e = 0; e < E; ++e)
-    want[e] = rate * ((mean > count[e]) - (mean < count[e]));
+  for (std::int64_t e = 0; e < E; ++e) want[e] = rate * ((mean > count[e]) - (mean < count[e]));
   EXPECT_EQ(layer.expert_bias().to_vector(), want);
   // Selection uses score + bias, weights the score alone.
   const std::vector<double> x3 = input_with_margin(layer, T, 1e-6, 18);
@@ -164,7 +165,8 @@ TEST(MoELayerCpu, ExpertBiasUpdatesBySignOfCountDeficitAndSteersSelection) {
   layer.update_expert_bias(0.0);
   const std::vector<double> before = layer.expert_bias().to_vector();
   layer.update_expert_bias(rate);
-  EXPECT_EQ(layer.expert_bias().to_vector(), before) << "an update with no new counts moved the bias";
+  EXPECT_EQ(layer.expert_bias().to_vector(), before)
+      << "an update with no new counts moved the bias";
 }
 
 TEST(MoELayerCpu, ExpertBiasSteersSoftmaxAndGroupLimitedSelection) {
@@ -223,7 +225,8 @@ TEST(MoELayerCpu, GateNoiseIsTheCounterBasedDrawOfTheLayerSeed) {
   MoELayer layer(cfg);
   set_param(layer, "gates.0.wg.weight", std::vector<double>(cfg.num_experts * cfg.model_dim, 0.0));
   const std::int64_t T = 64, E = cfg.num_experts;
-  const ForwardResult r = layer.forward(make_tensor(randn(T * cfg.model_dim, 22), {T, cfg.model_dim}, DType::kF64));
+  const ForwardResult r =
+      layer.forward(make_tensor(randn(T * cfg.model_dim, 22), {T, cfg.model_dim}, DType::kF64));
   bool matched = false;
   for (std::uint64_t step : {0u, 1u}) {
     std::vector<index_t> count(E, 0);
@@ -231,14 +234,16 @@ TEST(MoELayerCpu, GateNoiseIsTheCounterBasedDrawOfTheLayerSeed) {
       int best = 0;
       double best_v = -1e300;
       for (std::int64_t e = 0; e < E; ++e) {
-        const double v = cfg.gate_noise * rng_normal(cfg.seed, RngStream::kGateNoise, step, t, e) / E;
+        const double v =
+            cfg.gate_noise * rng_normal(cfg.seed, RngStream::kGateNoise, step, t, e) / E;
         if (v > best_v) best_v = v, best = static_cast<int>(e);
       }
       count[best] += 1;
     }
     matched = matched || count == r.stats.tokens_per_expert;
   }
-  EXPECT_TRUE(matched) << "tokens per expert do not follow rng_normal(seed, kGateNoise, step, token, expert)";
+  EXPECT_TRUE(matched)
+      << "tokens per expert do not follow rng_normal(seed, kGateNoise, step, token, expert)";
 }
 
 TEST(MoELayerCpu, NoisyLossesMatchTheReferenceWithTheSameDraws) {
@@ -288,7 +293,8 @@ TEST(MoELayerCpu, InputJitterTouchesOnlyTheGateInput) {
   eval.training = false;
   MoELayer tied(cfg);
   set_param(tied, "gates.0.wg.weight", std::vector<double>(cfg.num_experts * d, 0.0));
-  EXPECT_TRUE(sy_ref::bitwise_equal(tied.forward(x).y.to_vector(), tied.forward(x, eval).y.to_vector()));
+  EXPECT_TRUE(
+      sy_ref::bitwise_equal(tied.forward(x).y.to_vector(), tied.forward(x, eval).y.to_vector()));
   MoELayer layer(cfg);
   const std::vector<double> y_eval = layer.forward(x, eval).y.to_vector();
   expect_matches_reference(layer, x.to_vector(), T, eval, 1e-9);  // no jitter in evaluation
@@ -342,8 +348,10 @@ TEST(MoELayerCpu, ParametersAreInitialisedLikeFreshLinearLayers) {
   cfg.hidden_size = 9;
   MoELayer layer(cfg);
   const std::vector<std::pair<std::string, double>> bounds = {
-      {"gates.0.wg.weight", 1 / std::sqrt(16.0)}, {"experts.batched_fc1_w", 1 / std::sqrt(16.0)},
-      {"experts.batched_fc1_bias", 1 / std::sqrt(16.0)}, {"experts.batched_fc2_w", 1 / std::sqrt(9.0)},
+      {"gates.0.wg.weight", 1 / std::sqrt(16.0)},
+      {"experts.batched_fc1_w", 1 / std::sqrt(16.0)},
+      {"experts.batched_fc1_bias", 1 / std::sqrt(16.0)},
+      {"experts.batched_fc2_w", 1 / std::sqrt(9.0)},
       {"experts.batched_fc2_bias", 1 / std::sqrt(9.0)}};
   for (const auto& [name, bound] : bounds) {
     const std::vector<double> v = layer.parameter(name).value.to_vector();

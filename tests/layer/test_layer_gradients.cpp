@@ -24,18 +24,26 @@ void PrintTo(const GradCase& c, std::ostream* os) { *os << c.name; }
 std::vector<GradCase> grad_cases() {
   std::vector<GradCase> c;
   auto add = [&](std::string n, std::function<void(MoEConfig&)> f, LossWeights w = {},
-                 std::int64_t T = 9) { c.push_back({std::move(n), std::move(f), w, T}); };
+                 std::int64_t T = 9) {
+    c.push_back({std::move(n), std::move(f), w, T});
+  };
   const LossWeights aux{.aux = 0.3, .z = 0.0};
   const LossWeights z{.aux = 0.0, .z = 0.2};
   add("Output_k2_cf1", [](MoEConfig&) {});
-  add("Output_k1_Dropless", [](MoEConfig& cfg) { cfg.top_k = 1; cfg.capacity_factor = 0; });
+  add("Output_k1_Dropless", [](MoEConfig& cfg) {
+    cfg.top_k = 1;
+    cfg.capacity_factor = 0;
+  });
   add("Output_k2_DropsAtCapacity", [](MoEConfig& cfg) { cfg.capacity_factor = 0.5; });
   add("Output_k3_BatchPrioritized", [](MoEConfig& cfg) {
     cfg.top_k = 3;
     cfg.batch_prioritized_routing = true;
     cfg.capacity_factor = 0.5;
   });
-  add("Output_kE_NoNormalize", [](MoEConfig& cfg) { cfg.top_k = 4; cfg.normalize_gate = false; });
+  add("Output_kE_NoNormalize", [](MoEConfig& cfg) {
+    cfg.top_k = 4;
+    cfg.normalize_gate = false;
+  });
   add("Output_NegativeCapacity", [](MoEConfig& cfg) { cfg.capacity_factor = -0.5; });
   add("Output_PreScore", [](MoEConfig& cfg) { cfg.is_postscore = false; });
   add("Output_NoBiases", [](MoEConfig& cfg) { cfg.has_fc1_bias = cfg.has_fc2_bias = false; });
@@ -62,30 +70,44 @@ std::vector<GradCase> grad_cases() {
     cfg.aux_loss = AuxLoss::kNone;
     cfg.capacity_factor = 0;
   });
-  add("Megatron_Probs", [](MoEConfig& cfg) {
-    cfg.rules = RuleSet::kMegatron;
-    cfg.capacity_factor = 0.5;
-    cfg.aux_loss = AuxLoss::kSwitch;
-  }, aux);
+  add(
+      "Megatron_Probs",
+      [](MoEConfig& cfg) {
+        cfg.rules = RuleSet::kMegatron;
+        cfg.capacity_factor = 0.5;
+        cfg.aux_loss = AuxLoss::kSwitch;
+      },
+      aux);
   add("Megatron_Position", [](MoEConfig& cfg) {
     cfg.rules = RuleSet::kMegatron;
     cfg.capacity_factor = 0.5;
     cfg.drop_policy = DropPolicy::kPosition;
   });
   // Losses, each weighted on its own.
-  add("Loss_GShard", [](MoEConfig& cfg) { cfg.capacity_factor = 0.5; }, aux);
-  add("Loss_GShard_k1", [](MoEConfig& cfg) { cfg.top_k = 1; }, aux);
-  add("Loss_Switch", [](MoEConfig& cfg) { cfg.aux_loss = AuxLoss::kSwitch; }, aux);
-  add("Loss_SwitchSigmoid", [](MoEConfig& cfg) {
-    cfg.aux_loss = AuxLoss::kSwitch;
-    cfg.score_fn = ScoreFn::kSigmoid;
-  }, aux);
-  add("Loss_SwitchSequence", [](MoEConfig& cfg) {
-    cfg.aux_loss = AuxLoss::kSwitchSequence;
-    cfg.seq_len = 3;
-  }, aux);
-  add("Loss_Z", [](MoEConfig&) {}, z);
-  add("Loss_ZCosine", [](MoEConfig& cfg) { cfg.gate = GateType::kCosine; }, z);
+  add(
+      "Loss_GShard", [](MoEConfig& cfg) { cfg.capacity_factor = 0.5; }, aux);
+  add(
+      "Loss_GShard_k1", [](MoEConfig& cfg) { cfg.top_k = 1; }, aux);
+  add(
+      "Loss_Switch", [](MoEConfig& cfg) { cfg.aux_loss = AuxLoss::kSwitch; }, aux);
+  add(
+      "Loss_SwitchSigmoid",
+      [](MoEConfig& cfg) {
+        cfg.aux_loss = AuxLoss::kSwitch;
+        cfg.score_fn = ScoreFn::kSigmoid;
+      },
+      aux);
+  add(
+      "Loss_SwitchSequence",
+      [](MoEConfig& cfg) {
+        cfg.aux_loss = AuxLoss::kSwitchSequence;
+        cfg.seq_len = 3;
+      },
+      aux);
+  add(
+      "Loss_Z", [](MoEConfig&) {}, z);
+  add(
+      "Loss_ZCosine", [](MoEConfig& cfg) { cfg.gate = GateType::kCosine; }, z);
   return c;
 }
 
@@ -110,7 +132,8 @@ TEST_P(MoELayerGradients, MatchFiniteDifferences) {
 
   layer.forward(make_tensor(x, {T, d}, DType::kF64));
   layer.zero_grad();
-  const std::vector<double> dx = layer.backward(make_tensor(dy, {T, d}, DType::kF64), lw).to_vector();
+  const std::vector<double> dx =
+      layer.backward(make_tensor(dy, {T, d}, DType::kF64), lw).to_vector();
   std::map<std::string, std::vector<double>> grads;
   for (Parameter* p : layer.parameters()) grads[p->name] = p->grad.to_vector();
 
@@ -171,7 +194,8 @@ TEST(MoELayerGradients, NoisyLossesMatchFiniteDifferences) {
     std::vector<double> x;
     for (int attempt = 0; attempt < 200; ++attempt) {
       x = randn(T * d, 40 + 7919 * attempt);
-      if (sy_ref::reference_forward(cfg, params_of(probe), x, T, o).routing.min_margin > 1e-4) break;
+      if (sy_ref::reference_forward(cfg, params_of(probe), x, T, o).routing.min_margin > 1e-4)
+        break;
     }
     const LossWeights lw{.aux = 0.7, .z = 0.0};
     const sy_ref::Params p0 = params_of(probe);
@@ -184,7 +208,8 @@ TEST(MoELayerGradients, NoisyLossesMatchFiniteDifferences) {
     MoELayer layer(cfg);
     layer.forward(make_tensor(x, {T, d}, DType::kF64));
     layer.zero_grad();
-    const std::vector<double> dx = layer.backward(make_tensor(dy, {T, d}, DType::kF64), lw).to_vector();
+    const std::vector<double> dx =
+        layer.backward(make_tensor(dy, {T, d}, DType::kF64), lw).to_vector();
     int bad = 0;
     for (std::int64_t i = 0; i < T * d; ++i) {
       std::vector<double> xp = x, xm = x;

@@ -33,14 +33,16 @@ void expect_bitwise_equal(const StepResult& a, const StepResult& b) {
   EXPECT_TRUE(sy_ref::bitwise_equal(a.dx, b.dx)) << "dx";
   EXPECT_EQ(a.losses.aux, b.losses.aux);
   EXPECT_EQ(a.losses.z, b.losses.z);
-  for (const auto& [name, g] : a.grads) EXPECT_TRUE(sy_ref::bitwise_equal(g, b.grads.at(name))) << name;
+  for (const auto& [name, g] : a.grads)
+    EXPECT_TRUE(sy_ref::bitwise_equal(g, b.grads.at(name))) << name;
 }
 
 void expect_close(const StepResult& a, const StepResult& b, double tol) {
   EXPECT_TRUE(sy_ref::rel_l2_within(a.y, b.y, tol)) << "y";
   EXPECT_TRUE(sy_ref::rel_l2_within(a.dx, b.dx, tol)) << "dx";
   EXPECT_NEAR(a.losses.aux, b.losses.aux, tol);
-  for (const auto& [name, g] : a.grads) EXPECT_TRUE(sy_ref::rel_l2_within(g, b.grads.at(name), tol)) << name;
+  for (const auto& [name, g] : a.grads)
+    EXPECT_TRUE(sy_ref::rel_l2_within(g, b.grads.at(name), tol)) << name;
 }
 
 std::pair<Tensor, Tensor> inputs(const MoEConfig& cfg, std::int64_t T, std::uint64_t seed) {
@@ -197,8 +199,10 @@ TEST_P(MoELayerDTypes, BackwardMatchesAnF64LayerWithTheSameRoundedWeights) {
   const std::int64_t T = 19, d = cfg.model_dim;
   const std::vector<double> x = input_with_margin(low, T, 2e-2, 39);
   const std::vector<double> dy = make_tensor(randn(T * d, 40), {T, d}, cfg.dtype).to_vector();
-  const StepResult a = step(low, make_tensor(x, {T, d}, cfg.dtype), make_tensor(dy, {T, d}, cfg.dtype));
-  const StepResult b = step(f64, make_tensor(x, {T, d}, DType::kF64), make_tensor(dy, {T, d}, DType::kF64));
+  const StepResult a =
+      step(low, make_tensor(x, {T, d}, cfg.dtype), make_tensor(dy, {T, d}, cfg.dtype));
+  const StepResult b =
+      step(f64, make_tensor(x, {T, d}, DType::kF64), make_tensor(dy, {T, d}, DType::kF64));
   const double tol = GetParam().tol;
   EXPECT_TRUE(sy_ref::rel_l2_within(a.dx, b.dx, tol)) << "dx";
   for (const auto& [name, g] : b.grads)
@@ -206,7 +210,8 @@ TEST_P(MoELayerDTypes, BackwardMatchesAnF64LayerWithTheSameRoundedWeights) {
 }
 
 INSTANTIATE_TEST_SUITE_P(MoELayerAll, MoELayerDTypes,
-                         ::testing::Values(DTypeCase{DType::kF32, 1e-5}, DTypeCase{DType::kF16, 5e-3},
+                         ::testing::Values(DTypeCase{DType::kF32, 1e-5},
+                                           DTypeCase{DType::kF16, 5e-3},
                                            DTypeCase{DType::kBF16, 3e-2}),
                          [](const ::testing::TestParamInfo<DTypeCase>& info) {
                            return std::string(dtype_name(info.param.dtype));

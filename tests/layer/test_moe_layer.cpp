@@ -62,7 +62,9 @@ std::vector<GridCase> tutel_grid() {
 std::vector<GridCase> feature_cases() {
   std::vector<GridCase> c;
   auto add = [&](std::string name, std::function<void(MoEConfig&)> f, std::int64_t T = 13,
-                 ForwardOptions fo = {}) { c.push_back({std::move(name), std::move(f), T, fo}); };
+                 ForwardOptions fo = {}) {
+    c.push_back({std::move(name), std::move(f), T, fo});
+  };
   // Activations, plain and gated (fc1 has 2h rows).
   for (Activation a : {Activation::kRelu, Activation::kGelu, Activation::kGeluTanh,
                        Activation::kSilu, Activation::kSwiGLU, Activation::kGeGLU})
@@ -118,38 +120,53 @@ std::vector<GridCase> feature_cases() {
   // An alignment above 256 is itself rounded up to a multiple of 128: 300 -> 384.
   add("LargeAlignmentRoundsTo128", [](MoEConfig& cfg) { cfg.overlap_degree = 300; });
   // capacity_factor > 0 gives at least one slot: T = 2, E = 4: k * floor(0.5 * 1) = 0 -> 1.
-  add("PositiveCapacityIsAtLeastOne", [](MoEConfig& cfg) {
-    cfg.top_k = 1;
-    cfg.capacity_factor = 0.5;
-  }, 2);
+  add(
+      "PositiveCapacityIsAtLeastOne",
+      [](MoEConfig& cfg) {
+        cfg.top_k = 1;
+        cfg.capacity_factor = 0.5;
+      },
+      2);
   // Losses.
   add("Loss_Switch", [](MoEConfig& cfg) { cfg.aux_loss = AuxLoss::kSwitch; });
-  add("Loss_SwitchSequence", [](MoEConfig& cfg) {
-    cfg.aux_loss = AuxLoss::kSwitchSequence;
-    cfg.seq_len = 4;
-  }, 12);
+  add(
+      "Loss_SwitchSequence",
+      [](MoEConfig& cfg) {
+        cfg.aux_loss = AuxLoss::kSwitchSequence;
+        cfg.seq_len = 4;
+      },
+      12);
   add("Loss_None", [](MoEConfig& cfg) { cfg.aux_loss = AuxLoss::kNone; });
   {
     // Load/importance needs gate_noise > 0; evaluation adds no noise, so it is exact.
     ForwardOptions eval;
     eval.training = false;
-    add("Loss_LoadImportance_Eval", [](MoEConfig& cfg) {
-      cfg.aux_loss = AuxLoss::kLoadImportance;
-      cfg.gate_noise = 1.0;
-    }, 13, eval);
-    add("Sinkhorn_Eval_k1", [](MoEConfig& cfg) {
-      cfg.rules = RuleSet::kMegatron;
-      cfg.sinkhorn = true;
-      cfg.top_k = 1;
-      cfg.aux_loss = AuxLoss::kNone;
-      cfg.capacity_factor = 0;
-    }, 13, eval);
-    add("Sinkhorn_Eval_k2", [](MoEConfig& cfg) {
-      cfg.rules = RuleSet::kMegatron;
-      cfg.sinkhorn = true;
-      cfg.aux_loss = AuxLoss::kNone;
-      cfg.capacity_factor = 0;
-    }, 13, eval);
+    add(
+        "Loss_LoadImportance_Eval",
+        [](MoEConfig& cfg) {
+          cfg.aux_loss = AuxLoss::kLoadImportance;
+          cfg.gate_noise = 1.0;
+        },
+        13, eval);
+    add(
+        "Sinkhorn_Eval_k1",
+        [](MoEConfig& cfg) {
+          cfg.rules = RuleSet::kMegatron;
+          cfg.sinkhorn = true;
+          cfg.top_k = 1;
+          cfg.aux_loss = AuxLoss::kNone;
+          cfg.capacity_factor = 0;
+        },
+        13, eval);
+    add(
+        "Sinkhorn_Eval_k2",
+        [](MoEConfig& cfg) {
+          cfg.rules = RuleSet::kMegatron;
+          cfg.sinkhorn = true;
+          cfg.aux_loss = AuxLoss::kNone;
+          cfg.capacity_factor = 0;
+        },
+        13, eval);
   }
   add("Sinkhorn_k1", [](MoEConfig& cfg) {
     cfg.rules = RuleSet::kMegatron;
@@ -158,42 +175,54 @@ std::vector<GridCase> feature_cases() {
     cfg.aux_loss = AuxLoss::kNone;
     cfg.capacity_factor = 0;
   });
-  add("Sinkhorn_k2", [](MoEConfig& cfg) {
-    cfg.rules = RuleSet::kMegatron;
-    cfg.sinkhorn = true;
-    cfg.aux_loss = AuxLoss::kNone;
-    cfg.capacity_factor = 0;
-  }, 19);
+  add(
+      "Sinkhorn_k2",
+      [](MoEConfig& cfg) {
+        cfg.rules = RuleSet::kMegatron;
+        cfg.sinkhorn = true;
+        cfg.aux_loss = AuxLoss::kNone;
+        cfg.capacity_factor = 0;
+      },
+      19);
   // Megatron's rules: top-k of the logits then softmax, or pre-softmax, or sigmoid; capacity
   // ceil(T k / E cf) with both drop policies; dropless.
   for (DropPolicy p : {DropPolicy::kProbs, DropPolicy::kPosition})
     for (double cf : {0.5, 1.0}) {
       const std::string pn = to_string(p);
-      add("Megatron_" + pn + "_cf" + cf_name(cf), [=](MoEConfig& cfg) {
-        cfg.rules = RuleSet::kMegatron;
-        cfg.drop_policy = p;
-        cfg.capacity_factor = cf;
-        cfg.aux_loss = AuxLoss::kSwitch;
-      }, 19);
-      add("Megatron_PreSoftmax_" + pn + "_cf" + cf_name(cf), [=](MoEConfig& cfg) {
-        cfg.rules = RuleSet::kMegatron;
-        cfg.pre_softmax = true;
-        cfg.normalize_gate = false;  // Megatron's pre-softmax weights are not renormalised
-        cfg.top_k = 1;
-        cfg.drop_policy = p;
-        cfg.capacity_factor = cf;
-        cfg.aux_loss = AuxLoss::kSwitch;
-      }, 19);
+      add(
+          "Megatron_" + pn + "_cf" + cf_name(cf),
+          [=](MoEConfig& cfg) {
+            cfg.rules = RuleSet::kMegatron;
+            cfg.drop_policy = p;
+            cfg.capacity_factor = cf;
+            cfg.aux_loss = AuxLoss::kSwitch;
+          },
+          19);
+      add(
+          "Megatron_PreSoftmax_" + pn + "_cf" + cf_name(cf),
+          [=](MoEConfig& cfg) {
+            cfg.rules = RuleSet::kMegatron;
+            cfg.pre_softmax = true;
+            cfg.normalize_gate = false;  // Megatron's pre-softmax weights are not renormalised
+            cfg.top_k = 1;
+            cfg.drop_policy = p;
+            cfg.capacity_factor = cf;
+            cfg.aux_loss = AuxLoss::kSwitch;
+          },
+          19);
     }
   add("Megatron_Dropless", [](MoEConfig& cfg) {
     cfg.rules = RuleSet::kMegatron;
     cfg.capacity_factor = 0;
   });
-  add("Megatron_PadToCapacity", [](MoEConfig& cfg) {
-    cfg.rules = RuleSet::kMegatron;
-    cfg.capacity_factor = 0.5;
-    cfg.layout = Layout::kPadded;
-  }, 19);
+  add(
+      "Megatron_PadToCapacity",
+      [](MoEConfig& cfg) {
+        cfg.rules = RuleSet::kMegatron;
+        cfg.capacity_factor = 0.5;
+        cfg.layout = Layout::kPadded;
+      },
+      19);
   add("Megatron_Sigmoid_GroupLimited", [](MoEConfig& cfg) {
     cfg.rules = RuleSet::kMegatron;
     cfg.score_fn = ScoreFn::kSigmoid;
@@ -214,16 +243,30 @@ std::vector<GridCase> feature_cases() {
     cfg.capacity_factor = 0;
   });
   // Awkward sizes.
-  add("OneToken", [](MoEConfig&) {}, 1);
-  add("NineteenTokens_d11", [](MoEConfig& cfg) { cfg.model_dim = 11; }, 19);
-  add("FewerTokensThanExperts", [](MoEConfig& cfg) {
-    cfg.num_experts = 8;
+  add(
+      "OneToken", [](MoEConfig&) {}, 1);
+  add(
+      "NineteenTokens_d11", [](MoEConfig& cfg) { cfg.model_dim = 11; }, 19);
+  add(
+      "FewerTokensThanExperts",
+      [](MoEConfig& cfg) {
+        cfg.num_experts = 8;
+        cfg.top_k = 1;
+        cfg.capacity_factor = 1.0;
+      },
+      3);
+  add("TopKEqualsE", [](MoEConfig& cfg) {
+    cfg.top_k = 4;
+    cfg.capacity_factor = 0;
+  });
+  add("TopKAboveEIsClamped", [](MoEConfig& cfg) {
+    cfg.top_k = 6;
+    cfg.capacity_factor = 0.5;
+  });
+  add("SingleExpert", [](MoEConfig& cfg) {
+    cfg.num_experts = 1;
     cfg.top_k = 1;
-    cfg.capacity_factor = 1.0;
-  }, 3);
-  add("TopKEqualsE", [](MoEConfig& cfg) { cfg.top_k = 4; cfg.capacity_factor = 0; });
-  add("TopKAboveEIsClamped", [](MoEConfig& cfg) { cfg.top_k = 6; cfg.capacity_factor = 0.5; });
-  add("SingleExpert", [](MoEConfig& cfg) { cfg.num_experts = 1; cfg.top_k = 1; });
+  });
   return c;
 }
 
@@ -261,14 +304,16 @@ TEST_P(MoELayerF32MatchesReference, WithinF32Tolerance) {
   // f32 logits round at about 1e-7: keep decisions well clear of ties.
   const std::vector<double> x = input_with_margin(layer, c.T, 1e-4, 11, c.options);
   const sy_ref::RefResult want = reference_of(layer, x, c.T, c.options);
-  const ForwardResult got = layer.forward(make_tensor(x, {c.T, cfg.model_dim}, cfg.dtype), c.options);
+  const ForwardResult got =
+      layer.forward(make_tensor(x, {c.T, cfg.model_dim}, cfg.dtype), c.options);
   EXPECT_TRUE(sy_ref::rel_l2_within(got.y.to_vector(), want.y, 1e-5));
   EXPECT_NEAR(got.losses.aux, want.aux, 1e-5 * (1 + std::abs(want.aux)));
   EXPECT_NEAR(got.losses.z, want.z, 1e-5 * (1 + std::abs(want.z)));
   EXPECT_EQ(got.stats.tokens_per_expert, want.routing.tokens_per_expert);
 }
 
-INSTANTIATE_TEST_SUITE_P(MoELayerGrid, MoELayerF32MatchesReference, ::testing::ValuesIn(tutel_grid()),
+INSTANTIATE_TEST_SUITE_P(MoELayerGrid, MoELayerF32MatchesReference,
+                         ::testing::ValuesIn(tutel_grid()),
                          [](const ::testing::TestParamInfo<GridCase>& info) {
                            return info.param.name;
                          });

@@ -52,8 +52,7 @@ inline ::testing::AssertionResult all_close(const std::vector<double>& got,
                                             const std::vector<double>& want, double atol,
                                             double rtol) {
   if (got.size() != want.size())
-    return ::testing::AssertionFailure()
-           << "size " << got.size() << ", expected " << want.size();
+    return ::testing::AssertionFailure() << "size " << got.size() << ", expected " << want.size();
   const long i = first_mismatch(got, want, atol, rtol);
   if (i < 0) return ::testing::AssertionSuccess();
   long bad = 0;
@@ -69,8 +68,7 @@ inline ::testing::AssertionResult all_close(const std::vector<double>& got,
 inline ::testing::AssertionResult rel_l2_within(const std::vector<double>& got,
                                                 const std::vector<double>& want, double tol) {
   if (got.size() != want.size())
-    return ::testing::AssertionFailure()
-           << "size " << got.size() << ", expected " << want.size();
+    return ::testing::AssertionFailure() << "size " << got.size() << ", expected " << want.size();
   const double e = rel_l2(got, want);
   if (e <= tol) return ::testing::AssertionSuccess();
   const long i = first_mismatch(got, want, 0.0, tol);
@@ -88,8 +86,7 @@ inline ::testing::AssertionResult bitwise_equal(const std::vector<double>& a,
     return ::testing::AssertionFailure() << "size " << a.size() << " vs " << b.size();
   for (std::size_t i = 0; i < a.size(); ++i)
     if (!(a[i] == b[i]) && !(std::isnan(a[i]) && std::isnan(b[i])))
-      return ::testing::AssertionFailure()
-             << "differ at [" << i << "]: " << a[i] << " vs " << b[i];
+      return ::testing::AssertionFailure() << "differ at [" << i << "]: " << a[i] << " vs " << b[i];
   return ::testing::AssertionSuccess();
 }
 

@@ -1,9 +1,8 @@
 #include "reference/golden.h"
 
-#include <nlohmann/json.hpp>
-
 #include <cmath>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <stdexcept>
 
@@ -41,7 +40,8 @@ std::vector<GoldenCase> load(const std::string& path) {
       g.params[name] = p.at("value").get<std::vector<double>>();
       g.shapes[name] = p.at("shape").get<std::vector<std::int64_t>>();
     }
-    for (const auto& [name, v] : j.at("grads").items()) g.grads[name] = v.get<std::vector<double>>();
+    for (const auto& [name, v] : j.at("grads").items())
+      g.grads[name] = v.get<std::vector<double>>();
     cases.push_back(std::move(g));
   }
   return cases;
@@ -81,8 +81,8 @@ std::string GoldenCase::name() const {
   // A stream, not operator+ chains: g++ 12 warns falsely (-Wrestrict) on those.
   std::ostringstream os;
   os << "E" << E << "_k" << k << "_cf" << number_name(capacity_factor)
-     << (batch_prioritized_routing ? "_bpr" : "_tokenorder") << (normalize_gate ? "_norm" : "_nonorm")
-     << (has_bias ? "_bias" : "_nobias");
+     << (batch_prioritized_routing ? "_bpr" : "_tokenorder")
+     << (normalize_gate ? "_norm" : "_nonorm") << (has_bias ? "_bias" : "_nobias");
   return os.str();
 }
 

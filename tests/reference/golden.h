@@ -22,9 +22,9 @@ struct GoldenCase {
   double aux_weight = 0;
   std::vector<double> x, dy, y, dx;  // [T, d]
   double l_aux = 0;
-  Params params;                                    // values by name
+  Params params;                                            // values by name
   std::map<std::string, std::vector<std::int64_t>> shapes;  // shape by name
-  Params grads;                                     // gradient by name
+  Params grads;                                             // gradient by name
 
   MoEConfig config() const;  // f32, linear softmax gate, relu, GShard loss
   std::string name() const;  // e.g. "E4_k2_cf0p5_bpr_norm_bias"

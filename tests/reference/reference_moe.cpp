@@ -154,15 +154,18 @@ double switch_loss(const RefRouting& r, const MoEConfig& cfg, std::int64_t t0, s
 
 double reference_activation(Activation a, double v) {
   switch (a) {
-    case Activation::kRelu: return v > 0 ? v : 0.0;
+    case Activation::kRelu:
+      return v > 0 ? v : 0.0;
     case Activation::kGelu:
-    case Activation::kGeGLU: return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)));
+    case Activation::kGeGLU:
+      return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)));
     case Activation::kGeluTanh: {
       const double c = std::sqrt(2.0 / M_PI);
       return 0.5 * v * (1.0 + std::tanh(c * (v + 0.044715 * v * v * v)));
     }
     case Activation::kSilu:
-    case Activation::kSwiGLU: return v * sigmoid(v);
+    case Activation::kSwiGLU:
+      return v * sigmoid(v);
   }
   return 0;
 }
@@ -172,7 +175,7 @@ std::vector<double> reference_expert(const MoEConfig& cfg, const Params& params,
                                      const double* row) {
   const std::int64_t d = cfg.model_dim;
   const bool gated = switchyard::is_gated(cfg.activation);
-  const std::int64_t h1 = gated ? 2 * h : h;  // fc1 rows
+  const std::int64_t h1 = gated ? 2 * h : h;                  // fc1 rows
   const auto& fc1 = param(params, prefix + "batched_fc1_w");  // [E, h1, d]
   const auto& fc2 = param(params, prefix + "batched_fc2_w");  // [E, h, d]
   std::vector<double> pre(h1, 0.0);
@@ -243,8 +246,8 @@ std::vector<double> reference_logits(const MoEConfig& cfg, const Params& params,
   return logits;
 }
 
-RefRouting reference_route(const MoEConfig& cfg, const std::vector<double>& logits,
-                           std::int64_t T, const RefOptions& options) {
+RefRouting reference_route(const MoEConfig& cfg, const std::vector<double>& logits, std::int64_t T,
+                           const RefOptions& options) {
   const std::int64_t E = cfg.num_experts;
   const bool megatron = cfg.rules == RuleSet::kMegatron;
   const bool sigmoid_scores = cfg.score_fn == ScoreFn::kSigmoid;
@@ -261,7 +264,8 @@ RefRouting reference_route(const MoEConfig& cfg, const std::vector<double>& logi
 
   // §1: scores.
   for (std::int64_t t = 0; t < T; ++t) {
-    std::vector<double> s = sigmoid_scores ? std::vector<double>(E) : softmax_row(&logits[t * E], E);
+    std::vector<double> s =
+        sigmoid_scores ? std::vector<double>(E) : softmax_row(&logits[t * E], E);
     if (sigmoid_scores)
       for (std::int64_t e = 0; e < E; ++e) s[e] = sigmoid(logits[t * E + e]);
     std::copy(s.begin(), s.end(), r.scores.begin() + t * E);
@@ -386,8 +390,10 @@ RefRouting reference_route(const MoEConfig& cfg, const std::vector<double>& logi
 
   r.tokens_per_expert.assign(E, 0);
   for (std::int64_t i = 0; i < T * k; ++i) {
-    if (r.kept[i]) r.tokens_per_expert[r.idx[i]] += 1;
-    else r.dropped_choices += 1;
+    if (r.kept[i])
+      r.tokens_per_expert[r.idx[i]] += 1;
+    else
+      r.dropped_choices += 1;
   }
   if (r.dropped_choices > 0) r.min_margin = std::min(r.min_margin, order_margin);
   return r;
@@ -410,7 +416,8 @@ double reference_aux_loss(const MoEConfig& cfg, const RefRouting& r, std::int64_
   const std::int64_t E = cfg.num_experts;
   if (T == 0) return 0.0;
   switch (cfg.aux_loss) {
-    case AuxLoss::kNone: return 0.0;
+    case AuxLoss::kNone:
+      return 0.0;
     case AuxLoss::kGShard: {
       // (E / T^2) * sum_e (sum_t score[t,e]) * #{t : idx[t,0] = e}: first choices only.
       std::vector<double> score_sum(E, 0.0), first(E, 0.0);
@@ -438,7 +445,8 @@ double reference_aux_loss(const MoEConfig& cfg, const RefRouting& r, std::int64_
       }
       return (cv2(imp) + cv2(load)) / 2.0;
     }
-    case AuxLoss::kSwitch: return switch_loss(r, cfg, 0, T);
+    case AuxLoss::kSwitch:
+      return switch_loss(r, cfg, 0, T);
     case AuxLoss::kSwitchSequence: {
       const std::int64_t S = cfg.seq_len;
       double l = 0;
@@ -449,8 +457,9 @@ double reference_aux_loss(const MoEConfig& cfg, const RefRouting& r, std::int64_
   return 0.0;
 }
 
-RefResult reference_forward(const MoEConfig& cfg, const Params& params, const std::vector<double>& x,
-                            std::int64_t T, const RefOptions& options) {
+RefResult reference_forward(const MoEConfig& cfg, const Params& params,
+                            const std::vector<double>& x, std::int64_t T,
+                            const RefOptions& options) {
   const std::int64_t d = cfg.model_dim;
   RefResult out;
   const std::vector<double> logits = reference_logits(cfg, params, x, T);

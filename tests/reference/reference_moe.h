@@ -43,16 +43,16 @@ struct RefOptions {
 
 // Everything routing decides, for tests that want to look inside.
 struct RefRouting {
-  int k = 0;                               // top_k clamped to E
-  std::vector<double> logits;              // [T, E] (noisy when noise was given)
-  std::vector<double> clean_logits;        // [T, E] without the noise
-  std::vector<double> scores;              // [T, E] softmax or sigmoid of the logits
-  std::vector<int> idx;                    // [T, k] chosen experts, best first
-  std::vector<double> w;                   // [T, k] combine weights (after normalise, scaling)
-  std::vector<char> kept;                  // [T, k] 1 when the choice fits in capacity
-  std::vector<std::int64_t> slot;          // [T, k] Tutel slot (choice-major); -1 under Megatron
-  std::int64_t capacity = 0;               // C (Tutel's rules; Megatron's when cf > 0)
-  bool dropless = false;                   // no capacity limit applies
+  int k = 0;                         // top_k clamped to E
+  std::vector<double> logits;        // [T, E] (noisy when noise was given)
+  std::vector<double> clean_logits;  // [T, E] without the noise
+  std::vector<double> scores;        // [T, E] softmax or sigmoid of the logits
+  std::vector<int> idx;              // [T, k] chosen experts, best first
+  std::vector<double> w;             // [T, k] combine weights (after normalise, scaling)
+  std::vector<char> kept;            // [T, k] 1 when the choice fits in capacity
+  std::vector<std::int64_t> slot;    // [T, k] Tutel slot (choice-major); -1 under Megatron
+  std::int64_t capacity = 0;         // C (Tutel's rules; Megatron's when cf > 0)
+  bool dropless = false;             // no capacity limit applies
   std::vector<std::int64_t> tokens_per_expert;  // [E] kept choices per expert
   std::int64_t dropped_choices = 0;
   // Smallest gap of any discrete decision (k-th vs (k+1)-th selection score, group choice,
@@ -69,8 +69,9 @@ struct RefResult {
 };
 
 // x [T, d] row-major.
-RefResult reference_forward(const MoEConfig& cfg, const Params& params, const std::vector<double>& x,
-                            std::int64_t num_tokens, const RefOptions& options = {});
+RefResult reference_forward(const MoEConfig& cfg, const Params& params,
+                            const std::vector<double>& x, std::int64_t num_tokens,
+                            const RefOptions& options = {});
 
 // The routing alone, from given logits [T, E] (exposed for hand-made logits).
 RefRouting reference_route(const MoEConfig& cfg, const std::vector<double>& logits,
@@ -82,7 +83,8 @@ std::vector<double> reference_logits(const MoEConfig& cfg, const Params& params,
 
 // The balancing loss cfg.aux_loss (ROUTING.md §5) for the given routing.
 double reference_aux_loss(const MoEConfig& cfg, const RefRouting& r, std::int64_t num_tokens);
-double reference_z_loss(const std::vector<double>& logits, std::int64_t num_tokens, std::int64_t num_experts);
+double reference_z_loss(const std::vector<double>& logits, std::int64_t num_tokens,
+                        std::int64_t num_experts);
 
 // One FFN expert on one row: prefix is "experts." or "shared_experts.", e the expert index,
 // h the hidden size. Returns [d].

@@ -182,7 +182,8 @@ void check_router_gradient(const MoEConfig& cfg, double cf, const LossWeights& l
   std::vector<double> z(static_cast<std::size_t>(T * E)), c(static_cast<std::size_t>(T * k));
   // Well-separated logits (gaps >= 0.3) so no choice flips under the step.
   for (index_t t = 0; t < T; ++t)
-    for (index_t e = 0; e < E; ++e) z[t * E + e] = 0.3 * static_cast<double>((e * 3 + t) % E) + 0.05 * t;
+    for (index_t e = 0; e < E; ++e)
+      z[t * E + e] = 0.3 * static_cast<double>((e * 3 + t) % E) + 0.05 * t;
   for (std::size_t i = 0; i < c.size(); ++i) c[i] = rng_normal(3, RngStream::kData, 0, i, 0);
   std::vector<double> g;
   objective(cfg, z, T, cf, c, lw, &g);
@@ -192,7 +193,9 @@ void check_router_gradient(const MoEConfig& cfg, double cf, const LossWeights& l
     std::vector<double> zp = z, zm = z;
     zp[i] += h;
     zm[i] -= h;
-    const double fd = (objective(cfg, zp, T, cf, c, lw, nullptr) - objective(cfg, zm, T, cf, c, lw, nullptr)) / (2 * h);
+    const double fd =
+        (objective(cfg, zp, T, cf, c, lw, nullptr) - objective(cfg, zm, T, cf, c, lw, nullptr)) /
+        (2 * h);
     max_err = std::max(max_err, std::fabs(fd - g[i]));
     max_g = std::max(max_g, std::fabs(g[i]));
   }
