@@ -187,34 +187,8 @@ int run() {
   sy::MoEConfig cfg32 = make_config(sy::DType::kF32);
   auto gate32 = std::make_shared<TwoLayerGate>(kModelDim, kProjDim, kExperts, cfg32.dtype, 11);
   sy::MoELayer layer32(cfg32, gate32, nullptr);
-  const sy::Tensor x_train = example::random_normal({kTokens, kModelDim}, sy::DType::kF32, 3, 0);
-  const std::vector<double> target =
-      example::random_normal({kTokens, kModelDim}, sy::DType::kF64, 3, 1, 0.5).to_vector();
-  double first_loss = 0.0, last_loss = 0.0;
-  for (int step = 0; step < kSteps; ++step) {
-    layer32.zero_grad();
-    const sy::ForwardResult r = layer32.forward(x_train);
-    const std::vector<double> y = r.y.to_vector();
-    std::vector<double> dy(y.size());
-    double mse = 0.0;
-    for (std::size_t i = 0; i < y.size(); ++i) {
-      mse += 0.5 * (y[i] - target[i]) * (y[i] - target[i]) / kTokens;
-      dy[i] = (y[i] - target[i]) / kTokens;
-    }
-    layer32.backward(sy::Tensor::from_vector(dy, r.y.sizes(), sy::DType::kF32), loss_weights);
-    example::sgd_step(layer32.parameters(), 0.1);
-    const double loss = mse + loss_weights.aux * r.losses.aux + loss_weights.z * r.losses.z;
-    if (step == 0) first_loss = loss;
-    last_loss = loss;
-    if (step % 5 == 0 || step == kSteps - 1) {
-      std::printf("step %2d  loss %.6f  (mse %.6f, aux %.4f, z %.4f, dropped %lld)\n", step, loss,
-                  mse, r.losses.aux, r.losses.z, static_cast<long long>(r.stats.dropped_choices));
-    }
-  }
-  if (!(last_loss < first_loss)) {
-    std::printf("FAIL: training did not reduce the loss (%.6f -> %.6f)\n", first_loss, last_loss);
+  if (!example::train_regression(layer32, kTokens, kModelDim, kSteps, 0.1, loss_weights))
     return 1;
-  }
 
   // 2. The same layer in f64, with the trained parameters.
   sy::MoEConfig cfg64 = make_config(sy::DType::kF64);

@@ -50,6 +50,44 @@ inline void sgd_step(const std::vector<sy::Parameter*>& params, double lr) {
   }
 }
 
+// Fits the layer's output to a fixed random target with plain SGD on every parameter
+// (0.5 * mean squared error plus the weighted losses), printing every fifth step. Returns
+// whether the loss fell from the first step to the last.
+inline bool train_regression(sy::MoELayer& layer, sy::index_t tokens, sy::index_t model_dim,
+                             int steps, double lr, const sy::LossWeights& weights) {
+  const sy::Tensor x = random_normal({tokens, model_dim}, layer.config().dtype, 3, 0);
+  const std::vector<double> target =
+      random_normal({tokens, model_dim}, sy::DType::kF64, 3, 1, 0.5).to_vector();
+  double first_loss = 0.0, last_loss = 0.0;
+  for (int step = 0; step < steps; ++step) {
+    layer.zero_grad();
+    const sy::ForwardResult r = layer.forward(x);
+    const std::vector<double> y = r.y.to_vector();
+    std::vector<double> dy(y.size());
+    double mse = 0.0;
+    for (std::size_t i = 0; i < y.size(); ++i) {
+      mse += 0.5 * (y[i] - target[i]) * (y[i] - target[i]) / static_cast<double>(tokens);
+      dy[i] = (y[i] - target[i]) / static_cast<double>(tokens);
+    }
+    layer.backward(sy::Tensor::from_vector(dy, r.y.sizes(), r.y.dtype()), weights);
+    sgd_step(layer.parameters(), lr);
+    const double loss = mse + weights.aux * r.losses.aux + weights.z * r.losses.z;
+    if (step == 0) first_loss = loss;
+    last_loss = loss;
+    if (step % 5 == 0 || step == steps - 1) {
+      std::printf("step %2d  loss %.6f  (mse %.6f, aux %.4f, z %.4f, layout %s, C %lld, "
+                  "dropped %lld)\n",
+                  step, loss, mse, r.losses.aux, r.losses.z, sy::to_string(r.stats.layout),
+                  static_cast<long long>(r.stats.capacity),
+                  static_cast<long long>(r.stats.dropped_choices));
+    }
+  }
+  if (last_loss < first_loss) return true;
+  std::printf("FAIL: training did not reduce the loss (%.6f -> %.6f)\n", first_loss, last_loss);
+  return false;
+}
+
+
 // The objective whose gradient MoELayer::backward(dy, weights) computes:
 // L = sum(y * dy) + weights.aux * l_aux + weights.z * l_z.
 inline double objective(sy::MoELayer& layer, const sy::Tensor& x, const sy::Tensor& dy,
