@@ -30,7 +30,27 @@ bool cuda_available();
 // and BLAS threads); on CUDA `handle` is the cudaStream_t every kernel of a call is launched on.
 struct Stream {
   Device device;
-  void* handle = nullptr;
+  void* handle = nullptr;  // null: CUDA's per-thread default stream
 };
+
+// The stream the calling thread's work on `device` runs on: the one a StreamGuard set, else
+// the per-thread default stream (handle null). Tensor allocations, copies and every kernel of a
+// call use it; memory is freed in the order of that stream.
+Stream current_stream(Device device);
+
+// Makes `stream` the calling thread's current stream for its device until destruction.
+class StreamGuard {
+ public:
+  explicit StreamGuard(Stream stream);
+  ~StreamGuard();
+  StreamGuard(const StreamGuard&) = delete;
+  StreamGuard& operator=(const StreamGuard&) = delete;
+
+ private:
+  Stream previous_;
+};
+
+// Waits until the work queued on the stream has finished (CPU: returns at once).
+void synchronize(const Stream& stream);
 
 }  // namespace switchyard

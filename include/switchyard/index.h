@@ -5,18 +5,25 @@
 #include <cstdint>
 #include <vector>
 
+// Callable from CUDA kernels too; the header stays plain C++ for other compilers.
+#if defined(__CUDACC__)
+#define SY_HOST_DEVICE __host__ __device__
+#else
+#define SY_HOST_DEVICE
+#endif
+
 namespace switchyard {
 
 using index_t = std::int64_t;
 
 // Element offset of row `row` in a buffer whose rows are `row_stride` elements apart.
-constexpr index_t offset_of(index_t row, index_t row_stride) { return row * row_stride; }
+SY_HOST_DEVICE constexpr index_t offset_of(index_t row, index_t row_stride) { return row * row_stride; }
 
 // Element offset of (i, j) with strides (si, sj), and of (i, j, l) with strides (si, sj, sl).
-constexpr index_t offset_of(index_t i, index_t si, index_t j, index_t sj) {
+SY_HOST_DEVICE constexpr index_t offset_of(index_t i, index_t si, index_t j, index_t sj) {
   return i * si + j * sj;
 }
-constexpr index_t offset_of(index_t i, index_t si, index_t j, index_t sj, index_t l, index_t sl) {
+SY_HOST_DEVICE constexpr index_t offset_of(index_t i, index_t si, index_t j, index_t sj, index_t l, index_t sl) {
   return i * si + j * sj + l * sl;
 }
 

@@ -1,5 +1,5 @@
-// Backend selection: an op runs on the backend of its tensors' device. This build's backends
-// are listed here; an op asked for a device it has no backend for throws a clear error.
+// Backend selection: an op runs on the backend of its tensors' device. CPU is always built; the
+// CUDA backend exists when the build defines SY_WITH_CUDA (only .cu files see CUDA types).
 #pragma once
 
 #include "switchyard/device.h"
@@ -7,8 +7,26 @@
 
 namespace switchyard {
 
+// Throws unless this build has a backend for `device`.
 inline void require_backend(const char* op, Device device) {
-  SY_CHECK(device.is_cpu(), op, " has no ", to_string(device), " backend in this build (CPU only)");
+#ifdef SY_WITH_CUDA
+  if (device.is_cuda()) return;
+#endif
+  SY_CHECK(device.is_cpu(), op, " has no ", to_string(device), " backend in this build");
+}
+
+// For ops whose CUDA backend is not written yet: a clear error instead of a wrong path.
+inline void require_cpu(const char* op, Device device) {
+  SY_CHECK(device.is_cpu(), op, " runs on the CPU only so far; got a tensor on ",
+           to_string(device));
 }
 
 }  // namespace switchyard
+
+// Calls op_cuda(args...) in builds with the CUDA backend; elsewhere throws.
+#ifdef SY_WITH_CUDA
+#define SY_CALL_CUDA(op, ...) return op##_cuda(__VA_ARGS__)
+#else
+#define SY_CALL_CUDA(op, ...) \
+  SY_CHECK(false, #op " has no CUDA backend in this build")
+#endif

@@ -2,6 +2,10 @@
 
 #include "switchyard/error.h"
 
+#ifdef SY_WITH_CUDA
+#include "core/device_cuda.h"
+#endif
+
 namespace switchyard {
 
 std::string to_string(const Device& device) {
@@ -22,7 +26,36 @@ Device parse_device(const std::string& name) {
   return Device::cpu();
 }
 
-// The CUDA backend is not part of this build yet (see core/backend.h).
+#ifdef SY_WITH_CUDA
+bool cuda_available() { return cuda::device_count() > 0; }
+#else
 bool cuda_available() { return false; }
+#endif
+
+namespace {
+thread_local Stream tls_cuda_stream{Device::cuda(0), nullptr};
+}
+
+Stream current_stream(Device device) {
+  if (device.is_cuda() && tls_cuda_stream.device == device) return tls_cuda_stream;
+  return Stream{device, nullptr};
+}
+
+StreamGuard::StreamGuard(Stream stream) : previous_(current_stream(stream.device)) {
+  if (stream.device.is_cuda()) tls_cuda_stream = stream;
+}
+
+StreamGuard::~StreamGuard() {
+  if (previous_.device.is_cuda()) tls_cuda_stream = previous_;
+}
+
+void synchronize(const Stream& stream) {
+  if (stream.device.is_cpu()) return;
+#ifdef SY_WITH_CUDA
+  cuda::synchronize(stream.device.index, stream.handle);
+#else
+  SY_CHECK(false, "synchronize: this build has no CUDA backend");
+#endif
+}
 
 }  // namespace switchyard

@@ -7,7 +7,7 @@
 namespace switchyard {
 
 void add_inplace(Tensor& dst, const Tensor& src_in, const Tensor* scale_in) {
-  require_backend("add_inplace", dst.device());
+  require_cpu("add_inplace", dst.device());
   SY_ASSERT(dst.is_contiguous() && dst.sizes() == src_in.sizes() && dst.dtype() == src_in.dtype());
   const Tensor src = src_in.contiguous();
   const Tensor scale = scale_in ? scale_in->to(dst.dtype()).contiguous() : Tensor();
@@ -22,7 +22,7 @@ void add_inplace(Tensor& dst, const Tensor& src_in, const Tensor* scale_in) {
 }
 
 void check_finite(const Tensor& t_in, const char* what) {
-  require_backend("check_finite", t_in.device());
+  require_cpu("check_finite", t_in.device());
   const Tensor t = t_in.contiguous();
   dispatch_float(t.dtype(), "check_finite", [&]<class T>() {
     const T* p = t.data<T>();

@@ -6,6 +6,10 @@
 #include "core/dtype_dispatch.h"
 #include "switchyard/error.h"
 
+#ifdef SY_WITH_CUDA
+#include "core/device_cuda.h"
+#endif
+
 namespace switchyard {
 namespace {
 
@@ -196,10 +200,55 @@ Tensor Tensor::to(DType dtype) const {
   return t;
 }
 
+#ifdef SY_WITH_CUDA
+namespace {
+
+// Copies involving a CUDA tensor, on the current stream. The CUDA side must be contiguous;
+// dtype conversion runs on the host side, or in a kernel between two CUDA tensors.
+void copy_with_cuda(Tensor& dst, const Tensor& src) {
+  const Device dev = dst.device().is_cuda() ? dst.device() : src.device();
+  void* stream = current_stream(dev).handle;
+  const std::size_t bytes = static_cast<std::size_t>(dst.numel()) * dtype_size(dst.dtype());
+  if (dst.device().is_cuda() && src.device().is_cuda()) {
+    SY_CHECK(dst.device() == src.device(), "copy_from: ", to_string(src.device()), " to ",
+             to_string(dst.device()), " is not supported; copy through the host");
+    SY_CHECK(dst.is_contiguous() && src.is_contiguous(),
+             "copy_from: strided CUDA tensors are not supported yet; expected contiguous");
+    if (dst.dtype() == src.dtype()) {
+      cuda::copy(dst.data_ptr(), src.data_ptr(), bytes, cuda::CopyKind::kDeviceToDevice, dev.index,
+                 stream);
+    } else {
+      cuda::convert(src.data_ptr(), src.dtype(), dst.data_ptr(), dst.dtype(), dst.numel(), dev.index,
+                    stream);
+    }
+  } else if (dst.device().is_cuda()) {
+    SY_CHECK(dst.is_contiguous(), "copy_from: the CUDA destination must be contiguous");
+    const Tensor host = src.to(dst.dtype()).contiguous();
+    cuda::copy(dst.data_ptr(), host.data_ptr(), bytes, cuda::CopyKind::kHostToDevice, dev.index,
+               stream);
+  } else {
+    SY_CHECK(src.is_contiguous(), "copy_from: the CUDA source must be contiguous");
+    Tensor host = Tensor::empty(src.sizes(), src.dtype());
+    cuda::copy(host.data_ptr(), src.data_ptr(),
+               static_cast<std::size_t>(src.numel()) * dtype_size(src.dtype()),
+               cuda::CopyKind::kDeviceToHost, dev.index, stream);
+    dst.copy_from(host);
+  }
+}
+
+}  // namespace
+#endif
+
 void Tensor::copy_from(const Tensor& src) {
   SY_CHECK(defined() && src.defined(), "copy_from: undefined tensor");
   SY_CHECK(sizes_ == src.sizes_, "copy_from: shape ", shape_str(src.sizes_), " into shape ",
            shape_str(sizes_));
+#ifdef SY_WITH_CUDA
+  if (device_.is_cuda() || src.device_.is_cuda()) {
+    if (numel() > 0) copy_with_cuda(*this, src);
+    return;
+  }
+#endif
   check_cpu(*this, "copy_from");
   check_cpu(src, "copy_from");
   dispatch_any(dtype_, "copy_from", [&]<class D>() {
@@ -224,6 +273,13 @@ void Tensor::copy_from(const Tensor& src) {
 }
 
 void Tensor::fill(double value) {
+#ifdef SY_WITH_CUDA
+  if (device_.is_cuda()) {
+    SY_CHECK(is_contiguous(), "fill: strided CUDA tensors are not supported yet");
+    cuda::fill(data_ptr(), dtype_, value, numel(), device_.index, current_stream(device_).handle);
+    return;
+  }
+#endif
   check_cpu(*this, "fill");
   dispatch_any(dtype_, "fill", [&]<class D>() {
     D* dst = static_cast<D*>(data_ptr());
@@ -240,6 +296,13 @@ void Tensor::fill(double value) {
 
 std::vector<double> Tensor::to_vector() const {
   if (!defined()) return {};
+#ifdef SY_WITH_CUDA
+  if (device_.is_cuda()) {
+    Tensor host = Tensor::empty(sizes_, dtype_);
+    host.copy_from(contiguous());
+    return host.to_vector();
+  }
+#endif
   check_cpu(*this, "to_vector");
   std::vector<double> out;
   out.reserve(static_cast<std::size_t>(numel()));

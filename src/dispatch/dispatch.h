@@ -5,6 +5,8 @@
 //
 // Shapes: x, y, dy, dx [T, d]; buffers [R, d] (R = plan.num_rows); weight, dweight [T, k]
 // (routing dtype). Data tensors share the layer's dtype; arithmetic in f32 (f64 for f64).
+// On CUDA, every kernel runs on the current stream (switchyard::current_stream) and no op
+// synchronises with the host.
 #pragma once
 
 #include "routing/plan.h"
@@ -23,5 +25,20 @@ Tensor decode_backward(const RoutingPlan& plan, const Tensor& dy, const Tensor& 
 // Backward of encode: returns dx [T, d]; when prescore adds dot(dbuffer[row], x[t]) to dweight.
 Tensor encode_backward(const RoutingPlan& plan, const Tensor& dbuffer, const Tensor& x,
                        bool prescore, Tensor& dweight);
+
+// Backends (dispatch_cpu.cpp, dispatch_cuda.cu): called by the functions above after their
+// checks, with contiguous data; the plan's tensors are on the data's device.
+Tensor encode_cpu(const RoutingPlan& plan, const Tensor& x, bool prescore);
+Tensor decode_cpu(const RoutingPlan& plan, const Tensor& buffer, bool postscore);
+Tensor decode_backward_cpu(const RoutingPlan& plan, const Tensor& dy, const Tensor& buffer,
+                           bool postscore, Tensor& dweight);
+Tensor encode_backward_cpu(const RoutingPlan& plan, const Tensor& dbuffer, const Tensor& x,
+                           bool prescore, Tensor& dweight);
+Tensor encode_cuda(const RoutingPlan& plan, const Tensor& x, bool prescore);
+Tensor decode_cuda(const RoutingPlan& plan, const Tensor& buffer, bool postscore);
+Tensor decode_backward_cuda(const RoutingPlan& plan, const Tensor& dy, const Tensor& buffer,
+                            bool postscore, Tensor& dweight);
+Tensor encode_backward_cuda(const RoutingPlan& plan, const Tensor& dbuffer, const Tensor& x,
+                            bool prescore, Tensor& dweight);
 
 }  // namespace switchyard

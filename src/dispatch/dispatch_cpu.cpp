@@ -8,15 +8,9 @@
 namespace switchyard {
 namespace {
 
-void check_rows(const Tensor& t, index_t rows, index_t d, const char* what) {
-  SY_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == d, what, " must be [", rows, ", ", d,
-           "]");
-}
-
 // Calls f.template operator()<T, A>() with T the data type and A the routing (weight) type.
 template <class F>
 decltype(auto) dispatch_data(const Tensor& data, const RoutingPlan& plan, const char* op, F&& f) {
-  require_backend(op, data.device());
   SY_ASSERT(plan.weight.dtype() == routing_dtype(data.dtype()), "plan weights are ",
             dtype_name(plan.weight.dtype()), " for ", dtype_name(data.dtype()), " data");
   return dispatch_float(data.dtype(), op,
@@ -25,11 +19,8 @@ decltype(auto) dispatch_data(const Tensor& data, const RoutingPlan& plan, const 
 
 }  // namespace
 
-Tensor encode(const RoutingPlan& plan, const Tensor& x_in, bool prescore) {
-  const index_t T = plan.num_tokens, R = plan.num_rows, k = plan.top_k;
-  const index_t d = x_in.size(1);
-  check_rows(x_in, T, d, "encode: x");
-  const Tensor x = x_in.contiguous();
+Tensor encode_cpu(const RoutingPlan& plan, const Tensor& x, bool prescore) {
+  const index_t R = plan.num_rows, k = plan.top_k, d = x.size(1);
   Tensor buf = Tensor::empty({R, d}, x.dtype(), x.device());
   dispatch_data(x, plan, "encode", [&]<class T_, class A>() {
     const T_* xp = x.data<T_>();
@@ -55,11 +46,8 @@ Tensor encode(const RoutingPlan& plan, const Tensor& x_in, bool prescore) {
   return buf;
 }
 
-Tensor decode(const RoutingPlan& plan, const Tensor& buf_in, bool postscore) {
-  const index_t T = plan.num_tokens, R = plan.num_rows, k = plan.top_k;
-  const index_t d = buf_in.size(1);
-  check_rows(buf_in, R, d, "decode: expert output");
-  const Tensor buf = buf_in.contiguous();
+Tensor decode_cpu(const RoutingPlan& plan, const Tensor& buf, bool postscore) {
+  const index_t T = plan.num_tokens, k = plan.top_k, d = buf.size(1);
   Tensor y = Tensor::empty({T, d}, buf.dtype(), buf.device());
   dispatch_data(buf, plan, "decode", [&]<class T_, class A>() {
     const T_* bp = buf.data<T_>();
@@ -86,13 +74,9 @@ Tensor decode(const RoutingPlan& plan, const Tensor& buf_in, bool postscore) {
   return y;
 }
 
-Tensor decode_backward(const RoutingPlan& plan, const Tensor& dy_in, const Tensor& buf_in,
-                       bool postscore, Tensor& dweight) {
-  const index_t T = plan.num_tokens, R = plan.num_rows, k = plan.top_k;
-  const index_t d = dy_in.size(1);
-  check_rows(dy_in, T, d, "decode backward: dy");
-  check_rows(buf_in, R, d, "decode backward: expert output");
-  const Tensor dy = dy_in.contiguous(), buf = buf_in.contiguous();
+Tensor decode_backward_cpu(const RoutingPlan& plan, const Tensor& dy, const Tensor& buf,
+                           bool postscore, Tensor& dweight) {
+  const index_t R = plan.num_rows, k = plan.top_k, d = dy.size(1);
   Tensor dbuf = Tensor::empty({R, d}, dy.dtype(), dy.device());
   dispatch_data(dy, plan, "decode_backward", [&]<class T_, class A>() {
     const T_* dyp = dy.data<T_>();
@@ -123,13 +107,9 @@ Tensor decode_backward(const RoutingPlan& plan, const Tensor& dy_in, const Tenso
   return dbuf;
 }
 
-Tensor encode_backward(const RoutingPlan& plan, const Tensor& dbuf_in, const Tensor& x_in,
-                       bool prescore, Tensor& dweight) {
-  const index_t T = plan.num_tokens, R = plan.num_rows, k = plan.top_k;
-  const index_t d = x_in.size(1);
-  check_rows(dbuf_in, R, d, "encode backward: dbuffer");
-  check_rows(x_in, T, d, "encode backward: x");
-  const Tensor dbuf = dbuf_in.contiguous(), x = x_in.contiguous();
+Tensor encode_backward_cpu(const RoutingPlan& plan, const Tensor& dbuf, const Tensor& x,
+                           bool prescore, Tensor& dweight) {
+  const index_t T = plan.num_tokens, k = plan.top_k, d = x.size(1);
   Tensor dx = Tensor::empty({T, d}, x.dtype(), x.device());
   dispatch_data(x, plan, "encode_backward", [&]<class T_, class A>() {
     const T_* dbp = dbuf.data<T_>();

@@ -68,7 +68,7 @@ Tensor FfnExperts::forward(const Tensor& rows, const Tensor& offsets, bool train
            rows.dim() == 2 ? detail::str_cat(" with ", rows.size(1), " columns") : "");
   SY_CHECK(rows.device() == shape_.device, "experts: rows are on ", to_string(rows.device()),
            ", the experts on ", to_string(shape_.device));
-  require_backend("experts", rows.device());
+  require_cpu("experts", rows.device());
   std::vector<index_t> off = read_offsets(offsets, shape_.num_experts, rows.size(0));
   Saved saved;
   Tensor y = ffn_forward_cpu(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, rows.to(shape_.dtype),

@@ -73,7 +73,7 @@ MoELayer::MoELayer(const MoEConfig& cfg, std::shared_ptr<Gate> gate,
                    std::shared_ptr<ExpertNetwork> experts)
     : impl_(std::make_unique<Impl>()) {
   validate_config(cfg);
-  require_backend("MoELayer", cfg.device);
+  require_cpu("MoELayer", cfg.device);
   Impl& m = *impl_;
   m.cfg = cfg;
   if (gate) {

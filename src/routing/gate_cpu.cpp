@@ -36,7 +36,7 @@ LinearGate::LinearGate(const MoEConfig& cfg) {
 }
 
 Tensor LinearGate::forward(const Tensor& x, bool training) {
-  require_backend("gate", x.device());
+  require_cpu("gate", x.device());
   const Tensor xg = x.to(wg_.value.dtype()).contiguous();
   Tensor logits = Tensor::empty({xg.size(0), wg_.value.size(0)}, wg_.value.dtype(), x.device());
   gemm(xg, false, wg_.value, true, logits);
@@ -109,7 +109,7 @@ void normalize_backward(const A* vn, const A* norms, const A* dvn, index_t n, in
 }  // namespace
 
 Tensor CosineGate::forward(const Tensor& x, bool training) {
-  require_backend("gate", x.device());
+  require_cpu("gate", x.device());
   const DType rd = routing_dtype(proj_w_.value.dtype());
   const index_t T = x.size(0), p = proj_w_.value.size(0), E = sim_.value.size(1);
   Saved sv;

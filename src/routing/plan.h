@@ -24,3 +24,11 @@ struct RoutingPlan {
 };
 
 }  // namespace switchyard
+
+namespace switchyard {
+
+// The plan with its tensors copied to `device` (for backends that route on one device and
+// dispatch on another, and for tests).
+RoutingPlan plan_to_device(const RoutingPlan& plan, Device device);
+
+}  // namespace switchyard

@@ -84,10 +84,11 @@ TEST(Tensor, EmptyShapesAreValid) {
 }
 
 TEST(Tensor, CudaTensorsAreRejectedByCpuOps) {
+  if (cuda_available()) GTEST_SKIP() << "a GPU is present: CUDA tensors are valid here";
   float dummy = 0;
   Tensor t = Tensor::from_blob(&dummy, {1}, {}, DType::kF32, Device::cuda(0));
   EXPECT_THROW(t.to_vector(), Error);
-  if (!cuda_available()) EXPECT_THROW(Tensor::empty({1}, DType::kF32, Device::cuda(0)), Error);
+  EXPECT_THROW(Tensor::empty({1}, DType::kF32, Device::cuda(0)), Error);
 }
 
 }  // namespace

@@ -1,0 +1,54 @@
+// Element types and conversions for CUDA kernels: storage types map to CUDA's own (__half,
+// __nv_bfloat16), arithmetic runs in float (double for f64), stores round to nearest even.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "switchyard/dtype.h"
+#include "switchyard/error.h"
+#include "switchyard/index.h"
+
+namespace switchyard {
+
+template <class T>
+using cuda_acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+__host__ __device__ inline double load(double v) { return v; }
+__host__ __device__ inline float load(float v) { return v; }
+__host__ __device__ inline float load(__half v) { return __half2float(v); }
+__host__ __device__ inline float load(__nv_bfloat16 v) { return __bfloat162float(v); }
+__host__ __device__ inline double load(std::int32_t v) { return v; }
+__host__ __device__ inline double load(std::int64_t v) { return static_cast<double>(v); }
+
+template <class T, class A>
+__host__ __device__ inline T store(A v) {
+  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(static_cast<float>(v));
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(static_cast<float>(v));
+  else return static_cast<T>(v);
+}
+
+// Calls f(T{}) with T the CUDA element type of a floating dtype (a type tag: CUDA sources are
+// C++17, without explicit lambda template parameters).
+template <class F>
+decltype(auto) dispatch_float_cuda(DType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case DType::kF64: return f(double{});
+    case DType::kF32: return f(float{});
+    case DType::kF16: return f(__half{});
+    case DType::kBF16: return f(__nv_bfloat16{});
+    default: break;
+  }
+  detail::throw_error(detail::str_cat(op, " is not implemented for ", dtype_name(dtype), " on cuda"));
+}
+
+// Blocks for a grid-stride loop over n items of `threads` each, capped at the grid limit.
+inline unsigned grid_size(index_t n, unsigned threads) {
+  const index_t blocks = (n + threads - 1) / threads;
+  return static_cast<unsigned>(blocks < 1 ? 1 : blocks > 2147483647 ? 2147483647 : blocks);
+}
+
+}  // namespace switchyard

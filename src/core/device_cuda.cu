@@ -1,0 +1,135 @@
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <mutex>
+
+#include "core/cuda_check.cuh"
+#include "core/cuda_math.cuh"
+#include "core/device_cuda.h"
+
+namespace switchyard::cuda {
+namespace {
+
+template <class S, class D>
+__global__ void convert_kernel(const S* src, D* dst, index_t n) {
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x)
+    dst[i] = store<D>(load(src[i]));
+}
+
+template <class D>
+__global__ void fill_kernel(D* dst, D value, index_t n) {
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x)
+    dst[i] = value;
+}
+
+template <class F>
+void visit(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kF64: return f(double{});
+    case DType::kF32: return f(float{});
+    case DType::kF16: return f(__half{});
+    case DType::kBF16: return f(__nv_bfloat16{});
+    case DType::kI32: return f(std::int32_t{});
+    case DType::kI64: return f(std::int64_t{});
+  }
+}
+
+unsigned grid_for(index_t n) { return std::min(grid_size(n, 256), 65535u); }
+
+// Keep freed memory in the pool instead of returning it to the driver at each sync.
+void configure_pool(int device) {
+  static std::once_flag flags[64];
+  std::call_once(flags[device % 64], [device] {
+    cudaMemPool_t pool;
+    SY_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
+    std::uint64_t threshold = UINT64_MAX;
+    SY_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+  });
+}
+
+}  // namespace
+
+int device_count() {
+  int n = 0;
+  // No driver (error 35) or no device (100): no GPU, not an error.
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+void* malloc_async(std::size_t bytes, int device, void* stream) {
+  DeviceScope scope(device);
+  configure_pool(device);
+  void* p = nullptr;
+  SY_CUDA_CHECK(cudaMallocAsync(&p, bytes, as_cuda_stream(stream)));
+  return p;
+}
+
+void free_async(void* ptr, int device, void* stream) {
+  DeviceScope scope(device);
+  SY_CUDA_CHECK(cudaFreeAsync(ptr, as_cuda_stream(stream)));
+}
+
+void copy(void* dst, const void* src, std::size_t bytes, CopyKind kind, int device, void* stream) {
+  if (bytes == 0) return;
+  DeviceScope scope(device);
+  const cudaStream_t s = as_cuda_stream(stream);
+  const cudaMemcpyKind k = kind == CopyKind::kHostToDevice   ? cudaMemcpyHostToDevice
+                           : kind == CopyKind::kDeviceToHost ? cudaMemcpyDeviceToHost
+                                                             : cudaMemcpyDeviceToDevice;
+  SY_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, k, s));
+  // NOTE: host memory here is pageable: the host must not reuse it before the copy finishes.
+  if (kind != CopyKind::kDeviceToDevice) SY_CUDA_CHECK(cudaStreamSynchronize(s));
+}
+
+void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, index_t n, int device,
+             void* stream) {
+  if (n == 0) return;
+  DeviceScope scope(device);
+  visit(src_dtype, [&](auto s) {
+    visit(dst_dtype, [&](auto d) {
+      using S = decltype(s);
+      using D = decltype(d);
+      convert_kernel<S, D><<<grid_for(n), 256, 0, as_cuda_stream(stream)>>>(
+          static_cast<const S*>(src), static_cast<D*>(dst), n);
+      SY_CUDA_CHECK_LAUNCH();
+    });
+  });
+}
+
+void fill(void* dst, DType dtype, double value, index_t n, int device, void* stream) {
+  if (n == 0) return;
+  DeviceScope scope(device);
+  if (value == 0.0) {
+    SY_CUDA_CHECK(cudaMemsetAsync(dst, 0, static_cast<std::size_t>(n) * dtype_size(dtype),
+                                  as_cuda_stream(stream)));
+    return;
+  }
+  visit(dtype, [&](auto d) {
+    using D = decltype(d);
+    fill_kernel<D><<<grid_for(n), 256, 0, as_cuda_stream(stream)>>>(static_cast<D*>(dst),
+                                                                     store<D>(value), n);
+    SY_CUDA_CHECK_LAUNCH();
+  });
+}
+
+void synchronize(int device, void* stream) {
+  DeviceScope scope(device);
+  SY_CUDA_CHECK(cudaStreamSynchronize(as_cuda_stream(stream)));
+}
+
+void release_cached(int device) {
+  DeviceScope scope(device);
+  cudaMemPool_t pool;
+  SY_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
+  SY_CUDA_CHECK(cudaDeviceSynchronize());  // blocks freed on streams must have been reached
+  SY_CUDA_CHECK(cudaMemPoolTrimTo(pool, 0));
+}
+
+}  // namespace switchyard::cuda

@@ -1,0 +1,36 @@
+// The CUDA runtime calls the CPU-side core needs (allocation, copies, fills), declared without
+// CUDA types so plain C++ files can call them; implemented in device_cuda.cu, present only in
+// builds with SY_WITH_CUDA. Streams are cudaStream_t passed as void* (null: per-thread default).
+#pragma once
+
+#include <cstddef>
+
+#include "switchyard/dtype.h"
+#include "switchyard/index.h"
+
+namespace switchyard::cuda {
+
+// GPUs usable by this process; 0 when there is no driver or no device (never throws).
+int device_count();
+
+// Stream-ordered allocation from the device's memory pool, which keeps freed memory cached
+// (release threshold: unlimited), so steady-state steps never call into the driver's allocator.
+void* malloc_async(std::size_t bytes, int device, void* stream);
+void free_async(void* ptr, int device, void* stream);
+
+enum class CopyKind { kHostToDevice, kDeviceToHost, kDeviceToDevice };
+// Copies bytes on the stream; a copy to the host waits for the stream to finish it.
+void copy(void* dst, const void* src, std::size_t bytes, CopyKind kind, int device, void* stream);
+
+// dst[i] = convert(src[i]) for i < n on the stream (contiguous, any two dtypes).
+void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, index_t n, int device,
+             void* stream);
+// dst[i] = value for i < n (contiguous) on the stream.
+void fill(void* dst, DType dtype, double value, index_t n, int device, void* stream);
+
+void synchronize(int device, void* stream);
+
+// Returns the memory the device's pool caches to the driver.
+void release_cached(int device);
+
+}  // namespace switchyard::cuda

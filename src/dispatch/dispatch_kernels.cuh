@@ -1,0 +1,114 @@
+// Dispatch kernels on raw pointers: one block per output row (a buffer row or a token), threads
+// over the columns. Dot products for the weight gradients reduce in a fixed tree (CUB
+// BlockReduce), so results are bitwise reproducible; no atomics.
+#pragma once
+
+#include <cub/block/block_reduce.cuh>
+
+#include "core/cuda_math.cuh"
+#include "switchyard/index.h"
+
+namespace switchyard::kernels {
+
+constexpr int kDispatchThreads = 256;
+
+// buf[r] = x[t] * (prescore ? w[c] : 1) with c = row_choice[r], t = c / k; zeros for padding.
+template <class T, class A>
+__global__ void encode(const T* __restrict__ x, const index_t* __restrict__ row_choice,
+                       const A* __restrict__ w, T* __restrict__ buf, index_t d, int k,
+                       bool prescore) {
+  const index_t r = blockIdx.x;
+  const index_t c = row_choice[r];
+  T* dst = buf + offset_of(r, d);
+  if (c < 0) {
+    for (index_t j = threadIdx.x; j < d; j += blockDim.x) dst[j] = store<T>(A(0));
+    return;
+  }
+  const T* src = x + offset_of(c / k, d);
+  if (!prescore) {
+    for (index_t j = threadIdx.x; j < d; j += blockDim.x) dst[j] = src[j];
+    return;
+  }
+  const A s = w[c];
+  for (index_t j = threadIdx.x; j < d; j += blockDim.x) dst[j] = store<T>(s * load(src[j]));
+}
+
+// y[t] = sum over kept choices j (in order) of (postscore ? w[t,j] : 1) * buf[row[t,j]].
+template <class T, class A>
+__global__ void decode(const T* __restrict__ buf, const index_t* __restrict__ row,
+                       const A* __restrict__ w, T* __restrict__ y, index_t d, int k,
+                       bool postscore) {
+  const index_t t = blockIdx.x;
+  for (index_t j = threadIdx.x; j < d; j += blockDim.x) {
+    A acc = 0;
+    for (int c = 0; c < k; ++c) {
+      const index_t r = row[t * k + c];
+      if (r < 0) continue;
+      acc += (postscore ? w[t * k + c] : A(1)) * load(buf[offset_of(r, d) + j]);
+    }
+    y[offset_of(t, d) + j] = store<T>(acc);
+  }
+}
+
+// dbuf[r] = (postscore ? w[c] : 1) * dy[t]; with postscore dw[c] += dot(dy[t], out[r]).
+template <class T, class A>
+__global__ void decode_backward(const T* __restrict__ dy, const T* __restrict__ out,
+                                const index_t* __restrict__ row_choice, const A* __restrict__ w,
+                                T* __restrict__ dbuf, A* __restrict__ dw, index_t d, int k,
+                                bool postscore) {
+  using Reduce = cub::BlockReduce<A, kDispatchThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  const index_t r = blockIdx.x;
+  const index_t c = row_choice[r];
+  T* dst = dbuf + offset_of(r, d);
+  if (c < 0) {
+    for (index_t j = threadIdx.x; j < d; j += blockDim.x) dst[j] = store<T>(A(0));
+    return;
+  }
+  const T* g = dy + offset_of(c / k, d);
+  const T* o = out + offset_of(r, d);
+  const A s = postscore ? w[c] : A(1);
+  A dot = 0;
+  for (index_t j = threadIdx.x; j < d; j += blockDim.x) {
+    const A gj = load(g[j]);
+    dst[j] = store<T>(s * gj);
+    dot += gj * load(o[j]);
+  }
+  if (!postscore) return;
+  const A total = Reduce(tmp).Sum(dot);
+  if (threadIdx.x == 0) dw[c] += total;  // each choice owns one row: one writer
+}
+
+// dx[t] = sum over kept choices j of (prescore ? w[t,j] : 1) * dbuf[row[t,j]]; with prescore
+// dw[t,j] += dot(dbuf[row[t,j]], x[t]).
+template <class T, class A>
+__global__ void encode_backward(const T* __restrict__ dbuf, const T* __restrict__ x,
+                                const index_t* __restrict__ row, const A* __restrict__ w,
+                                T* __restrict__ dx, A* __restrict__ dw, index_t d, int k,
+                                bool prescore) {
+  using Reduce = cub::BlockReduce<A, kDispatchThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  const index_t t = blockIdx.x;
+  for (index_t j = threadIdx.x; j < d; j += blockDim.x) {
+    A acc = 0;
+    for (int c = 0; c < k; ++c) {
+      const index_t r = row[t * k + c];
+      if (r < 0) continue;
+      acc += (prescore ? w[t * k + c] : A(1)) * load(dbuf[offset_of(r, d) + j]);
+    }
+    dx[offset_of(t, d) + j] = store<T>(acc);
+  }
+  if (!prescore) return;
+  for (int c = 0; c < k; ++c) {
+    const index_t r = row[t * k + c];
+    if (r < 0) continue;  // uniform across the block: every thread reads the same r
+    A dot = 0;
+    for (index_t j = threadIdx.x; j < d; j += blockDim.x)
+      dot += load(dbuf[offset_of(r, d) + j]) * load(x[offset_of(t, d) + j]);
+    const A total = Reduce(tmp).Sum(dot);
+    if (threadIdx.x == 0) dw[t * k + c] += total;
+    __syncthreads();  // tmp is reused by the next reduction
+  }
+}
+
+}  // namespace switchyard::kernels
