@@ -4,19 +4,20 @@
 #include <cmath>
 
 #include "switchyard/config.h"
+#include "switchyard/index.h"  // SY_HOST_DEVICE
 
 namespace switchyard {
 
 // The activation applied to a gate value: relu, gelu (erf), gelu (tanh), silu. Gated kinds use
 // silu (SwiGLU) or gelu (GeGLU) on the gate half.
-inline Activation base_activation(Activation a) {
+SY_HOST_DEVICE inline Activation base_activation(Activation a) {
   if (a == Activation::kSwiGLU) return Activation::kSilu;
   if (a == Activation::kGeGLU) return Activation::kGelu;
   return a;
 }
 
 template <class A>
-inline A activate(Activation act, A x) {
+SY_HOST_DEVICE inline A activate(Activation act, A x) {
   switch (act) {
     case Activation::kRelu:
       return x > A(0) ? x : A(0);
@@ -35,7 +36,7 @@ inline A activate(Activation act, A x) {
 
 // d activate(x) / dx
 template <class A>
-inline A activate_grad(Activation act, A x) {
+SY_HOST_DEVICE inline A activate_grad(Activation act, A x) {
   switch (act) {
     case Activation::kRelu:
       return x > A(0) ? A(1) : A(0);

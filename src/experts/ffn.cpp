@@ -16,14 +16,13 @@ Parameter make_param(const std::string& name, const Shape& shape, const FfnShape
 }
 
 // Host copy of the offsets with its invariants checked (first 0, non-decreasing, last = rows).
+// NOTE: for CUDA offsets this is a device-to-host copy, a sync point of the forward.
 std::vector<index_t> read_offsets(const Tensor& offsets, index_t num_experts, index_t num_rows) {
-  SY_CHECK(
-      offsets.dtype() == DType::kI64 && offsets.dim() == 1 && offsets.size(0) == num_experts + 1,
-      "experts: offsets must be an i64 tensor of ", num_experts + 1, " entries");
-  std::vector<index_t> off(static_cast<std::size_t>(num_experts + 1));
-  const Tensor c = offsets.contiguous();
-  const index_t* p = c.data<index_t>();
-  for (index_t e = 0; e <= num_experts; ++e) off[e] = p[e];
+  SY_CHECK(offsets.dtype() == DType::kI64 && offsets.dim() == 1 &&
+               offsets.size(0) == num_experts + 1,
+           "experts: offsets must be an i64 tensor of ", num_experts + 1, " entries");
+  const std::vector<double> v = offsets.to_vector();
+  std::vector<index_t> off(v.begin(), v.end());
   SY_CHECK(off[0] == 0 && off[num_experts] == num_rows, "experts: offsets must run from 0 to ",
            num_rows, ", got ", off[0], " to ", off[num_experts]);
   for (index_t e = 0; e < num_experts; ++e)
@@ -68,11 +67,19 @@ Tensor FfnExperts::forward(const Tensor& rows, const Tensor& offsets, bool train
            rows.dim() == 2 ? detail::str_cat(" with ", rows.size(1), " columns") : "");
   SY_CHECK(rows.device() == shape_.device, "experts: rows are on ", to_string(rows.device()),
            ", the experts on ", to_string(shape_.device));
-  require_cpu("experts", rows.device());
+  require_backend("experts", rows.device());
   std::vector<index_t> off = read_offsets(offsets, shape_.num_experts, rows.size(0));
   Saved saved;
-  Tensor y = ffn_forward_cpu(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, rows.to(shape_.dtype),
-                             std::move(off), saved);
+  Tensor y;
+  if (rows.device().is_cuda()) {
+#ifdef SY_WITH_CUDA
+    y = ffn_forward_cuda(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, rows.to(shape_.dtype),
+                         std::move(off), saved);
+#endif
+  } else {
+    y = ffn_forward_cpu(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, rows.to(shape_.dtype),
+                        std::move(off), saved);
+  }
   if (training) {
     saved_ = std::move(saved);
     has_saved_ = true;
@@ -85,6 +92,12 @@ Tensor FfnExperts::backward(const Tensor& dy) {
   const index_t R = saved_.x.size(0);
   SY_CHECK(dy.dim() == 2 && dy.size(0) == R && dy.size(1) == shape_.model_dim,
            "experts: gradient must be [", R, ", ", shape_.model_dim, "]");
+  SY_CHECK(dy.device() == shape_.device, "experts: gradient is on ", to_string(dy.device()),
+           ", the experts on ", to_string(shape_.device));
+#ifdef SY_WITH_CUDA
+  if (dy.device().is_cuda())
+    return ffn_backward_cuda(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, dy, saved_);
+#endif
   return ffn_backward_cpu(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, dy, saved_);
 }
 

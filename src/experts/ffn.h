@@ -36,7 +36,8 @@ class FfnExperts final : public ExpertNetwork {
   std::vector<Parameter*> parameters() override;
   const FfnShape& shape() const { return shape_; }
 
-  // Tensors saved by forward for backward, in the arithmetic dtype (f32, f64 for f64).
+  // Tensors saved by forward for backward: in the arithmetic dtype (f32, f64 for f64) on the
+  // CPU, in the experts' dtype on CUDA.
   struct Saved {
     Tensor x;                      // [R, d]
     Tensor h;                      // [R, h or 2h] pre-activation
@@ -57,5 +58,11 @@ Tensor ffn_forward_cpu(const FfnShape& s, const Parameter& fc1_w, const Paramete
                        std::vector<index_t> offsets, FfnExperts::Saved& saved);
 Tensor ffn_backward_cpu(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Parameter& fc1_b,
                         Parameter& fc2_b, const Tensor& dy, const FfnExperts::Saved& saved);
+// CUDA (experts/ffn_cuda.cu): cuBLAS GEMMs, tensors in the experts' dtype, current stream.
+Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Parameter& fc2_w,
+                        const Parameter& fc1_b, const Parameter& fc2_b, const Tensor& rows,
+                        std::vector<index_t> offsets, FfnExperts::Saved& saved);
+Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Parameter& fc1_b,
+                         Parameter& fc2_b, const Tensor& dy, const FfnExperts::Saved& saved);
 
 }  // namespace switchyard

@@ -1,0 +1,275 @@
+// FFN experts on CUDA: cuBLAS GEMMs per expert (strided-batched when every expert has the same
+// row count, as in the padded layout), bias/activation and bias-gradient kernels. Arithmetic in
+// f32 (f64 for f64; f32 GEMMs are true FP32), tensors stored in the experts' dtype.
+// NOTE: the per-expert row counts are read on the host, one device-to-host copy per forward; a
+// grouped GEMM reading device-side offsets will remove that sync.
+#include <cublas_v2.h>
+
+#include <algorithm>
+#include <mutex>
+#include <vector>
+
+#include "core/cuda_check.cuh"
+#include "core/cuda_math.cuh"
+#include "experts/activation.h"
+#include "experts/ffn.h"
+
+#define SY_CUBLAS_CHECK(expr)                                                               \
+  do {                                                                                      \
+    const cublasStatus_t sy_st_ = (expr);                                                   \
+    SY_CHECK(sy_st_ == CUBLAS_STATUS_SUCCESS, #expr " failed: ", cublasGetStatusString(sy_st_), \
+             " at ", __FILE__, ":", __LINE__);                                              \
+  } while (0)
+
+namespace switchyard {
+namespace {
+
+// One cuBLAS handle per device, shared by the process; the stream is set per call.
+cublasHandle_t handle_for(int device) {
+  static std::mutex mu;
+  static std::vector<cublasHandle_t> handles(64, nullptr);
+  std::lock_guard<std::mutex> lock(mu);
+  if (!handles[device]) SY_CUBLAS_CHECK(cublasCreate(&handles[device]));
+  return handles[device];
+}
+
+template <class T>
+cudaDataType_t data_type() {
+  if constexpr (std::is_same_v<T, double>) return CUDA_R_64F;
+  else if constexpr (std::is_same_v<T, float>) return CUDA_R_32F;
+  else if constexpr (std::is_same_v<T, __half>) return CUDA_R_16F;
+  else return CUDA_R_16BF;
+}
+
+// Row-major C[m, n] = alpha * op(A) op(B) + beta * C for `batch` matrices `stride_*` elements
+// apart: cuBLAS is column-major, so it computes Cᵀ = op(B)ᵀ op(A)ᵀ.
+template <class T>
+void gemm(cublasHandle_t h, bool ta, bool tb, index_t m, index_t n, index_t k, const T* a,
+          index_t lda, index_t stride_a, const T* b, index_t ldb, index_t stride_b, double beta,
+          T* c, index_t ldc, index_t stride_c, index_t batch) {
+  if (m == 0 || n == 0 || batch == 0) return;
+  using A = cuda_acc_t<T>;
+  const A alpha_v = 1, beta_v = static_cast<A>(beta);
+  const cublasComputeType_t compute =
+      std::is_same_v<T, double> ? CUBLAS_COMPUTE_64F : CUBLAS_COMPUTE_32F;
+  auto i32 = [](index_t v) {
+    SY_CHECK(v <= 2147483647, "cuBLAS dimension ", v, " exceeds int");
+    return static_cast<int>(v);
+  };
+  SY_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+      h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, i32(n), i32(m), i32(k),
+      &alpha_v, b, data_type<T>(), i32(ldb), stride_b, a, data_type<T>(), i32(lda), stride_a,
+      &beta_v, c, data_type<T>(), i32(ldc), stride_c, i32(batch), compute, CUBLAS_GEMM_DEFAULT));
+}
+
+// Whether every expert has the same number of rows (the padded layout): one batched GEMM.
+bool equal_rows(const std::vector<index_t>& off) {
+  for (std::size_t e = 1; e + 1 < off.size(); ++e)
+    if (off[e + 1] - off[e] != off[1] - off[0]) return false;
+  return true;
+}
+
+template <class T>
+__global__ void bias_activation(T* __restrict__ hpre, T* __restrict__ act, const T* __restrict__ bias,
+                                const index_t* __restrict__ row_expert, index_t rows, index_t h,
+                                bool gated, Activation kind) {
+  using A = cuda_acc_t<T>;
+  const index_t h1 = gated ? 2 * h : h;
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < rows * h;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t r = i / h, j = i % h;
+    const index_t e = row_expert[r];
+    T* hr = hpre + offset_of(r, h1);
+    A g = load(hr[j]) + (bias ? load(bias[offset_of(e, h1) + j]) : A(0));
+    g = load(store<T>(g));
+    hr[j] = store<T>(g);
+    A a = activate(kind, g);
+    if (gated) {
+      A up = load(hr[h + j]) + (bias ? load(bias[offset_of(e, h1) + h + j]) : A(0));
+      up = load(store<T>(up));
+      hr[h + j] = store<T>(up);
+      a *= up;
+    }
+    act[offset_of(r, h) + j] = store<T>(a);
+  }
+}
+
+template <class T>
+__global__ void add_bias(T* __restrict__ y, const T* __restrict__ bias,
+                         const index_t* __restrict__ row_expert, index_t rows, index_t d) {
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < rows * d;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t r = i / d, j = i % d;
+    y[i] = store<T>(load(y[i]) + load(bias[offset_of(row_expert[r], d) + j]));
+  }
+}
+
+template <class T>
+__global__ void activation_backward(const T* __restrict__ da, const T* __restrict__ hpre,
+                                    T* __restrict__ dh, index_t rows, index_t h, bool gated,
+                                    Activation kind) {
+  using A = cuda_acc_t<T>;
+  const index_t h1 = gated ? 2 * h : h;
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < rows * h;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t r = i / h, j = i % h;
+    const A g = load(hpre[offset_of(r, h1) + j]);
+    const A d = load(da[i]);
+    if (gated) {
+      const A up = load(hpre[offset_of(r, h1) + h + j]);
+      dh[offset_of(r, h1) + j] = store<T>(d * up * activate_grad(kind, g));
+      dh[offset_of(r, h1) + h + j] = store<T>(d * activate(kind, g));
+    } else {
+      dh[offset_of(r, h1) + j] = store<T>(d * activate_grad(kind, g));
+    }
+  }
+}
+
+// grad[e, j] += sum over rows of expert e (in row order) of m[r, j]: one thread per (e, j).
+template <class T>
+__global__ void bias_grad(const T* __restrict__ m, const index_t* __restrict__ off,
+                          T* __restrict__ grad, index_t E, index_t n) {
+  using A = cuda_acc_t<T>;
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < E * n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t e = i / n, j = i % n;
+    A acc = 0;
+    for (index_t r = off[e]; r < off[e + 1]; ++r) acc += load(m[offset_of(r, n) + j]);
+    grad[i] = store<T>(load(grad[i]) + acc);
+  }
+}
+
+unsigned grid(index_t n) { return std::min(grid_size(n, 256), 65535u * 16); }
+
+Tensor device_i64(const std::vector<index_t>& v, Device dev) {
+  std::vector<double> d(v.begin(), v.end());
+  Tensor t = Tensor::empty({static_cast<index_t>(v.size())}, DType::kI64, dev);
+  t.copy_from(Tensor::from_vector(d, {static_cast<index_t>(v.size())}, DType::kI64));
+  return t;
+}
+
+// Runs op(e, r0, n) per expert, or once as a batch when all experts have equal rows.
+template <class F>
+void per_expert(const std::vector<index_t>& off, F&& f) {
+  const index_t E = static_cast<index_t>(off.size()) - 1;
+  if (E > 1 && equal_rows(off)) {
+    f(index_t{0}, off[0], off[1] - off[0], E);
+    return;
+  }
+  for (index_t e = 0; e < E; ++e) f(e, off[e], off[e + 1] - off[e], index_t{1});
+}
+
+}  // namespace
+
+Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Parameter& fc2_w,
+                        const Parameter& fc1_b, const Parameter& fc2_b, const Tensor& rows,
+                        std::vector<index_t> off, FfnExperts::Saved& saved) {
+  const Device dev = rows.device();
+  DeviceScope scope(dev.index);
+  const cudaStream_t stream = as_cuda_stream(current_stream(dev).handle);
+  cublasHandle_t h = handle_for(dev.index);
+  SY_CUBLAS_CHECK(cublasSetStream(h, stream));
+  const index_t R = rows.size(0), d = s.model_dim, hid = s.hidden_size;
+  const bool gated = is_gated(s.activation);
+  const index_t h1 = gated ? 2 * hid : hid;
+  const Tensor x = rows.contiguous();
+  Tensor hpre = Tensor::empty({R, h1}, s.dtype, dev), act = Tensor::empty({R, hid}, s.dtype, dev);
+  Tensor y = Tensor::empty({R, d}, s.dtype, dev);
+  std::vector<index_t> row_expert_h(static_cast<std::size_t>(R));
+  for (std::size_t e = 0; e + 1 < off.size(); ++e)
+    for (index_t r = off[e]; r < off[e + 1]; ++r) row_expert_h[r] = static_cast<index_t>(e);
+  const Tensor row_expert = device_i64(row_expert_h, dev);
+  dispatch_float_cuda(s.dtype, "ffn_forward_cuda", [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = static_cast<const T*>(x.data_ptr());
+    const T* w1 = static_cast<const T*>(fc1_w.value.data_ptr());
+    const T* w2 = static_cast<const T*>(fc2_w.value.data_ptr());
+    T* hp = static_cast<T*>(hpre.data_ptr());
+    T* ap = static_cast<T*>(act.data_ptr());
+    T* yp = static_cast<T*>(y.data_ptr());
+    per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {  // h = x · fc1_wᵀ
+      gemm<T>(h, false, true, n, h1, d, xp + offset_of(r0, d), d, n * d, w1 + offset_of(e, h1 * d),
+              d, h1 * d, 0.0, hp + offset_of(r0, h1), h1, n * h1, batch);
+    });
+    if (R > 0) {
+      bias_activation<T><<<grid(R * hid), 256, 0, stream>>>(
+          hp, ap, fc1_b.value.defined() ? static_cast<const T*>(fc1_b.value.data_ptr()) : nullptr,
+          row_expert.data<index_t>(), R, hid, gated, base_activation(s.activation));
+      SY_CUDA_CHECK_LAUNCH();
+    }
+    per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {  // y = act · fc2_w
+      gemm<T>(h, false, false, n, d, hid, ap + offset_of(r0, hid), hid, n * hid,
+              w2 + offset_of(e, hid * d), d, hid * d, 0.0, yp + offset_of(r0, d), d, n * d, batch);
+    });
+    if (fc2_b.value.defined() && R > 0) {
+      add_bias<T><<<grid(R * d), 256, 0, stream>>>(yp, static_cast<const T*>(fc2_b.value.data_ptr()),
+                                                  row_expert.data<index_t>(), R, d);
+      SY_CUDA_CHECK_LAUNCH();
+    }
+  });
+  saved = FfnExperts::Saved{x, hpre, act, std::move(off)};
+  return y;
+}
+
+Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Parameter& fc1_b,
+                         Parameter& fc2_b, const Tensor& dy_in, const FfnExperts::Saved& sv) {
+  const Device dev = dy_in.device();
+  DeviceScope scope(dev.index);
+  const cudaStream_t stream = as_cuda_stream(current_stream(dev).handle);
+  cublasHandle_t h = handle_for(dev.index);
+  SY_CUBLAS_CHECK(cublasSetStream(h, stream));
+  const index_t R = sv.x.size(0), d = s.model_dim, hid = s.hidden_size, E = s.num_experts;
+  const bool gated = is_gated(s.activation);
+  const index_t h1 = gated ? 2 * hid : hid;
+  const std::vector<index_t>& off = sv.offsets;
+  const Tensor dy = dy_in.to(s.dtype).contiguous();
+  Tensor da = Tensor::empty({R, hid}, s.dtype, dev), dh = Tensor::empty({R, h1}, s.dtype, dev);
+  Tensor dx = Tensor::empty({R, d}, s.dtype, dev);
+  const Tensor off_dev = device_i64(off, dev);
+  dispatch_float_cuda(s.dtype, "ffn_backward_cuda", [&](auto tag) {
+    using T = decltype(tag);
+    const T* dyp = static_cast<const T*>(dy.data_ptr());
+    const T* xp = static_cast<const T*>(sv.x.data_ptr());
+    const T* hp = static_cast<const T*>(sv.h.data_ptr());
+    const T* ap = static_cast<const T*>(sv.a.data_ptr());
+    const T* w1 = static_cast<const T*>(fc1_w.value.data_ptr());
+    const T* w2 = static_cast<const T*>(fc2_w.value.data_ptr());
+    T* g1 = static_cast<T*>(fc1_w.grad.data_ptr());
+    T* g2 = static_cast<T*>(fc2_w.grad.data_ptr());
+    T* dap = static_cast<T*>(da.data_ptr());
+    T* dhp = static_cast<T*>(dh.data_ptr());
+    T* dxp = static_cast<T*>(dx.data_ptr());
+    per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {
+      // da = dy · fc2_wᵀ ; d fc2_w += actᵀ · dy
+      gemm<T>(h, false, true, n, hid, d, dyp + offset_of(r0, d), d, n * d, w2 + offset_of(e, hid * d),
+              d, hid * d, 0.0, dap + offset_of(r0, hid), hid, n * hid, batch);
+      gemm<T>(h, true, false, hid, d, n, ap + offset_of(r0, hid), hid, n * hid, dyp + offset_of(r0, d),
+              d, n * d, 1.0, g2 + offset_of(e, hid * d), d, hid * d, batch);
+    });
+    if (R > 0) {
+      activation_backward<T><<<grid(R * hid), 256, 0, stream>>>(dap, hp, dhp, R, hid, gated,
+                                                               base_activation(s.activation));
+      SY_CUDA_CHECK_LAUNCH();
+    }
+    per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {
+      // d fc1_w += dhᵀ · x ; dx = dh · fc1_w
+      gemm<T>(h, true, false, h1, d, n, dhp + offset_of(r0, h1), h1, n * h1, xp + offset_of(r0, d), d,
+              n * d, 1.0, g1 + offset_of(e, h1 * d), d, h1 * d, batch);
+      gemm<T>(h, false, false, n, d, h1, dhp + offset_of(r0, h1), h1, n * h1, w1 + offset_of(e, h1 * d),
+              d, h1 * d, 0.0, dxp + offset_of(r0, d), d, n * d, batch);
+    });
+    if (fc1_b.value.defined()) {
+      bias_grad<T><<<grid(E * h1), 256, 0, stream>>>(dhp, off_dev.data<index_t>(),
+                                                    static_cast<T*>(fc1_b.grad.data_ptr()), E, h1);
+      SY_CUDA_CHECK_LAUNCH();
+    }
+    if (fc2_b.value.defined()) {
+      bias_grad<T><<<grid(E * d), 256, 0, stream>>>(dyp, off_dev.data<index_t>(),
+                                                   static_cast<T*>(fc2_b.grad.data_ptr()), E, d);
+      SY_CUDA_CHECK_LAUNCH();
+    }
+  });
+  return dx;
+}
+
+}  // namespace switchyard

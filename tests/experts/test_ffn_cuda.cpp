@@ -1,0 +1,88 @@
+// CUDA FFN experts against the CPU experts with the same parameters; skipped without a GPU.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "experts/ffn.h"
+#include "switchyard/rng.h"
+
+namespace switchyard {
+namespace {
+
+std::vector<double> randn(std::size_t n, std::uint64_t seed) {
+  std::vector<double> v(n);
+  for (std::size_t i = 0; i < n; ++i) v[i] = rng_normal(seed, RngStream::kData, 0, i, 0);
+  return v;
+}
+
+double rel_l2(const std::vector<double>& a, const std::vector<double>& b) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    num += (a[i] - b[i]) * (a[i] - b[i]);
+    den += b[i] * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+Tensor to_device(const Tensor& t, Device d) {
+  Tensor g = Tensor::empty(t.sizes(), t.dtype(), d);
+  g.copy_from(t);
+  return g;
+}
+
+struct Case {
+  Activation act;
+  DType dtype;
+  bool equal_rows;  // padded layout: one batched GEMM
+};
+
+class FfnCuda : public ::testing::TestWithParam<Case> {
+ protected:
+  void SetUp() override {
+    if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  }
+};
+
+TEST_P(FfnCuda, MatchesTheCpuExpertsForwardAndBackward) {
+  const auto [act, dt, equal] = GetParam();
+  const index_t E = 4, d = 96, h = 80;
+  const std::vector<double> offv = equal ? std::vector<double>{0, 50, 100, 150, 200}
+                                         : std::vector<double>{0, 70, 70, 133, 200};  // one empty
+  const index_t R = 200;
+  FfnShape s{E, d, h, act, true, true, dt, Device::cpu()};
+  FfnShape sg = s;
+  sg.device = Device::cuda(0);
+  FfnExperts cpu(s, "experts.", false, 5, 0), gpu(sg, "experts.", false, 5, 0);
+  for (std::size_t i = 0; i < cpu.parameters().size(); ++i)
+    EXPECT_EQ(cpu.parameters()[i]->value.to_vector(), gpu.parameters()[i]->value.to_vector())
+        << "initialisation must not depend on the device";
+  const Tensor x = Tensor::from_vector(randn(R * d, 1), {R, d}, dt);
+  const Tensor dy = Tensor::from_vector(randn(R * d, 2), {R, d}, dt);
+  const Tensor off = Tensor::from_vector(offv, {E + 1}, DType::kI64);
+  const double tol = dt == DType::kF64 ? 1e-12 : dt == DType::kF32 ? 1e-5 : 3e-2;
+
+  const auto y = cpu.forward(x, off, true).to_vector();
+  const auto yg = gpu.forward(to_device(x, sg.device), to_device(off, sg.device), true).to_vector();
+  EXPECT_LT(rel_l2(yg, y), tol);
+  const auto dx = cpu.backward(dy).to_vector();
+  const auto dxg = gpu.backward(to_device(dy, sg.device)).to_vector();
+  EXPECT_LT(rel_l2(dxg, dx), tol);
+  for (std::size_t i = 0; i < cpu.parameters().size(); ++i)
+    EXPECT_LT(rel_l2(gpu.parameters()[i]->grad.to_vector(), cpu.parameters()[i]->grad.to_vector()),
+              tol)
+        << cpu.parameters()[i]->name;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, FfnCuda,
+    ::testing::Values(Case{Activation::kRelu, DType::kF32, true}, Case{Activation::kGelu, DType::kF32, false},
+                      Case{Activation::kSilu, DType::kF64, false}, Case{Activation::kSwiGLU, DType::kF32, true},
+                      Case{Activation::kGeGLU, DType::kBF16, false}, Case{Activation::kGeluTanh, DType::kF16, true},
+                      Case{Activation::kRelu, DType::kBF16, true}),
+    [](const auto& info) {
+      return std::string(to_string(info.param.act)) + dtype_name(info.param.dtype) +
+             (info.param.equal_rows ? "Batched" : "PerExpert");
+    });
+
+}  // namespace
+}  // namespace switchyard
