@@ -3,8 +3,6 @@
 // f32 (f64 for f64; f32 GEMMs are true FP32), tensors stored in the experts' dtype.
 // NOTE: the per-expert row counts are read on the host, one device-to-host copy per forward; a
 // grouped GEMM reading device-side offsets will remove that sync.
-#include <cublas_v2.h>
-
 #include <algorithm>
 #include <mutex>
 #include <vector>
@@ -13,54 +11,10 @@
 #include "core/cuda_math.cuh"
 #include "experts/activation.h"
 #include "experts/ffn.h"
-
-#define SY_CUBLAS_CHECK(expr)                                                               \
-  do {                                                                                      \
-    const cublasStatus_t sy_st_ = (expr);                                                   \
-    SY_CHECK(sy_st_ == CUBLAS_STATUS_SUCCESS, #expr " failed: ", cublasGetStatusString(sy_st_), \
-             " at ", __FILE__, ":", __LINE__);                                              \
-  } while (0)
+#include "experts/gemm_cuda.cuh"
 
 namespace switchyard {
 namespace {
-
-// One cuBLAS handle per device, shared by the process; the stream is set per call.
-cublasHandle_t handle_for(int device) {
-  static std::mutex mu;
-  static std::vector<cublasHandle_t> handles(64, nullptr);
-  std::lock_guard<std::mutex> lock(mu);
-  if (!handles[device]) SY_CUBLAS_CHECK(cublasCreate(&handles[device]));
-  return handles[device];
-}
-
-template <class T>
-cudaDataType_t data_type() {
-  if constexpr (std::is_same_v<T, double>) return CUDA_R_64F;
-  else if constexpr (std::is_same_v<T, float>) return CUDA_R_32F;
-  else if constexpr (std::is_same_v<T, __half>) return CUDA_R_16F;
-  else return CUDA_R_16BF;
-}
-
-// Row-major C[m, n] = alpha * op(A) op(B) + beta * C for `batch` matrices `stride_*` elements
-// apart: cuBLAS is column-major, so it computes Cᵀ = op(B)ᵀ op(A)ᵀ.
-template <class T>
-void gemm(cublasHandle_t h, bool ta, bool tb, index_t m, index_t n, index_t k, const T* a,
-          index_t lda, index_t stride_a, const T* b, index_t ldb, index_t stride_b, double beta,
-          T* c, index_t ldc, index_t stride_c, index_t batch) {
-  if (m == 0 || n == 0 || batch == 0) return;
-  using A = cuda_acc_t<T>;
-  const A alpha_v = 1, beta_v = static_cast<A>(beta);
-  const cublasComputeType_t compute =
-      std::is_same_v<T, double> ? CUBLAS_COMPUTE_64F : CUBLAS_COMPUTE_32F;
-  auto i32 = [](index_t v) {
-    SY_CHECK(v <= 2147483647, "cuBLAS dimension ", v, " exceeds int");
-    return static_cast<int>(v);
-  };
-  SY_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
-      h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, i32(n), i32(m), i32(k),
-      &alpha_v, b, data_type<T>(), i32(ldb), stride_b, a, data_type<T>(), i32(lda), stride_a,
-      &beta_v, c, data_type<T>(), i32(ldc), stride_c, i32(batch), compute, CUBLAS_GEMM_DEFAULT));
-}
 
 // Whether every expert has the same number of rows (the padded layout): one batched GEMM.
 bool equal_rows(const std::vector<index_t>& off) {
@@ -167,8 +121,7 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
   const Device dev = rows.device();
   DeviceScope scope(dev.index);
   const cudaStream_t stream = as_cuda_stream(current_stream(dev).handle);
-  cublasHandle_t h = handle_for(dev.index);
-  SY_CUBLAS_CHECK(cublasSetStream(h, stream));
+  cublasHandle_t h = cublas_handle(dev.index, stream);
   const index_t R = rows.size(0), d = s.model_dim, hid = s.hidden_size;
   const bool gated = is_gated(s.activation);
   const index_t h1 = gated ? 2 * hid : hid;
@@ -216,8 +169,7 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
   const Device dev = dy_in.device();
   DeviceScope scope(dev.index);
   const cudaStream_t stream = as_cuda_stream(current_stream(dev).handle);
-  cublasHandle_t h = handle_for(dev.index);
-  SY_CUBLAS_CHECK(cublasSetStream(h, stream));
+  cublasHandle_t h = cublas_handle(dev.index, stream);
   const index_t R = sv.x.size(0), d = s.model_dim, hid = s.hidden_size, E = s.num_experts;
   const bool gated = is_gated(s.activation);
   const index_t h1 = gated ? 2 * hid : hid;

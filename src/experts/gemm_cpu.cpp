@@ -2,6 +2,7 @@
 
 #include <climits>
 
+#include "core/backend.h"
 #include "core/dtype_dispatch.h"
 #include "experts/gemm.h"
 #include "switchyard/error.h"
@@ -44,8 +45,9 @@ void gemm(const Tensor& a_in, bool ta, const Tensor& b_in, bool tb, Tensor& c, d
   SY_CHECK(a_in.dtype() == b_in.dtype() && a_in.dtype() == c.dtype(),
            "gemm: dtypes differ: ", dtype_name(a_in.dtype()), ", ", dtype_name(b_in.dtype()), ", ",
            dtype_name(c.dtype()));
-  SY_CHECK(a_in.device().is_cpu() && b_in.device().is_cpu() && c.device().is_cpu(),
-           "gemm: expected CPU tensors");
+  SY_CHECK(a_in.device() == c.device() && b_in.device() == c.device(),
+           "gemm: tensors on different devices: ", to_string(a_in.device()), ", ",
+           to_string(b_in.device()), ", ", to_string(c.device()));
   const index_t m = ta ? a_in.size(1) : a_in.size(0);
   const index_t k = ta ? a_in.size(0) : a_in.size(1);
   const index_t kb = tb ? b_in.size(1) : b_in.size(0);
@@ -53,6 +55,11 @@ void gemm(const Tensor& a_in, bool ta, const Tensor& b_in, bool tb, Tensor& c, d
   SY_CHECK(k == kb && c.size(0) == m && c.size(1) == n, "gemm: shapes do not chain: op(a) is [", m,
            ", ", k, "], op(b) is [", kb, ", ", n, "], c is [", c.size(0), ", ", c.size(1), "]");
   auto unit_rows = [](const Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); };
+  if (c.device().is_cuda()) {
+    SY_CHECK(c.is_contiguous(), "gemm: the CUDA output must be contiguous");
+    Tensor a = a_in.contiguous(), b = b_in.contiguous();
+    SY_CALL_CUDA(gemm, a, ta, b, tb, c, alpha, beta);
+  }
   const DType dt = c.dtype();
   if (dt == DType::kF32 || dt == DType::kF64) {
     const Tensor a = unit_rows(a_in), b = unit_rows(b_in);

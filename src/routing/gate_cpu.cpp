@@ -36,7 +36,9 @@ LinearGate::LinearGate(const MoEConfig& cfg) {
 }
 
 Tensor LinearGate::forward(const Tensor& x, bool training) {
-  require_cpu("gate", x.device());
+  require_backend("gate", x.device());
+  SY_CHECK(x.device() == wg_.value.device(), "gate: x is on ", to_string(x.device()),
+           ", the gate on ", to_string(wg_.value.device()));
   const Tensor xg = x.to(wg_.value.dtype()).contiguous();
   Tensor logits = Tensor::empty({xg.size(0), wg_.value.size(0)}, wg_.value.dtype(), x.device());
   gemm(xg, false, wg_.value, true, logits);

@@ -1,0 +1,54 @@
+// Row-major GEMMs through cuBLAS for CUDA sources: C[m, n] = alpha op(A) op(B) + beta C, with
+// batches of matrices a fixed stride apart. f32 is true FP32 (no TF32), f16/bf16 accumulate in
+// f32, f64 in f64.
+#pragma once
+
+#include <cublas_v2.h>
+
+#include <type_traits>
+
+#include "core/cuda_check.cuh"
+#include "core/cuda_math.cuh"
+
+#define SY_CUBLAS_CHECK(expr)                                                                 \
+  do {                                                                                        \
+    const cublasStatus_t sy_st_ = (expr);                                                     \
+    SY_CHECK(sy_st_ == CUBLAS_STATUS_SUCCESS, #expr " failed: ", cublasGetStatusString(sy_st_), \
+             " at ", __FILE__, ":", __LINE__);                                                \
+  } while (0)
+
+namespace switchyard {
+
+// The process's cuBLAS handle for `device`, bound to `stream`.
+cublasHandle_t cublas_handle(int device, cudaStream_t stream);
+
+template <class T>
+cudaDataType_t cuda_data_type() {
+  if constexpr (std::is_same_v<T, double>) return CUDA_R_64F;
+  else if constexpr (std::is_same_v<T, float>) return CUDA_R_32F;
+  else if constexpr (std::is_same_v<T, __half>) return CUDA_R_16F;
+  else return CUDA_R_16BF;
+}
+
+// cuBLAS is column-major, so this computes Cᵀ = op(B)ᵀ op(A)ᵀ.
+template <class T>
+void gemm(cublasHandle_t h, bool ta, bool tb, index_t m, index_t n, index_t k, const T* a,
+          index_t lda, index_t stride_a, const T* b, index_t ldb, index_t stride_b, double beta,
+          T* c, index_t ldc, index_t stride_c, index_t batch, double alpha = 1.0) {
+  if (m == 0 || n == 0 || batch == 0) return;
+  using A = cuda_acc_t<T>;
+  const A alpha_v = static_cast<A>(alpha), beta_v = static_cast<A>(beta);
+  const cublasComputeType_t compute =
+      std::is_same_v<T, double> ? CUBLAS_COMPUTE_64F : CUBLAS_COMPUTE_32F;
+  auto i32 = [](index_t v) {
+    SY_CHECK(v <= 2147483647, "cuBLAS dimension ", v, " exceeds int");
+    return static_cast<int>(v);
+  };
+  SY_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+      h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, i32(n), i32(m), i32(k),
+      &alpha_v, b, cuda_data_type<T>(), i32(ldb), stride_b, a, cuda_data_type<T>(), i32(lda),
+      stride_a, &beta_v, c, cuda_data_type<T>(), i32(ldc), stride_c, i32(batch), compute,
+      CUBLAS_GEMM_DEFAULT));
+}
+
+}  // namespace switchyard
