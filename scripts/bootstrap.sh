@@ -9,6 +9,7 @@ packages=(
   libgtest-dev libgmock-dev              # tests
   libopenblas-dev                        # CPU GEMMs
   libcli11-dev nlohmann-json3-dev libfmt-dev  # the switchyard command-line tool
+  libopenmpi-dev openmpi-bin             # the MPI communicator and its mpirun tests
 )
 # shellcheck disable=SC2206  # word splitting is intended
 packages+=(${SY_EXTRA_PACKAGES:-})

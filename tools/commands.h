@@ -27,5 +27,6 @@ class UsageError : public std::runtime_error {
 using Command = std::function<int()>;
 Command add_train_command(CLI::App& app);
 Command add_bench_command(CLI::App& app);
+Command add_a2a_bench_command(CLI::App& app);
 
 }  // namespace switchyard::tools

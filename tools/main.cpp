@@ -32,6 +32,7 @@ int main(int argc, char** argv) {
   const std::vector<std::pair<std::string, tools::Command>> commands = {
       {"train", tools::add_train_command(app)},
       {"bench", tools::add_bench_command(app)},
+      {"a2a-bench", tools::add_a2a_bench_command(app)},
   };
 
   // CLI11 reports a missing or misspelled command as "A subcommand is required"; say which.

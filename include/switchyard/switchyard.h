@@ -1,6 +1,7 @@
 // Switchyard: a Mixture-of-Experts layer library. Include this header for the whole C++ API.
 #pragma once
 
+#include "switchyard/comm.h"
 #include "switchyard/config.h"
 #include "switchyard/device.h"
 #include "switchyard/dtype.h"
