@@ -69,7 +69,7 @@ class MoELayer {
   // Aux-loss-free balancing: bias[e] += rate * sign(mean(count) - count[e]) over the token
   // counts accumulated by training forwards since the last update; then resets the counts.
   void update_expert_bias(double rate = 1e-3);
-  Tensor expert_bias() const;  // [E] f32; zeros unless cfg.expert_bias
+  Tensor expert_bias() const;  // [E] f32 on the host; zeros unless cfg.expert_bias
 
  private:
   struct Impl;

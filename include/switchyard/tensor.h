@@ -61,6 +61,7 @@ class Tensor {
   // Copies (new storage).
   Tensor clone() const;
   Tensor to(DType dtype) const;  // *this when the dtype already matches
+  Tensor to(Device device) const;  // a contiguous copy on `device`; *this when already there
   // Elementwise copy from `src` (same shape, any strides, any dtype: converted).
   void copy_from(const Tensor& src);
   void fill(double value);

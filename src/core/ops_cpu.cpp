@@ -7,10 +7,12 @@
 namespace switchyard {
 
 void add_inplace(Tensor& dst, const Tensor& src_in, const Tensor* scale_in) {
-  require_cpu("add_inplace", dst.device());
-  SY_ASSERT(dst.is_contiguous() && dst.sizes() == src_in.sizes() && dst.dtype() == src_in.dtype());
+  require_backend("add_inplace", dst.device());
+  SY_ASSERT(dst.is_contiguous() && dst.sizes() == src_in.sizes() && dst.dtype() == src_in.dtype() &&
+            dst.device() == src_in.device());
   const Tensor src = src_in.contiguous();
   const Tensor scale = scale_in ? scale_in->to(dst.dtype()).contiguous() : Tensor();
+  if (dst.device().is_cuda()) SY_CALL_CUDA(add_inplace, dst, src, scale.defined() ? &scale : nullptr);
   dispatch_float(dst.dtype(), "add_inplace", [&]<class T>() {
     T* d = dst.data<T>();
     const T* s = src.data<T>();

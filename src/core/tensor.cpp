@@ -239,6 +239,13 @@ void copy_with_cuda(Tensor& dst, const Tensor& src) {
 }  // namespace
 #endif
 
+Tensor Tensor::to(Device device) const {
+  if (device == device_) return *this;
+  Tensor t = empty(sizes_, dtype_, device);
+  t.copy_from(*this);
+  return t;
+}
+
 void Tensor::copy_from(const Tensor& src) {
   SY_CHECK(defined() && src.defined(), "copy_from: undefined tensor");
   SY_CHECK(sizes_ == src.sizes_, "copy_from: shape ", shape_str(src.sizes_), " into shape ",

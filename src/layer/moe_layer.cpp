@@ -62,7 +62,8 @@ struct MoELayer::Impl {
   DType x_dtype = DType::kF32;
   Tensor x;       // [T, d] in the layer's dtype
   Tensor jitter;  // [T, d] or undefined
-  RoutingPlan plan;
+  RoutingPlan plan;         // on the host: the router and its backward run there for now
+  RoutingPlan device_plan;  // plan on the layer's device, for dispatch
   RouterState router;
   Tensor expert_out;  // [R, d]
 };
@@ -73,7 +74,9 @@ MoELayer::MoELayer(const MoEConfig& cfg, std::shared_ptr<Gate> gate,
                    std::shared_ptr<ExpertNetwork> experts)
     : impl_(std::make_unique<Impl>()) {
   validate_config(cfg);
-  require_cpu("MoELayer", cfg.device);
+  require_backend("MoELayer", cfg.device);
+  SY_CHECK(!(cfg.device.is_cuda() && cfg.gate == GateType::kCosine),
+           "the cosine gate has no CUDA backend yet: use gate=linear on CUDA");
   Impl& m = *impl_;
   m.cfg = cfg;
   if (gate) {
@@ -92,7 +95,7 @@ MoELayer::MoELayer(const MoEConfig& cfg, std::shared_ptr<Gate> gate,
   if (cfg.shared_expert_hidden > 0)
     m.shared = std::make_unique<FfnExperts>(ffn_shape(cfg, 1, cfg.shared_expert_hidden),
                                             "shared_experts.", true, cfg.seed, kSharedInitId);
-  m.expert_bias = Tensor::zeros({cfg.num_experts}, DType::kF32, cfg.device);
+  m.expert_bias = Tensor::zeros({cfg.num_experts}, DType::kF32);  // host: the router reads it
   m.bias_counts.assign(static_cast<std::size_t>(cfg.num_experts), 0.0);
 }
 
@@ -120,18 +123,22 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
   const index_t d = cfg.model_dim, T = x_in.numel() / d, E = cfg.num_experts;
   const DType rd = routing_dtype(cfg.dtype);
 
+  const Device dev = cfg.device;
   Tensor x = x_in.reshape({T, d}).to(cfg.dtype).contiguous();
-  check_finite(x, "forward: x");
+  // On CUDA a check of x would cost a host sync; the logits are checked on the host below.
+  if (dev.is_cpu()) check_finite(x, "forward: x");
   Tensor jitter, xg = x;
   if (opt.training && cfg.input_jitter > 0) {
-    jitter = jitter_factors(cfg, m.step, T);
-    xg = Tensor::zeros({T, d}, cfg.dtype);
+    jitter = jitter_factors(cfg, m.step, T).to(dev);
+    xg = Tensor::zeros({T, d}, cfg.dtype, dev);
     add_inplace(xg, x, &jitter);  // xg = x * jitter
   }
   Tensor logits = m.gate->forward(xg, opt.training);
   SY_CHECK(logits.dim() == 2 && logits.size(0) == T && logits.size(1) == E,
            "gate: logits must be [", T, ", ", E, "], got ", shape_str(logits.sizes()));
-  logits = logits.to(rd);
+  // NOTE: on CUDA the router runs on the host for now: the logits come back to the host (a sync
+  // per forward) and the plan goes to the device. A fused router kernel will replace this.
+  logits = logits.to(rd).to(Device::cpu());
 
   RouteArgs args;
   args.top_k = k;
@@ -143,16 +150,18 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
   ForwardResult result;
   RouterState router;
   RoutingPlan plan = route_cpu(cfg, args, logits, router, result.losses);
+  RoutingPlan device_plan = dev.is_cpu() ? plan : plan_to_device(plan, dev);
 
-  const Tensor buffer = encode(plan, x, !cfg.is_postscore);
-  Tensor expert_out = m.experts->forward(buffer, plan.offsets, opt.training);
+  const Tensor buffer = encode(device_plan, x, !cfg.is_postscore);
+  Tensor expert_out = m.experts->forward(buffer, device_plan.offsets, opt.training);
   SY_CHECK(expert_out.dim() == 2 && expert_out.size(0) == plan.num_rows && expert_out.size(1) == d,
            "experts: output must be [", plan.num_rows, ", ", d, "], got ",
            shape_str(expert_out.sizes()));
   expert_out = expert_out.to(cfg.dtype);
-  Tensor y = decode(plan, expert_out, cfg.is_postscore);
+  Tensor y = decode(device_plan, expert_out, cfg.is_postscore);
   if (m.shared) {
-    const Tensor all_rows = Tensor::from_vector({0.0, static_cast<double>(T)}, {2}, DType::kI64);
+    const Tensor all_rows =
+        Tensor::from_vector({0.0, static_cast<double>(T)}, {2}, DType::kI64).to(dev);
     add_inplace(y, m.shared->forward(x, all_rows, opt.training));
   }
 
@@ -177,6 +186,7 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
   m.x = x;
   m.jitter = jitter;
   m.plan = std::move(plan);
+  m.device_plan = std::move(device_plan);
   m.router = std::move(router);
   m.expert_out = expert_out;
   m.saved = true;
@@ -202,11 +212,13 @@ Tensor MoELayer::backward(const Tensor& dy_in, const LossWeights& weights) {
   const Tensor dy = dy_in.reshape({T, d}).to(cfg.dtype).contiguous();
   m.saved = false;
 
-  Tensor dweight = Tensor::zeros({T, m.plan.top_k}, routing_dtype(cfg.dtype));
-  const Tensor dout = decode_backward(m.plan, dy, m.expert_out, cfg.is_postscore, dweight);
+  const Device dev = cfg.device;
+  Tensor dweight = Tensor::zeros({T, m.plan.top_k}, routing_dtype(cfg.dtype), dev);
+  const Tensor dout = decode_backward(m.device_plan, dy, m.expert_out, cfg.is_postscore, dweight);
   const Tensor dbuffer = m.experts->backward(dout).to(cfg.dtype);
-  Tensor dx = encode_backward(m.plan, dbuffer, m.x, !cfg.is_postscore, dweight);
-  const Tensor dlogits = route_backward_cpu(cfg, m.plan, m.router, dweight, weights);
+  Tensor dx = encode_backward(m.device_plan, dbuffer, m.x, !cfg.is_postscore, dweight);
+  const Tensor dlogits =
+      route_backward_cpu(cfg, m.plan, m.router, dweight.to(Device::cpu()), weights).to(dev);
   const Tensor dx_gate = m.gate->backward(dlogits).to(cfg.dtype);
   add_inplace(dx, dx_gate, m.jitter.defined() ? &m.jitter : nullptr);
   if (m.shared) add_inplace(dx, m.shared->backward(dy));
