@@ -1,0 +1,354 @@
+// switchyard._C: the C++ MoE layer for PyTorch (CPU). Only this file sees Torch.
+//
+// Tensors cross without copies: a torch tensor becomes a switchyard::Tensor view of the same
+// memory (Tensor::from_blob with its sizes, strides and dtype), and a switchyard result becomes a
+// torch tensor over the same storage (torch::from_blob whose deleter holds the switchyard
+// Tensor). Parameters stay owned by torch: before each forward and backward the caller passes
+// them, and the layer's Parameter.value is pointed at their memory; backward points
+// Parameter.grad at fresh zero tensors and hands those back.
+//
+// Custom gates and experts (any Python callable) plug in through PyGate and PyExperts, which call
+// back into Python; the autograd bookkeeping of those callbacks lives in switchyard/moe.py.
+#include <torch/extension.h>
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "switchyard/switchyard.h"
+
+namespace py = pybind11;
+namespace sy = switchyard;
+
+namespace {
+
+sy::DType to_sy_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble:
+      return sy::DType::kF64;
+    case at::kFloat:
+      return sy::DType::kF32;
+    case at::kHalf:
+      return sy::DType::kF16;
+    case at::kBFloat16:
+      return sy::DType::kBF16;
+    case at::kInt:
+      return sy::DType::kI32;
+    case at::kLong:
+      return sy::DType::kI64;
+    default:
+      throw sy::Error(std::string("switchyard: unsupported torch dtype ") + c10::toString(t) +
+                      " (expected float64, float32, float16, bfloat16, int32 or int64)");
+  }
+}
+
+at::ScalarType to_torch_dtype(sy::DType t) {
+  switch (t) {
+    case sy::DType::kF64:
+      return at::kDouble;
+    case sy::DType::kF32:
+      return at::kFloat;
+    case sy::DType::kF16:
+      return at::kHalf;
+    case sy::DType::kBF16:
+      return at::kBFloat16;
+    case sy::DType::kI32:
+      return at::kInt;
+    case sy::DType::kI64:
+      return at::kLong;
+  }
+  throw sy::Error("switchyard: unknown dtype");
+}
+
+// A view of a torch tensor's memory: no copy, no ownership (the caller keeps `t` alive).
+sy::Tensor view_of(const at::Tensor& t, const char* what) {
+  if (!t.defined()) throw sy::Error(std::string(what) + ": tensor is undefined");
+  if (!t.device().is_cpu())
+    throw sy::Error(std::string(what) + ": tensor is on " + t.device().str() +
+                    "; this build of the switchyard binding runs on the CPU only");
+  const sy::Shape sizes(t.sizes().begin(), t.sizes().end());
+  const sy::Shape strides(t.strides().begin(), t.strides().end());
+  return sy::Tensor::from_blob(t.data_ptr(), sizes, strides, to_sy_dtype(t.scalar_type()));
+}
+
+// A torch tensor over a switchyard tensor's storage; the deleter keeps that storage alive.
+at::Tensor torch_of(const sy::Tensor& t) {
+  if (!t.defined()) return at::Tensor();
+  auto* keep = new sy::Tensor(t);
+  const std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
+  const std::vector<int64_t> strides(t.strides().begin(), t.strides().end());
+  return torch::from_blob(
+      t.data_ptr(), sizes, strides, [keep](void*) { delete keep; },
+      torch::TensorOptions().dtype(to_torch_dtype(t.dtype())).device(torch::kCPU));
+}
+
+// A switchyard tensor owning a copy of a torch tensor (for results of Python callbacks, whose
+// lifetime the layer does not control).
+sy::Tensor owned_copy_of(const at::Tensor& t, const char* what) {
+  const sy::Tensor v = view_of(t, what);
+  sy::Tensor out = sy::Tensor::empty(v.sizes(), v.dtype());
+  out.copy_from(v);
+  return out;
+}
+
+// A gate implemented in Python: forward(x, training) -> logits, backward(dlogits) -> dx.
+class PyGate final : public sy::Gate {
+ public:
+  PyGate(py::object fwd, py::object bwd) : fwd_(std::move(fwd)), bwd_(std::move(bwd)) {}
+  ~PyGate() override {
+    py::gil_scoped_acquire gil;
+    fwd_ = py::object();
+    bwd_ = py::object();
+  }
+  sy::Tensor forward(const sy::Tensor& x, bool training) override {
+    py::gil_scoped_acquire gil;
+    return owned_copy_of(fwd_(torch_of(x), training).cast<at::Tensor>(), "custom gate output");
+  }
+  sy::Tensor backward(const sy::Tensor& dlogits) override {
+    py::gil_scoped_acquire gil;
+    return owned_copy_of(bwd_(torch_of(dlogits)).cast<at::Tensor>(), "custom gate gradient");
+  }
+
+ private:
+  py::object fwd_, bwd_;
+};
+
+// An expert network implemented in Python: forward(rows, offsets, training) -> rows_out,
+// backward(drows_out) -> drows. Its parameters are torch's business (parameters() is empty).
+class PyExperts final : public sy::ExpertNetwork {
+ public:
+  PyExperts(py::object fwd, py::object bwd) : fwd_(std::move(fwd)), bwd_(std::move(bwd)) {}
+  ~PyExperts() override {
+    py::gil_scoped_acquire gil;
+    fwd_ = py::object();
+    bwd_ = py::object();
+  }
+  sy::Tensor forward(const sy::Tensor& rows, const sy::Tensor& offsets, bool training) override {
+    py::gil_scoped_acquire gil;
+    return owned_copy_of(
+        fwd_(torch_of(rows), torch_of(offsets.contiguous()), training).cast<at::Tensor>(),
+        "custom experts output");
+  }
+  sy::Tensor backward(const sy::Tensor& drows_out) override {
+    py::gil_scoped_acquire gil;
+    return owned_copy_of(bwd_(torch_of(drows_out)).cast<at::Tensor>(), "custom experts gradient");
+  }
+  std::vector<sy::Parameter*> parameters() override { return {}; }
+
+ private:
+  py::object fwd_, bwd_;
+};
+
+template <class T>
+T take(py::dict& d, const char* key, T fallback) {
+  if (!d.contains(key)) return fallback;
+  T v = d[key].cast<T>();
+  d.attr("pop")(key);
+  return v;
+}
+
+// MoEConfig from a dict whose keys are MoEConfig's field names; enums as their names.
+sy::MoEConfig config_from_dict(py::dict in) {
+  py::dict d(in.attr("copy")());
+  sy::MoEConfig c;
+  c.model_dim = take<int64_t>(d, "model_dim", c.model_dim);
+  c.hidden_size = take<int64_t>(d, "hidden_size", c.hidden_size);
+  c.num_experts = take<int64_t>(d, "num_experts", c.num_experts);
+  c.top_k = take<int>(d, "top_k", c.top_k);
+  c.dtype = sy::parse_dtype(take<std::string>(d, "dtype", sy::dtype_name(c.dtype)));
+  c.seed = take<uint64_t>(d, "seed", c.seed);
+  c.rules = sy::parse_rule_set(take<std::string>(d, "rules", sy::to_string(c.rules)));
+  c.gate = sy::parse_gate_type(take<std::string>(d, "gate", sy::to_string(c.gate)));
+  c.fp32_gate = take<bool>(d, "fp32_gate", c.fp32_gate);
+  c.cosine_proj_dim = take<int64_t>(d, "cosine_proj_dim", c.cosine_proj_dim);
+  c.cosine_init_t = take<double>(d, "cosine_init_t", c.cosine_init_t);
+  c.gate_noise = take<double>(d, "gate_noise", c.gate_noise);
+  c.input_jitter = take<double>(d, "input_jitter", c.input_jitter);
+  c.score_fn = sy::parse_score_fn(take<std::string>(d, "score_fn", sy::to_string(c.score_fn)));
+  c.pre_softmax = take<bool>(d, "pre_softmax", c.pre_softmax);
+  c.normalize_gate = take<bool>(d, "normalize_gate", c.normalize_gate);
+  c.scaling_factor = take<double>(d, "scaling_factor", c.scaling_factor);
+  c.expert_bias = take<bool>(d, "expert_bias", c.expert_bias);
+  c.num_groups = take<int>(d, "num_groups", c.num_groups);
+  c.topk_groups = take<int>(d, "topk_groups", c.topk_groups);
+  c.sinkhorn = take<bool>(d, "sinkhorn", c.sinkhorn);
+  c.sinkhorn_max_iters = take<int>(d, "sinkhorn_max_iters", c.sinkhorn_max_iters);
+  c.sinkhorn_tol = take<double>(d, "sinkhorn_tol", c.sinkhorn_tol);
+  c.capacity_factor = take<double>(d, "capacity_factor", c.capacity_factor);
+  c.batch_prioritized_routing =
+      take<bool>(d, "batch_prioritized_routing", c.batch_prioritized_routing);
+  c.drop_policy =
+      sy::parse_drop_policy(take<std::string>(d, "drop_policy", sy::to_string(c.drop_policy)));
+  c.layout = sy::parse_layout(take<std::string>(d, "layout", sy::to_string(c.layout)));
+  c.overlap_degree = take<int>(d, "overlap_degree", c.overlap_degree);
+  c.is_postscore = take<bool>(d, "is_postscore", c.is_postscore);
+  c.aux_loss = sy::parse_aux_loss(take<std::string>(d, "aux_loss", sy::to_string(c.aux_loss)));
+  c.seq_len = take<int64_t>(d, "seq_len", c.seq_len);
+  c.activation =
+      sy::parse_activation(take<std::string>(d, "activation", sy::to_string(c.activation)));
+  c.has_fc1_bias = take<bool>(d, "has_fc1_bias", c.has_fc1_bias);
+  c.has_fc2_bias = take<bool>(d, "has_fc2_bias", c.has_fc2_bias);
+  c.shared_expert_hidden = take<int64_t>(d, "shared_expert_hidden", c.shared_expert_hidden);
+  if (py::len(d) > 0) {
+    std::string names;
+    for (auto kv : d) names += (names.empty() ? "" : ", ") + kv.first.cast<std::string>();
+    throw sy::Error("switchyard config: unknown keys: " + names);
+  }
+  return c;
+}
+
+class Layer {
+ public:
+  Layer(py::dict cfg, py::object gate_fwd, py::object gate_bwd, py::object experts_fwd,
+        py::object experts_bwd) {
+    std::shared_ptr<sy::Gate> gate;
+    std::shared_ptr<sy::ExpertNetwork> experts;
+    if (!gate_fwd.is_none()) gate = std::make_shared<PyGate>(gate_fwd, gate_bwd);
+    if (!experts_fwd.is_none()) experts = std::make_shared<PyExperts>(experts_fwd, experts_bwd);
+    layer_ = std::make_unique<sy::MoELayer>(config_from_dict(cfg), gate, experts);
+    params_ = layer_->parameters();
+    // The layer's own initial values are never used (torch owns the parameters): free them.
+    for (sy::Parameter* p : params_) {
+      shapes_.push_back(p->value.sizes());
+      dtypes_.push_back(p->value.dtype());
+      p->value = sy::Tensor();
+      p->grad = sy::Tensor();
+    }
+  }
+
+  std::vector<std::string> param_names() const {
+    std::vector<std::string> n;
+    for (const sy::Parameter* p : params_) n.push_back(p->name);
+    return n;
+  }
+  std::vector<std::vector<int64_t>> param_shapes() const {
+    return {shapes_.begin(), shapes_.end()};
+  }
+  std::vector<std::string> param_dtypes() const {
+    std::vector<std::string> n;
+    for (sy::DType d : dtypes_) n.push_back(sy::dtype_name(d));
+    return n;
+  }
+
+  // Returns (y, l_aux, l_z, stats). `params` in the order of param_names(), each contiguous with
+  // the shape and dtype of param_shapes()/param_dtypes().
+  py::tuple forward(const at::Tensor& x, const std::vector<at::Tensor>& params,
+                    std::optional<double> capacity_factor, std::optional<int> top_k,
+                    bool training) {
+    point_values(params);
+    sy::ForwardOptions opt;
+    opt.capacity_factor = capacity_factor;
+    opt.top_k = top_k;
+    opt.training = training;
+    const sy::Tensor xv = view_of(x, "forward: x");
+    sy::ForwardResult r;
+    {
+      py::gil_scoped_release nogil;
+      r = layer_->forward(xv, opt);
+    }
+    py::dict stats;
+    stats["tokens_per_expert"] = r.stats.tokens_per_expert;
+    stats["dropped_choices"] = r.stats.dropped_choices;
+    stats["capacity"] = r.stats.capacity;
+    stats["num_rows"] = r.stats.num_rows;
+    stats["top_k"] = r.stats.top_k;
+    stats["layout"] = std::string(sy::to_string(r.stats.layout));
+    return py::make_tuple(torch_of(r.y), r.losses.aux, r.losses.z, stats);
+  }
+
+  // Returns (dx, [grad of each parameter]): the gradient of sum(y * dy) + aux * l_aux + z * l_z
+  // for the most recent training forward.
+  py::tuple backward(const at::Tensor& dy, const std::vector<at::Tensor>& params, double aux,
+                     double z) {
+    point_values(params);
+    std::vector<at::Tensor> grads;
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      grads.push_back(torch::zeros(params[i].sizes(), params[i].options()));
+      params_[i]->grad = view_of(grads.back(), "backward: gradient buffer");
+    }
+    const sy::Tensor dyv = view_of(dy, "backward: dy");
+    sy::Tensor dx;
+    try {
+      py::gil_scoped_release nogil;
+      dx = layer_->backward(dyv, sy::LossWeights{aux, z});
+    } catch (...) {
+      release_grads();
+      throw;
+    }
+    release_grads();
+    return py::make_tuple(torch_of(dx), grads);
+  }
+
+  void update_expert_bias(double rate) { layer_->update_expert_bias(rate); }
+  at::Tensor expert_bias() const { return torch_of(layer_->expert_bias()); }
+
+ private:
+  void point_values(const std::vector<at::Tensor>& params) {
+    if (params.size() != params_.size())
+      throw sy::Error("switchyard: " + std::to_string(params.size()) + " parameters given, the " +
+                      "layer has " + std::to_string(params_.size()));
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      const at::Tensor& t = params[i];
+      const std::string& name = params_[i]->name;
+      const sy::Shape sizes(t.sizes().begin(), t.sizes().end());
+      if (sizes != shapes_[i] || to_sy_dtype(t.scalar_type()) != dtypes_[i] || !t.is_contiguous())
+        throw sy::Error("switchyard: parameter " + name + " must be a contiguous " +
+                        sy::dtype_name(dtypes_[i]) + " tensor of the layer's shape");
+      params_[i]->value = view_of(t, name.c_str());
+    }
+  }
+  void release_grads() {
+    for (sy::Parameter* p : params_) p->grad = sy::Tensor();
+  }
+
+  std::unique_ptr<sy::MoELayer> layer_;
+  std::vector<sy::Parameter*> params_;
+  std::vector<sy::Shape> shapes_;
+  std::vector<sy::DType> dtypes_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "switchyard C++ core (CPU) for PyTorch";
+  static py::exception<sy::Error> error(m, "Error", PyExc_RuntimeError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const sy::Error& e) {
+      error(e.what());
+    }
+  });
+
+  py::class_<Layer>(m, "Layer")
+      .def(py::init<py::dict, py::object, py::object, py::object, py::object>(), py::arg("config"),
+           py::arg("gate_forward") = py::none(), py::arg("gate_backward") = py::none(),
+           py::arg("experts_forward") = py::none(), py::arg("experts_backward") = py::none())
+      .def("param_names", &Layer::param_names)
+      .def("param_shapes", &Layer::param_shapes)
+      .def("param_dtypes", &Layer::param_dtypes)
+      .def("forward", &Layer::forward, py::arg("x"), py::arg("params"),
+           py::arg("capacity_factor") = py::none(), py::arg("top_k") = py::none(),
+           py::arg("training") = true)
+      .def("backward", &Layer::backward, py::arg("dy"), py::arg("params"), py::arg("aux") = 0.0,
+           py::arg("z") = 0.0)
+      .def("update_expert_bias", &Layer::update_expert_bias, py::arg("rate") = 1e-3)
+      .def("expert_bias", &Layer::expert_bias);
+
+  // For tests of the zero-copy crossing: the data pointer, sizes and strides switchyard sees for
+  // a torch tensor, and a torch tensor made back from that view (sharing the memory).
+  m.def("_view_info", [](const at::Tensor& t) {
+    const sy::Tensor v = view_of(t, "view");
+    return py::make_tuple(reinterpret_cast<std::uintptr_t>(v.data_ptr()), v.sizes(), v.strides(),
+                          std::string(sy::dtype_name(v.dtype())));
+  });
+  m.def("_roundtrip", [](const at::Tensor& t) { return torch_of(view_of(t, "roundtrip")); });
+  m.def("_owned_roundtrip", [](const at::Tensor& t) {
+    // A tensor allocated by switchyard, handed to torch: returns it and its switchyard pointer.
+    sy::Tensor c = owned_copy_of(t, "owned");
+    const auto ptr = reinterpret_cast<std::uintptr_t>(c.data_ptr());
+    return py::make_tuple(torch_of(c), ptr);
+  });
+}

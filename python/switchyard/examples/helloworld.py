@@ -1,0 +1,125 @@
+"""Tutel's helloworld on switchyard: python -m switchyard.examples.helloworld [--flags]
+
+Same flags and the same per-step line as tutel/examples/helloworld.py; one process, CPU.
+"""
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from switchyard import moe as tutel_moe
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--local_rank", type=int, default=-1)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--num_tokens", type=int, default=512)
+    p.add_argument("--model_dim", type=int, default=2048)
+    p.add_argument("--hidden_size", type=int, default=2048)
+    p.add_argument("--num_local_experts", type=int, default=2)
+    p.add_argument("--dtype", type=str, default="float32")
+    p.add_argument("--fp32_gate", default=False, action="store_true")
+    p.add_argument("--top", type=int, default=2)
+    p.add_argument("--l_aux_wt", type=float, default=0.0)
+    p.add_argument("--a2a_ffn_overlap_degree", type=int, default=1)
+    p.add_argument("--allreduce_degree", type=int, default=1)
+    p.add_argument("--num_steps", type=int, default=100)
+    p.add_argument("--parallel_type", type=str, default="adaptive:1")
+    p.add_argument("--checkpoint_path", type=str, default="")
+    p.add_argument("--device", type=str, default="cpu")
+    p.add_argument("--use_2dh", default=False, action="store_true")
+    p.add_argument("--eval", default=False, action="store_true")
+    p.add_argument("--capacity_factor", type=float, default=1.0)
+    p.add_argument("--megablocks_size", type=int, default=0)
+    p.add_argument("--use_tensorcore", default=False, action="store_true")
+    p.add_argument("--expert_type", type=str, default="ffn")
+    args = p.parse_args(argv)
+
+    dtypes = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+              "bfloat16": torch.bfloat16}
+    if args.dtype not in dtypes:
+        p.error(f"unrecognized --dtype {args.dtype}: expected one of {', '.join(dtypes)}")
+    if args.device != "cpu":
+        p.error("this build of the switchyard binding runs on the CPU only: use --device cpu")
+    torch.set_default_dtype(dtypes[args.dtype])
+
+    class ExampleModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self._moe_layer = tutel_moe.moe_layer(
+                gate_type={"type": "top", "k": args.top, "fp32_gate": args.fp32_gate,
+                           "capacity_factor": args.capacity_factor},
+                experts={"type": args.expert_type, "count_per_node": args.num_local_experts,
+                         "hidden_size_per_expert": args.hidden_size,
+                         "activation_fn": lambda x: F.relu(x)},
+                model_dim=args.model_dim,
+                scan_expert_func=lambda name, param: setattr(param, "skip_allreduce", True),
+                seeds=(1, 1, 1),
+                a2a_ffn_overlap_degree=args.a2a_ffn_overlap_degree,
+                parallel_type=args.parallel_type,
+                use_2dh=args.use_2dh)
+            local = sum(p.numel() for _, p in
+                        self._moe_layer.get_parameter_iterator(param_type="local_experts"))
+            shared = sum(p.numel() for _, p in
+                         self._moe_layer.get_parameter_iterator(param_type="gate"))
+            print("[Statistics] param count for MoE local_experts = %s, param count for MoE "
+                  "gate = %s.\n" % (local, shared))
+
+        def forward(self, x):
+            return F.log_softmax(torch.sum(self._moe_layer(x), dim=2), dim=1)
+
+    model = ExampleModel()
+    print(model)
+    if args.checkpoint_path:
+        try:
+            model.load_state_dict(torch.load(args.checkpoint_path))
+        except FileNotFoundError:
+            print("Checkpoint not loaded: file `%s` is not found. Will train the model from "
+                  "start." % args.checkpoint_path)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-5)
+
+    torch.manual_seed(0)
+    x = torch.randn([args.batch_size, args.num_tokens, args.model_dim],
+                    dtype=torch.float32).to(torch.get_default_dtype())
+    y = torch.LongTensor(args.batch_size).random_(1)
+    print("[Benchmark] world_size = 1, dtype = %s, model_dim = %s, hidden_size = %s, samples = %s, "
+          "num_local_experts = %s, topK = %s, a2a_ffn_overlap_degree = %s, parallel_type = `%s`, "
+          "device = `cpu`" % (args.dtype, args.model_dim, args.hidden_size,
+                              args.batch_size * args.num_tokens, args.num_local_experts, args.top,
+                              args.a2a_ffn_overlap_degree, args.parallel_type))
+
+    average_time = 0.0
+    for i in range(args.num_steps):
+        t_start = time.perf_counter()
+        if not args.eval:
+            optimizer.zero_grad()
+            output = model(x)
+            loss = F.nll_loss(output, y)
+            if args.l_aux_wt:
+                loss = loss + args.l_aux_wt * model._moe_layer.l_aux
+            loss.backward()
+            optimizer.step()
+        else:
+            with torch.no_grad():
+                loss = F.nll_loss(model(x), y)
+        t_stop = time.perf_counter()
+        # Tutel's count: 2 expert GEMMs of 2*T*d*h flops per routed token, x3 for fwd+bwd.
+        mm_coef = 1 if args.eval else 3
+        cap_coef = min(args.top, model._moe_layer.num_global_experts)
+        tflops = (args.batch_size * args.num_tokens * args.model_dim * args.hidden_size) * 4 * \
+            mm_coef * cap_coef * 1e-12 / (t_stop - t_start)
+        print("STEP-%s: loss = %.5f, step_time = %.6f sec, perf = %.2f tflops." %
+              (i, float(loss.data), t_stop - t_start, tflops), flush=True)
+        if i + 10 >= args.num_steps:
+            average_time += t_stop - t_start
+    average_time /= min(10, args.num_steps) if args.num_steps else 1
+    print("\n[Summary] Average synchronized step_time = %s sec." % average_time)
+    if args.checkpoint_path:
+        torch.save(model.state_dict(), args.checkpoint_path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,794 @@
+"""Tutel-compatible MoE layer over the switchyard C++ core.
+
+    from switchyard import moe as tutel_moe        # instead of: from tutel import moe as tutel_moe
+    layer = tutel_moe.moe_layer(gate_type={'type': 'top', 'k': 2}, model_dim=512,
+                                experts={'type': 'ffn', 'num_experts_per_device': 8,
+                                         'hidden_size_per_expert': 1024})
+    y = layer(x)            # y.l_aux is the balancing loss
+
+How it works: the layer's parameters are ordinary torch nn.Parameters with Tutel's names and
+shapes. A forward hands them (no copy) with the input to the C++ layer, whose backward is wired
+into autograd by _MoEFunction. Gates and experts that the C++ core does not implement (a custom
+gate or expert module, an activation given as an arbitrary callable) run in Python with torch
+autograd, called back from the C++ pipeline, which still does routing, dispatch and combine.
+"""
+
+import copy
+import logging
+import math
+import weakref
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import _C
+
+__all__ = ["MOELayer", "moe_layer", "Error"]
+
+Error = _C.Error
+
+_TORCH_TO_SY = {
+    torch.float64: "f64",
+    torch.float32: "f32",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+}
+_SY_TO_TORCH = {v: k for k, v in _TORCH_TO_SY.items()}
+_STRING_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
+
+
+def _native_activation(fn):
+    """The C++ name of an activation the core runs natively, or None (run in Python)."""
+    if fn is None:
+        return "relu"
+    if isinstance(fn, str):
+        name = fn.lower()
+        if name not in _STRING_ACTIVATIONS:
+            raise ValueError(f"moe_layer: unknown activation_fn '{fn}': expected a callable or "
+                             f"one of {', '.join(_STRING_ACTIVATIONS)}")
+        return name
+    if fn is F.relu or fn is torch.relu:
+        return "relu"
+    if fn is F.gelu:
+        return "gelu"
+    if fn is F.silu:
+        return "silu"
+    if type(fn) is nn.ReLU:
+        return "relu"
+    if type(fn) is nn.SiLU:
+        return "silu"
+    if type(fn) is nn.GELU:
+        approximate = getattr(fn, "approximate", "none")
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
+    return None
+
+
+def _apply_activation(name, h):
+    """The activations by name, in torch (for the Python path and for experts(x) calls)."""
+    if name == "relu":
+        return F.relu(h)
+    if name == "gelu":
+        return F.gelu(h)
+    if name == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if name == "silu":
+        return F.silu(h)
+    gate, up = h.chunk(2, dim=-1)
+    return (F.silu(gate) if name == "swiglu" else F.gelu(gate)) * up
+
+
+def _world_size(group):
+    if group is not None:
+        return dist.get_world_size(group)
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _reject_unknown(what, options):
+    if options:
+        raise TypeError(f"{what}: unknown argument(s): {', '.join(sorted(options))}")
+
+
+class LinearTopKGate(nn.Module):
+    """Tutel's 'top' gate: logits = x Wgᵀ, Wg [E, d] (`wg.weight`)."""
+
+    def __init__(self, model_dim, num_global_experts, k=1, fp32_gate=False, capacity_factor=1.0,
+                 gate_noise=0.0, **options):
+        super().__init__()
+        _reject_unknown("gate_type 'top'", options)
+        self.wg = nn.Linear(model_dim, num_global_experts, bias=False,
+                            dtype=torch.float32 if fp32_gate else None)
+        self.top_k = min(num_global_experts, int(k))
+        self.fp32_gate = bool(fp32_gate)
+        self.capacity_factor = float(capacity_factor)
+        self.gate_noise = float(gate_noise)
+        self.native = "linear"
+
+    def forward(self, x):
+        if self.fp32_gate:
+            return F.linear(x.float(), self.wg.weight.float())
+        return self.wg(x.to(self.wg.weight.dtype))
+
+
+class CosineTopKGate(nn.Module):
+    """Tutel's 'cosine_top' gate: normalised projection against normalised sim_matrix columns,
+    scaled by exp(min(temperature, ln 100))."""
+
+    def __init__(self, model_dim, num_global_experts, k=1, fp32_gate=False, proj_dim=256,
+                 init_t=0.5, capacity_factor=1.0, gate_noise=0.0, **options):
+        super().__init__()
+        _reject_unknown("gate_type 'cosine'", options)
+        if init_t <= 0:
+            raise ValueError(f"gate_type 'cosine': init_t must be > 0, got {init_t}")
+        self.top_k = min(num_global_experts, int(k))
+        self.fp32_gate = bool(fp32_gate)
+        self.proj_dim = int(proj_dim)
+        self.init_t = float(init_t)
+        self.temperature = nn.Parameter(torch.log(torch.full([1], 1.0 / init_t)))
+        self.cosine_projector = nn.Linear(model_dim, proj_dim)
+        self.sim_matrix = nn.Parameter(torch.randn(proj_dim, num_global_experts))
+        nn.init.normal_(self.sim_matrix, 0, 0.01)
+        self.clamp_max = math.log(100.0)
+        self.capacity_factor = float(capacity_factor)
+        self.gate_noise = float(gate_noise)
+        self.native = "cosine"
+
+    def forward(self, x):
+        proj_w, proj_b, sim = (self.cosine_projector.weight, self.cosine_projector.bias,
+                               self.sim_matrix)
+        if self.fp32_gate:
+            x, proj_w, proj_b, sim = x.float(), proj_w.float(), proj_b.float(), sim.float()
+        u = F.normalize(F.linear(x, proj_w, proj_b), dim=1)
+        logits = torch.matmul(u, F.normalize(sim, dim=0))
+        return logits * torch.clamp(self.temperature, max=self.clamp_max).exp()
+
+
+class FusedExpertsNetwork(nn.Module):
+    """Tutel's 'ffn' experts: y = act(x fc1_w[e]ᵀ + fc1_bias[e]) fc2_w[e] + fc2_bias[e].
+
+    batched_fc1_w [E, h, d] ([E, 2h, d] for swiglu/geglu), batched_fc2_w [E, h, d] (stored
+    transposed, as Tutel), batched_fc1_bias [E, h], batched_fc2_bias [E, d]; each expert
+    initialised like a fresh nn.Linear."""
+
+    def __init__(self, model_dim, num_experts, hidden_size, activation_fn=None,
+                 activation_fn_with_self=None, has_fc1_bias=True, has_fc2_bias=True,
+                 prefix_doc="experts"):
+        super().__init__()
+        if activation_fn is not None and activation_fn_with_self is not None:
+            raise ValueError(f"{prefix_doc}: give activation_fn or activation_fn_with_self, "
+                             "not both")
+        self.model_dim, self.hidden_size, self.num_experts = model_dim, hidden_size, num_experts
+        if activation_fn_with_self is not None:
+            self.native_activation = None
+            self.activation_fn = lambda h: activation_fn_with_self(h, self)
+        else:
+            self.native_activation = _native_activation(activation_fn)
+            self.activation_fn = activation_fn
+        gated = self.native_activation in ("swiglu", "geglu")
+        h1 = 2 * hidden_size if gated else hidden_size
+        self.batched_fc1_w = nn.Parameter(torch.empty(num_experts, h1, model_dim))
+        self.batched_fc2_w = nn.Parameter(torch.empty(num_experts, hidden_size, model_dim))
+        self.batched_fc1_bias = (nn.Parameter(torch.empty(num_experts, h1))
+                                 if has_fc1_bias else None)
+        self.batched_fc2_bias = (nn.Parameter(torch.empty(num_experts, model_dim))
+                                 if has_fc2_bias else None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # nn.Linear's initialisation per expert: kaiming_uniform(a=sqrt(5)) gives
+        # U(±1/sqrt(fan_in)) for the weights; the biases use the same bound.
+        with torch.no_grad():
+            b1 = 1.0 / math.sqrt(self.model_dim)
+            b2 = 1.0 / math.sqrt(self.hidden_size)
+            self.batched_fc1_w.uniform_(-b1, b1)
+            self.batched_fc2_w.uniform_(-b2, b2)
+            if self.batched_fc1_bias is not None:
+                self.batched_fc1_bias.uniform_(-b1, b1)
+            if self.batched_fc2_bias is not None:
+                self.batched_fc2_bias.uniform_(-b2, b2)
+
+    def extra_repr(self):
+        return "model_dim=%d, hidden_size=%d, local_experts=%d, activation=%s" % (
+            self.model_dim, self.hidden_size, self.num_experts,
+            self.native_activation or "python callable")
+
+    def forward(self, x, ctx=None):
+        """x [E, C, d] -> [E, C, d] in torch (the Python path; the native path is in C++)."""
+        h = torch.matmul(x, self.batched_fc1_w.transpose(1, 2))
+        if self.batched_fc1_bias is not None:
+            h = h + self.batched_fc1_bias.unsqueeze(1)
+        if self.native_activation is not None:
+            h = _apply_activation(self.native_activation, h)
+        else:
+            h = self.activation_fn(h)
+        y = torch.matmul(h, self.batched_fc2_w)
+        if self.batched_fc2_bias is not None:
+            y = y + self.batched_fc2_bias.unsqueeze(1)
+        return y
+
+
+class _PyModule:
+    """A Python gate or expert network called back from the C++ pipeline. Each call builds a
+    torch autograd graph on a detached input; backward differentiates that graph and keeps the
+    parameter gradients for _MoEFunction.backward to return."""
+
+    def __init__(self, fn, params):
+        self.fn = fn          # (input) -> output, both torch tensors
+        self.params = params  # torch parameters the graph may touch
+        self.saved = None
+        self.grads = None
+
+    def forward(self, inp, *rest):
+        # Gates are called with (x, training), experts with (rows, offsets, training).
+        training = rest[-1]
+        x = inp.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = self.fn(x)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"custom module returned {type(out).__name__}, expected a Tensor")
+        if training:
+            self.saved = (x, out)
+        return out.detach()
+
+    def backward(self, dout):
+        if self.saved is None:
+            raise RuntimeError("switchyard: backward of a Python gate/expert without a forward")
+        x, out = self.saved
+        self.saved = None
+        wanted = [x] + [p for p in self.params if p.requires_grad]
+        if out.requires_grad:
+            got = torch.autograd.grad(out, wanted, dout.to(out.dtype).view_as(out),
+                                      allow_unused=True)
+        else:
+            got = [None] * len(wanted)
+        grads = {}
+        for p, g in zip(wanted[1:], got[1:]):
+            if g is not None:
+                grads[id(p)] = g
+        self.grads = grads
+        return got[0] if got[0] is not None else torch.zeros_like(x)
+
+
+def _weak_callbacks(obj):
+    """(forward, backward) callables that do not keep `obj` alive (the C++ layer holds them)."""
+    ref = weakref.ref(obj)
+
+    def fwd(*args):
+        return ref().forward(*args)
+
+    def bwd(*args):
+        return ref().backward(*args)
+
+    return fwd, bwd
+
+
+class _Engine:
+    """One C++ layer for one gate index and one configuration, and its Python callbacks."""
+
+    def __init__(self, cfg, py_gate, py_experts):
+        self.cfg = cfg
+        self.py_gate, self.py_experts = py_gate, py_experts
+        gf, gb = _weak_callbacks(py_gate) if py_gate else (None, None)
+        ef, eb = _weak_callbacks(py_experts) if py_experts else (None, None)
+        self.layer = _C.Layer(dict(cfg), gf, gb, ef, eb)
+        self.names = self.layer.param_names()
+        self.shapes = [tuple(s) for s in self.layer.param_shapes()]
+        self.dtypes = [_SY_TO_TORCH[d] for d in self.layer.param_dtypes()]
+        self.owner = None  # the forward whose state the C++ layer holds for backward
+        self.routing_dtype = torch.float64 if cfg["dtype"] == "f64" else torch.float32
+
+    def python_params(self):
+        ps = []
+        for m in (self.py_gate, self.py_experts):
+            if m is not None:
+                ps += m.params
+        return ps
+
+    def cpp_values(self, params):
+        """The C++ layer's view of `params`: same memory when dtype and layout already match."""
+        vals = []
+        for p, shape, dtype, name in zip(params, self.shapes, self.dtypes, self.names):
+            if tuple(p.shape) != shape:
+                raise RuntimeError(f"switchyard: parameter {name} has shape {tuple(p.shape)}, "
+                                   f"the layer expects {shape}")
+            vals.append(p.detach().to(dtype).contiguous())
+        return vals
+
+    def forward(self, x, params, cf, k, training, owner):
+        y, aux, z, stats = self.layer.forward(x, self.cpp_values(params), cf, k, training)
+        if training:
+            self.owner = owner
+        self.last_stats = stats
+        return y, aux, z, stats
+
+
+class _Call:
+    """What one forward needs again in backward."""
+
+    def __init__(self, engine, cf, k, training, can_recompute):
+        self.engine, self.cf, self.k, self.training = engine, cf, k, training
+        self.can_recompute = can_recompute
+        self.token = object()
+
+
+class _MoEFunction(torch.autograd.Function):
+    """(x, *cpp_params, *python_params) -> (y, l_aux, l_z) through the C++ forward/backward."""
+
+    @staticmethod
+    def forward(ctx, call, num_cpp, x, *params):
+        eng = call.engine
+        y, aux, z, stats = eng.forward(x, params[:num_cpp], call.cf, call.k, call.training,
+                                       call.token)
+        ctx.call, ctx.num_cpp, ctx.stats = call, num_cpp, stats
+        ctx.save_for_backward(x, *params)
+        rd = eng.routing_dtype
+        return y, torch.tensor(aux, dtype=rd), torch.tensor(z, dtype=rd)
+
+    @staticmethod
+    def backward(ctx, dy, daux, dz):
+        call, num_cpp = ctx.call, ctx.num_cpp
+        eng = call.engine
+        x, *params = ctx.saved_tensors
+        cpp_params, py_params = params[:num_cpp], params[num_cpp:]
+        if not call.training:
+            raise RuntimeError(
+                "switchyard: this forward ran in evaluation mode with gate noise, input jitter, "
+                "sinkhorn or expert bias, whose C++ forward keeps nothing for backward; call "
+                "train() on the layer to differentiate it")
+        if eng.owner is not call.token:
+            # The C++ layer holds another forward's state (a later forward, or this graph was
+            # already differentiated once): recompute this one. Exact when the forward draws no
+            # random numbers and counts nothing.
+            if not call.can_recompute:
+                raise RuntimeError(
+                    "switchyard: a second backward through this MoE forward, or a backward after "
+                    "a later forward of the same layer, needs to recompute the forward, which is "
+                    "not reproducible with gate_noise, input_jitter or expert_bias; run backward "
+                    "before the next forward")
+            eng.forward(x, cpp_params, call.cf, call.k, True, call.token)
+        vals = eng.cpp_values(cpp_params)
+        dx, grads = eng.layer.backward(dy.contiguous(), vals, float(daux), float(dz))
+        eng.owner = None
+        out = [dx.to(x.dtype)]
+        for p, g in zip(cpp_params, grads):
+            out.append(g.to(p.dtype))
+        py_grads = {}
+        for m in (eng.py_gate, eng.py_experts):
+            if m is not None and m.grads:
+                py_grads.update(m.grads)
+                m.grads = None
+        for p in py_params:
+            g = py_grads.get(id(p))
+            out.append(g.to(p.dtype) if g is not None else None)
+        return (None, None, *out)
+
+
+class MOELayer(nn.Module):
+    """A Tutel-compatible MoE layer (tutel.moe.moe_layer's arguments, defaults and state_dict)
+    computed by the switchyard C++ core.
+
+    Tutel's arguments: gate_type, model_dim, experts, scan_expert_func, result_func, group, seeds,
+    a2a_ffn_overlap_degree, is_postscore, batch_prioritized_routing, normalize_gate,
+    is_gshard_loss, parallel_type, use_2dh.
+
+    switchyard's own (keyword-only): rules ('tutel' | 'megatron'), score_fn ('softmax' |
+    'sigmoid'), pre_softmax, scaling_factor, expert_bias (aux-loss-free balancing; see
+    update_expert_bias), num_groups and topk_groups (group-limited routing), sinkhorn,
+    sinkhorn_max_iters, sinkhorn_tol, input_jitter, drop_policy ('probs' | 'position'), layout
+    ('auto' | 'padded' | 'packed'), aux_loss ('gshard' | 'load_importance' | 'switch' |
+    'switch_seq' | 'none'; default from is_gshard_loss), seq_len, shared_expert_hidden (a shared
+    expert on every token). The z-loss is returned as y.l_z beside y.l_aux.
+    """
+
+    @staticmethod
+    def global_expert_count(num_local_experts, group=None):
+        world_size = _world_size(group)
+        if not isinstance(num_local_experts, int):
+            num_local_experts = -int(1 / (num_local_experts + 1e-5))
+        if num_local_experts == 0:
+            raise ValueError("moe_layer: num_experts_per_device must not be 0")
+        if num_local_experts > 0:
+            return num_local_experts * world_size
+        if world_size % -num_local_experts != 0:
+            raise ValueError(f"moe_layer: {-num_local_experts} devices sharing an expert need a "
+                             f"world size that is a multiple of it, got {world_size}")
+        return world_size // -num_local_experts
+
+    def __init__(self, gate_type, model_dim: int, experts=None, scan_expert_func=None,
+                 result_func=None, group=None, seeds=None, a2a_ffn_overlap_degree=1,
+                 is_postscore=True, batch_prioritized_routing=False, normalize_gate=True,
+                 is_gshard_loss=True, parallel_type="adaptive:1", use_2dh=False, *,
+                 rules="tutel", score_fn="softmax", pre_softmax=False, scaling_factor=1.0,
+                 expert_bias=False, num_groups=0, topk_groups=0, sinkhorn=False,
+                 sinkhorn_max_iters=100, sinkhorn_tol=1e-4, input_jitter=0.0,
+                 drop_policy="probs", layout="auto", aux_loss=None, seq_len=0,
+                 shared_expert_hidden=0, **kwargs):
+        super().__init__()
+        if "pad_samples" in kwargs:
+            logging.warning("moe_layer: `pad_samples` is deprecated in Tutel and has no effect")
+            kwargs.pop("pad_samples")
+        _reject_unknown("moe_layer", kwargs)
+        if experts is None or not isinstance(experts, dict):
+            raise TypeError("moe_layer: experts must be a dict, e.g. {'type': 'ffn', "
+                            "'num_experts_per_device': 2, 'hidden_size_per_expert': 1024}")
+        if not isinstance(model_dim, int) or model_dim < 1:
+            raise ValueError(f"moe_layer: model_dim must be a positive int, got {model_dim!r}")
+
+        self.group = group
+        self.world_size = _world_size(group)
+        if self.world_size > 1:
+            raise NotImplementedError(
+                f"moe_layer: expert parallelism over {self.world_size} ranks (the group's world "
+                "size) is not in the switchyard binding yet: it needs the all-to-all "
+                "communication stage through torch.distributed. Use one process (no "
+                "torch.distributed group, or a group of size 1) for now.")
+        self.result_func = result_func
+        self.model_dim = model_dim
+
+        experts = dict(experts)
+        num_local = experts.pop("count_per_node", None)
+        alt = experts.pop("num_experts_per_device", None)
+        if num_local is None or num_local == 1:
+            num_local = alt if alt is not None else (num_local or 1)
+        if num_local == -1:
+            num_local = 1
+        self.register_buffer("_num_global_experts",
+                             torch.tensor(MOELayer.global_expert_count(num_local, group)))
+        self.num_local_experts = num_local
+        self.sharded_count = 1
+        self.adaptive_degree = self._parse_parallel_type(parallel_type)
+        self.valid_rs = [0, 1]
+
+        self.is_postscore = bool(is_postscore)
+        self.batch_prioritized_routing = bool(batch_prioritized_routing)
+        self.normalize_gate = bool(normalize_gate)
+        self.is_gshard_loss = bool(is_gshard_loss)
+        self.a2a_ffn_overlap_degree = int(a2a_ffn_overlap_degree)
+        if self.a2a_ffn_overlap_degree < 1:
+            raise ValueError("moe_layer: a2a_ffn_overlap_degree must be >= 1, got "
+                             f"{a2a_ffn_overlap_degree}")
+        self.use_2dh = bool(use_2dh)  # the all-to-all algorithm: nothing to do in one process
+        self.options = dict(
+            rules=rules, score_fn=score_fn, pre_softmax=bool(pre_softmax),
+            scaling_factor=float(scaling_factor), expert_bias=bool(expert_bias),
+            num_groups=int(num_groups), topk_groups=int(topk_groups), sinkhorn=bool(sinkhorn),
+            sinkhorn_max_iters=int(sinkhorn_max_iters), sinkhorn_tol=float(sinkhorn_tol),
+            input_jitter=float(input_jitter), drop_policy=drop_policy, layout=layout,
+            aux_loss=aux_loss, seq_len=int(seq_len))
+
+        if seeds is not None and seeds[1] is not None:
+            torch.manual_seed(seeds[1])
+        self._build_experts(experts)
+        if scan_expert_func is not None:
+            for n, p in self.experts.named_parameters():
+                scan_expert_func(n, p)
+        for n, p in self.experts.named_parameters():
+            setattr(p, "_tutel_expert", True)
+
+        if shared_expert_hidden:
+            act = getattr(self.experts, "native_activation", None)
+            if act is None:
+                raise NotImplementedError(
+                    "moe_layer: shared_expert_hidden runs the shared expert natively and needs "
+                    "built-in 'ffn' experts with a native activation (a string, or torch's "
+                    "relu/gelu/silu), not custom experts or a Python callable")
+            self.shared_experts = FusedExpertsNetwork(
+                model_dim, 1, int(shared_expert_hidden), act,
+                has_fc1_bias=self.experts.batched_fc1_bias is not None,
+                has_fc2_bias=self.experts.batched_fc2_bias is not None,
+                prefix_doc="shared_experts")
+        else:
+            self.shared_experts = None
+
+        if isinstance(gate_type, str):
+            import re
+            m = re.match(r"^Top([0-9]+)Gate$", gate_type)
+            if not m:
+                raise ValueError(f"moe_layer: unrecognized gate_type: {gate_type}")
+            gate_type = {"type": "top", "k": int(m.group(1))}
+        if not isinstance(gate_type, (list, tuple)):
+            gate_type = [gate_type]
+        if not gate_type:
+            raise ValueError("moe_layer: gate_type must name at least one gate")
+        gates = []
+        for gi, g in enumerate(gate_type):
+            if seeds is not None and seeds[0] is not None:
+                torch.manual_seed(seeds[0] + gi)
+            gates.append(self._build_gate(dict(g)))
+        self.gates = nn.ModuleList(gates)
+        seed_src = seeds[0] if seeds is not None and seeds[0] is not None else None
+        self._seed = (int(seed_src) if seed_src is not None
+                      else int(torch.randint(0, 2**62, (1,)).item()))
+        if seeds is not None and len(seeds) > 2 and seeds[2] is not None:
+            torch.manual_seed(seeds[2])
+
+        self._engines = {}
+        self.l_aux = None
+        self.l_z = None
+        # Build the C++ layer of every gate now, so a bad option fails here, not at forward.
+        for gi in range(len(self.gates)):
+            self._engine(gi, self._expert_dtype(), self.a2a_ffn_overlap_degree)
+
+    # ---- construction helpers -------------------------------------------------------------
+
+    def _parse_parallel_type(self, parallel_type):
+        if not isinstance(parallel_type, str):
+            raise ValueError(f"moe_layer: parallel_type must be a string, got {parallel_type!r}")
+        if parallel_type.startswith("adaptive:"):
+            r = int(parallel_type[len("adaptive:"):])
+            return min(max(r, 0), self.sharded_count)
+        if parallel_type in ("data", "model", "auto"):
+            return 1
+        raise ValueError(f"moe_layer: unrecognized parallel_type '{parallel_type}': expected "
+                         "'adaptive:R', 'data', 'model' or 'auto'")
+
+    def _build_experts(self, experts):
+        etype = experts.pop("type", None)
+        E = self.num_global_experts
+        if etype == "custom":
+            module = experts.pop("module", None)
+            if module is None:
+                raise TypeError("moe_layer: experts of type 'custom' need 'module' (a class)")
+            experts["model_dim"] = self.model_dim
+            experts["num_experts_per_device"] = self.num_local_experts
+            experts["sharded_count"] = self.sharded_count
+            self.experts = module(**experts)
+            self._custom_experts = True
+            return
+        if etype != "ffn":
+            raise ValueError(f"moe_layer: unrecognized experts type {etype!r}: expected 'ffn' "
+                             "or 'custom'")
+        if "hidden_size_per_expert" not in experts:
+            raise TypeError("moe_layer: experts of type 'ffn' need 'hidden_size_per_expert'")
+        hidden = experts.pop("hidden_size_per_expert")
+        output_dim = experts.pop("output_dim", None)
+        if output_dim is not None and output_dim != self.model_dim:
+            raise NotImplementedError(
+                f"moe_layer: output_dim={output_dim} differs from model_dim={self.model_dim}; "
+                "the switchyard core's experts map d to d for now (MoELayer checks expert "
+                "outputs are [rows, model_dim])")
+        activation_fn = experts.pop("activation_fn", None)
+        activation_fn_with_self = experts.pop("activation_fn_with_self", None)
+        has_fc1_bias = experts.pop("has_fc1_bias", True)
+        has_fc2_bias = experts.pop("has_fc2_bias", True)
+        _reject_unknown("moe_layer experts 'ffn'", experts)
+        self.experts = FusedExpertsNetwork(self.model_dim, E, int(hidden), activation_fn,
+                                           activation_fn_with_self, bool(has_fc1_bias),
+                                           bool(has_fc2_bias))
+        self._custom_experts = False
+
+    def _build_gate(self, g):
+        gtype = g.pop("type", None)
+        E = self.num_global_experts
+        if gtype == "top":
+            gate = LinearTopKGate(self.model_dim, E, **g)
+        elif gtype in ("cosine", "cosine_top"):
+            gate = CosineTopKGate(self.model_dim, E, **g)
+        elif gtype == "custom":
+            module = g.pop("module", None)
+            if module is None:
+                raise TypeError("moe_layer: gate of type 'custom' needs 'module' (a class)")
+            cf = g.get("capacity_factor", 1.0)
+            noise = g.get("gate_noise", 0.0)
+            gate = module(model_dim=self.model_dim, num_global_experts=E, **g)
+            if not hasattr(gate, "top_k"):
+                raise TypeError("moe_layer: a custom gate module must set `top_k`")
+            if not hasattr(gate, "capacity_factor"):
+                gate.capacity_factor = float(cf)
+            if not hasattr(gate, "gate_noise"):
+                gate.gate_noise = float(noise)
+        else:
+            raise ValueError(f"moe_layer: unrecognized gate type {gtype!r}: expected 'top', "
+                             "'cosine' or 'custom'")
+        return gate
+
+    # ---- Tutel's helpers --------------------------------------------------------------------
+
+    @property
+    def num_global_experts(self):
+        return int(self._num_global_experts)
+
+    def extra_repr(self):
+        return "Top-K(s) = %s, Total-Experts = %d [managed by %d device(s)]," % (
+            [f"k={g.top_k}, noise={g.gate_noise}" for g in self.gates],
+            self.num_global_experts, self.world_size)
+
+    def get_parameter_iterator(self, param_type):
+        if param_type == "gate":
+            return self.gates.named_parameters()
+        if param_type == "local_experts":
+            return self.experts.named_parameters()
+        raise ValueError(f"unrecognized param_type '{param_type}': expected 'gate' or "
+                         "'local_experts'")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "_num_global_experts"
+        if key not in state_dict:
+            logging.warning("moe_layer: a legacy checkpoint without _num_global_experts")
+            state_dict[key] = self._num_global_experts
+        elif int(state_dict[key]) != self.num_global_experts:
+            raise RuntimeError("moe_layer: the checkpoint holds %d global experts, this layer %d"
+                               % (int(state_dict[key]), self.num_global_experts))
+        for name, param in self.experts.named_parameters():
+            k = prefix + "experts." + name
+            if k in state_dict and state_dict[k].numel() == param.numel():
+                state_dict[k] = state_dict[k].view(param.shape)
+        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_engines"] = {}  # C++ layers are rebuilt on demand
+        return state
+
+    # ---- the C++ layers ---------------------------------------------------------------------
+
+    def _expert_dtype(self):
+        for p in self.experts.parameters():
+            return p.dtype
+        return torch.get_default_dtype()
+
+    def _config(self, gi, dtype, overlap):
+        gate = self.gates[gi]
+        o = self.options
+        native_gate = getattr(gate, "native", None) if isinstance(
+            gate, (LinearTopKGate, CosineTopKGate)) else None
+        native_act = None if self._custom_experts else self.experts.native_activation
+        python_experts = native_act is None
+        if dtype not in _TORCH_TO_SY:
+            raise TypeError(f"moe_layer: experts in {dtype} are not supported (expected float64, "
+                            "float32, float16 or bfloat16)")
+        aux = o["aux_loss"] or ("gshard" if self.is_gshard_loss else "load_importance")
+        cfg = dict(
+            model_dim=self.model_dim,
+            hidden_size=1 if python_experts else self.experts.hidden_size,
+            num_experts=self.num_global_experts, top_k=int(gate.top_k),
+            dtype=_TORCH_TO_SY[dtype], seed=self._seed + gi, rules=o["rules"],
+            gate=native_gate or "linear", fp32_gate=bool(getattr(gate, "fp32_gate", False)),
+            gate_noise=float(gate.gate_noise), input_jitter=o["input_jitter"],
+            score_fn=o["score_fn"], pre_softmax=o["pre_softmax"],
+            normalize_gate=self.normalize_gate, scaling_factor=o["scaling_factor"],
+            expert_bias=o["expert_bias"], num_groups=o["num_groups"],
+            topk_groups=o["topk_groups"], sinkhorn=o["sinkhorn"],
+            sinkhorn_max_iters=o["sinkhorn_max_iters"], sinkhorn_tol=o["sinkhorn_tol"],
+            capacity_factor=float(gate.capacity_factor),
+            batch_prioritized_routing=self.batch_prioritized_routing,
+            drop_policy=o["drop_policy"],
+            layout="padded" if python_experts else o["layout"],
+            overlap_degree=int(overlap), is_postscore=self.is_postscore, aux_loss=aux,
+            seq_len=o["seq_len"], activation=native_act or "relu",
+            has_fc1_bias=(not python_experts) and self.experts.batched_fc1_bias is not None,
+            has_fc2_bias=(not python_experts) and self.experts.batched_fc2_bias is not None,
+            shared_expert_hidden=(self.shared_experts.hidden_size
+                                  if self.shared_experts is not None else 0))
+        if native_gate == "cosine":
+            cfg["cosine_proj_dim"] = gate.proj_dim
+            cfg["cosine_init_t"] = gate.init_t
+        return cfg, native_gate is None, python_experts
+
+    def _engine(self, gi, dtype, overlap):
+        cfg, python_gate, python_experts = self._config(gi, dtype, overlap)
+        key = (gi, tuple(sorted(cfg.items())))
+        eng = self._engines.get(key)
+        if eng is None:
+            gate = self.gates[gi]
+            py_gate = _PyModule(gate, list(gate.parameters())) if python_gate else None
+            py_experts = None
+            if python_experts:
+                me = weakref.ref(self)
+                E = self.num_global_experts
+
+                def run_experts(rows, me=me, E=E):
+                    layer = me()
+                    shape = getattr(layer, "_reserve_shape", (layer.model_dim,))
+                    x = rows.view(E, rows.size(0) // E, *shape)
+                    y = layer.experts(x, layer)
+                    return y.reshape(rows.size(0), -1)
+
+                py_experts = _PyModule(run_experts, list(self.experts.parameters()))
+            eng = _Engine(cfg, py_gate, py_experts)
+            self._engines[key] = eng
+        return eng
+
+    def _cpp_params(self, gi, eng):
+        named = dict(self.named_parameters())
+        out = []
+        for name in eng.names:
+            key = f"gates.{gi}." + name[len("gates.0."):] if name.startswith("gates.0.") else name
+            if key not in named:
+                raise RuntimeError(f"switchyard: the layer has no parameter {key} (C++ {name})")
+            out.append(named[key])
+        return out
+
+    def update_expert_bias(self, rate=1e-3, gate_index=0):
+        """Aux-loss-free balancing (expert_bias=True): bias[e] += rate * sign(mean count - count[e])
+        over the tokens counted by training forwards since the last update."""
+        eng = self._engine(gate_index, self._expert_dtype(), self.a2a_ffn_overlap_degree)
+        eng.layer.update_expert_bias(rate)
+
+    def expert_bias(self, gate_index=0):
+        """The selection bias [E] (f32) of the aux-loss-free balancing."""
+        eng = self._engine(gate_index, self._expert_dtype(), self.a2a_ffn_overlap_degree)
+        return eng.layer.expert_bias()
+
+    # ---- forward ----------------------------------------------------------------------------
+
+    def forward(self, input, gate_index=0, capacity_factor=None, top_k=None,
+                a2a_ffn_overlap_degree=None, reserve_dims=1, inequivalent_tokens=False,
+                adaptive_r=None):
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"moe_layer: input must be a torch.Tensor, got {type(input).__name__}")
+        if input.device.type != "cpu":
+            raise NotImplementedError(
+                f"moe_layer: input on {input.device}; this build of the switchyard binding runs "
+                "on the CPU only (the CUDA backend is not wired into it yet)")
+        if input.dim() < 2:
+            raise ValueError("moe_layer: input must be at least 2-d: (samples, ..., model_dim)")
+        if not 0 <= gate_index < len(self.gates):
+            raise ValueError(f"moe_layer: gate_index {gate_index} out of range for "
+                             f"{len(self.gates)} gate(s)")
+        if top_k is not None and int(top_k) < 1:
+            raise ValueError(f"moe_layer: top_k must be >= 1, got {top_k}")
+        if adaptive_r is not None:
+            if adaptive_r not in self.valid_rs:
+                raise ValueError(f"moe_layer: adaptive_r={adaptive_r} is not valid with "
+                                 f"sharded_count={self.sharded_count}: expected one of "
+                                 f"{self.valid_rs}")
+            self.adaptive_degree = adaptive_r
+        if a2a_ffn_overlap_degree is not None:
+            if int(a2a_ffn_overlap_degree) < 1:
+                raise ValueError("moe_layer: a2a_ffn_overlap_degree must be >= 1, got "
+                                 f"{a2a_ffn_overlap_degree}")
+            self.a2a_ffn_overlap_degree = int(a2a_ffn_overlap_degree)
+        # inequivalent_tokens: T_max over ranks is this rank's T in one process.
+
+        original_shape, original_dtype = input.shape, input.dtype
+        reserve_dims = int(reserve_dims)
+        if not 1 <= reserve_dims < input.dim():
+            raise ValueError(f"moe_layer: reserve_dims={reserve_dims} must be in [1, "
+                             f"{input.dim() - 1}] for a {input.dim()}-d input")
+        reserve_shape = tuple(original_shape[-reserve_dims:])
+        width = math.prod(reserve_shape)
+        if width != self.model_dim:
+            raise ValueError(f"moe_layer: input {tuple(original_shape)} has {width} features in "
+                             f"its last {reserve_dims} dim(s), the layer was built for "
+                             f"model_dim={self.model_dim}")
+        dtype = self._expert_dtype()
+        x = input.reshape(-1, width).to(dtype)
+        self._reserve_shape = reserve_shape
+
+        eng = self._engine(gate_index, dtype, self.a2a_ffn_overlap_degree)
+        cpp_params = self._cpp_params(gate_index, eng)
+        py_params = eng.python_params()
+        cf = None if capacity_factor is None else float(capacity_factor)
+        k = None if top_k is None else int(top_k)
+        cfg = eng.cfg
+        stochastic = cfg["gate_noise"] > 0 or cfg["input_jitter"] > 0 or cfg["expert_bias"]
+        training_only = stochastic or cfg["sinkhorn"]
+
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in cpp_params + py_params))
+        if needs_grad:
+            # An evaluation forward keeps no state for backward in the C++ layer; without
+            # training-only behaviour a training forward computes the same numbers.
+            training = self.training or not training_only
+            call = _Call(eng, cf, k, training, can_recompute=not stochastic)
+            y, l_aux, l_z = _MoEFunction.apply(call, len(cpp_params), x, *cpp_params,
+                                               *py_params)
+        else:
+            with torch.no_grad():
+                y, aux, z, _ = eng.forward(x, cpp_params, cf, k, self.training, object())
+            l_aux = torch.tensor(aux, dtype=eng.routing_dtype)
+            l_z = torch.tensor(z, dtype=eng.routing_dtype)
+
+        y = y.view(list(original_shape[:-reserve_dims]) + list(reserve_shape))
+        y = y.to(original_dtype)
+        self.l_aux = y.l_aux = l_aux
+        self.l_z = y.l_z = l_z
+        self.routing_stats = eng.last_stats  # tokens per expert, drops, capacity, layout
+        return self.result_func(y) if self.result_func is not None else y
+
+
+moe_layer = MOELayer

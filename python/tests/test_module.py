@@ -1,0 +1,447 @@
+"""The nn.Module around the C++ layer: Tutel's arguments and state_dict, autograd (gradcheck),
+custom gates and experts, switchyard's own options, dtypes, zero-copy crossing, bad arguments."""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import switchyard
+from switchyard import _C, moe
+
+from reference import reference_moe
+
+D, H, E = 6, 5, 4
+
+
+def ffn(E=E, H=H, **kw):
+    return {"type": "ffn", "num_experts_per_device": E, "hidden_size_per_expert": H, **kw}
+
+
+def small(k=2, cf=1.0, **kw):
+    return moe.moe_layer(gate_type={"type": "top", "k": k, "capacity_factor": cf}, model_dim=D,
+                         experts=ffn(), **kw)
+
+
+def test_both_import_paths():
+    assert switchyard.moe_layer is moe.moe_layer is moe.MOELayer
+    assert switchyard.moe.moe_layer is moe.MOELayer
+
+
+def test_tutel_defaults():
+    layer = moe.moe_layer(gate_type={"type": "top"}, model_dim=D, experts=ffn())
+    g = layer.gates[0]
+    assert (g.top_k, g.capacity_factor, g.gate_noise, g.fp32_gate) == (1, 1.0, 0.0, False)
+    assert layer.is_postscore and layer.normalize_gate and layer.is_gshard_loss
+    assert not layer.batch_prioritized_routing
+    assert layer.a2a_ffn_overlap_degree == 1 and layer.num_global_experts == E
+    assert moe.moe_layer.global_expert_count(3) == 3
+
+
+def test_state_dict_keys_shapes_and_buffer():
+    layer = small()
+    sd = layer.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    assert shapes == {"_num_global_experts": (), "gates.0.wg.weight": (E, D),
+                      "experts.batched_fc1_w": (E, H, D), "experts.batched_fc2_w": (E, H, D),
+                      "experts.batched_fc1_bias": (E, H), "experts.batched_fc2_bias": (E, D)}
+    assert int(sd["_num_global_experts"]) == E
+    nob = moe.moe_layer(gate_type={"type": "top", "k": 2}, model_dim=D,
+                        experts=ffn(has_fc1_bias=False, has_fc2_bias=False))
+    assert "experts.batched_fc1_bias" not in nob.state_dict()
+    assert "experts.batched_fc2_bias" not in nob.state_dict()
+
+
+def test_cosine_state_dict_keys():
+    layer = moe.moe_layer(gate_type={"type": "cosine", "k": 2, "proj_dim": 3, "init_t": 0.25},
+                          model_dim=D, experts=ffn())
+    shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items() if k.startswith("gates")}
+    assert shapes == {"gates.0.temperature": (1,), "gates.0.cosine_projector.weight": (3, D),
+                      "gates.0.cosine_projector.bias": (3,), "gates.0.sim_matrix": (3, E)}
+    torch.testing.assert_close(layer.gates[0].temperature.detach(), torch.log(torch.tensor([4.0])))
+
+
+def tutel_shaped_state_dict(seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return {"_num_global_experts": torch.tensor(E),
+            "gates.0.wg.weight": torch.randn(E, D, generator=g),
+            "experts.batched_fc1_w": torch.randn(E, H, D, generator=g),
+            "experts.batched_fc2_w": torch.randn(E, H, D, generator=g),
+            "experts.batched_fc1_bias": torch.randn(E, H, generator=g),
+            "experts.batched_fc2_bias": torch.randn(E, D, generator=g)}
+
+
+def test_strict_load_of_a_tutel_state_dict_and_round_trip():
+    layer = small()
+    sd = tutel_shaped_state_dict()
+    layer.load_state_dict(sd, strict=True)
+    for k, v in layer.state_dict().items():
+        torch.testing.assert_close(v, sd[k])
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    other = small()
+    other.load_state_dict(torch.load(buf), strict=True)
+    x = torch.randn(9, D)
+    torch.testing.assert_close(layer(x), other(x))
+    bad = dict(sd, _num_global_experts=torch.tensor(E + 1))
+    with pytest.raises(RuntimeError, match="global experts"):
+        small().load_state_dict(bad)
+
+
+def test_expert_marks_and_scan_expert_func():
+    seen = []
+    layer = small(scan_expert_func=lambda n, p: seen.append(n) or setattr(p, "skip_allreduce",
+                                                                         True))
+    assert seen == ["batched_fc1_w", "batched_fc2_w", "batched_fc1_bias", "batched_fc2_bias"]
+    for n, p in layer.named_parameters():
+        assert getattr(p, "_tutel_expert", False) == n.startswith("experts.")
+        assert hasattr(p, "skip_allreduce") == n.startswith("experts.")
+    assert [n for n, _ in layer.get_parameter_iterator("gate")] == ["0.wg.weight"]
+
+
+def test_seeds_make_initialisation_reproducible():
+    a = small(seeds=(1, 2, 3))
+    b = small(seeds=(1, 2, 3))
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_gradcheck_of_x_and_every_parameter():
+    torch.manual_seed(3)
+    layer = small(k=2, cf=0.0).double()
+    x = torch.randn(7, D, dtype=torch.float64, requires_grad=True)
+    # Clear routing margins: the gap between the k-th and (k+1)-th score dwarfs the step.
+    scores = torch.softmax(x.detach() @ layer.gates[0].wg.weight.detach().t(), 1)
+    top = scores.sort(dim=1, descending=True).values
+    assert float((top[:, 1] - top[:, 2]).min()) > 1e-3
+    eng = layer._engine(0, torch.float64, 1)
+    params = [p.detach().clone().requires_grad_(True) for p in layer._cpp_params(0, eng)]
+
+    def fn(x, *ps):
+        call = moe._Call(eng, None, None, True, True)
+        y, l_aux, l_z = moe._MoEFunction.apply(call, len(ps), x, *ps)
+        return y, l_aux, l_z
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7)
+    # And through the module, for x.
+    assert torch.autograd.gradcheck(lambda x: layer(x), (x,), eps=1e-6, atol=1e-7)
+
+
+def test_gradcheck_cosine_gate():
+    torch.manual_seed(4)
+    layer = moe.moe_layer(gate_type={"type": "cosine", "k": 2, "proj_dim": 3,
+                                     "capacity_factor": 0}, model_dim=D, experts=ffn()).double()
+    x = torch.randn(6, D, dtype=torch.float64, requires_grad=True)
+    eng = layer._engine(0, torch.float64, 1)
+    params = [p.detach().clone().requires_grad_(True) for p in layer._cpp_params(0, eng)]
+
+    def fn(x, *ps):
+        return moe._MoEFunction.apply(moe._Call(eng, None, None, True, True), len(ps), x, *ps)
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6)
+
+
+def test_cosine_gate_matches_its_torch_forward():
+    layer = moe.moe_layer(gate_type={"type": "cosine", "k": 2, "proj_dim": 4}, model_dim=D,
+                          experts=ffn()).double()
+    x = torch.randn(11, D, dtype=torch.float64)
+    ex = layer.experts
+    logits = layer.gates[0](x)
+    yr, l_aux, _ = reference_moe(x, None, ex.batched_fc1_w, ex.batched_fc2_w, ex.batched_fc1_bias,
+                                 ex.batched_fc2_bias, k=2, cf=1.0, logits=logits)
+    y = layer(x)
+    torch.testing.assert_close(y, yr, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(y.l_aux, l_aux, atol=1e-10, rtol=1e-10)
+
+
+class CustomGate(torch.nn.Module):
+    def __init__(self, model_dim, num_global_experts, top_k):
+        super().__init__()
+        self.top_k = top_k
+        self.my_wg = torch.nn.Linear(model_dim, num_global_experts, bias=False)
+
+    def forward(self, x):
+        return self.my_wg(x)
+
+
+class CustomExpert(torch.nn.Module):
+    def __init__(self, model_dim, num_experts_per_device, sharded_count, scale=1.0):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.randn(num_experts_per_device, model_dim, model_dim) * 0.3)
+        self.scale = scale
+
+    def forward(self, x, ctx):
+        assert ctx.sharded_count == 1
+        return torch.tanh(torch.matmul(x, self.W)) * self.scale
+
+
+def test_custom_gate_equals_builtin_gate():
+    builtin = small(k=2, cf=1.0).double()
+    custom = moe.moe_layer(gate_type={"type": "custom", "module": CustomGate, "top_k": 2},
+                           model_dim=D, experts=ffn()).double()
+    with torch.no_grad():
+        custom.gates[0].my_wg.weight.copy_(builtin.gates[0].wg.weight)
+        for n in ("batched_fc1_w", "batched_fc2_w", "batched_fc1_bias", "batched_fc2_bias"):
+            getattr(custom.experts, n).copy_(getattr(builtin.experts, n))
+    x = torch.randn(13, D, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = builtin(xa), custom(xb)
+    torch.testing.assert_close(ya, yb, atol=1e-12, rtol=0)
+    (ya.sum() + ya.l_aux).backward()
+    (yb.sum() + yb.l_aux).backward()
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-12, rtol=0)
+    torch.testing.assert_close(builtin.gates[0].wg.weight.grad, custom.gates[0].my_wg.weight.grad,
+                               atol=1e-12, rtol=0)
+
+
+def test_custom_experts_against_reference():
+    layer = moe.moe_layer(gate_type={"type": "top", "k": 2, "capacity_factor": 0.5}, model_dim=D,
+                          experts={"type": "custom", "module": CustomExpert,
+                                   "num_experts_per_device": E, "scale": 2.0}).double()
+    x = torch.randn(17, D, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    (y.square().sum() + y.l_aux).backward()
+    wg = layer.gates[0].wg.weight.detach().clone().requires_grad_(True)
+    W = layer.experts.W.detach().clone().requires_grad_(True)
+    xr = x.detach().clone().requires_grad_(True)
+    # The custom expert as an FFN-shaped reference: act(x W[e]) with identity second matrix.
+    T = xr.shape[0]
+    logits = xr @ wg.t()
+    scores = torch.softmax(logits, 1)
+    idx = torch.topk(scores, 2, 1).indices
+    w = scores.gather(1, idx)
+    w = w / w.sum(1, keepdim=True)
+    C = 2 * int(0.5 * ((T + E - 1) // E))
+    count = torch.zeros(E, dtype=torch.long)
+    slot = torch.zeros(T, 2, dtype=torch.long)
+    for j in range(2):
+        for t in range(T):
+            e = int(idx[t, j])
+            slot[t, j] = count[e]
+            count[e] += 1
+    out = []
+    for t in range(T):
+        acc = torch.zeros(D, dtype=torch.float64)
+        for j in range(2):
+            if slot[t, j] < C:
+                acc = acc + w[t, j] * torch.tanh(xr[t] @ W[int(idx[t, j])]) * 2.0
+        out.append(acc)
+    yr = torch.stack(out)
+    first = torch.zeros(E, dtype=torch.float64)
+    first.index_add_(0, idx[:, 0], torch.ones(T, dtype=torch.float64))
+    l_aux = E / T ** 2 * (scores.sum(0) * first).sum()
+    torch.testing.assert_close(y.detach(), yr.detach(), atol=1e-10, rtol=0)
+    (yr.square().sum() + l_aux).backward()
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-10, rtol=0)
+    torch.testing.assert_close(layer.experts.W.grad, W.grad, atol=1e-10, rtol=0)
+    torch.testing.assert_close(layer.gates[0].wg.weight.grad, wg.grad, atol=1e-10, rtol=0)
+
+
+def test_multiple_gates_share_the_experts():
+    layer = moe.moe_layer(gate_type=[{"type": "top", "k": 1}, {"type": "top", "k": 2}],
+                          model_dim=D, experts=ffn())
+    assert "gates.1.wg.weight" in layer.state_dict()
+    x = torch.randn(8, D)
+    y0, y1 = layer(x, gate_index=0), layer(x, gate_index=1)
+    assert layer.routing_stats["top_k"] == 2 and not torch.allclose(y0, y1)
+    y1.sum().backward()
+    assert layer.gates[0].wg.weight.grad is None
+    assert layer.gates[1].wg.weight.grad is not None
+
+
+def test_per_call_overrides_and_reserve_dims():
+    layer = small(k=1, cf=1.0)
+    x = torch.randn(2, 3, 2, 3)  # reserve_dims=2: model_dim = 2 * 3
+    y = layer(x, reserve_dims=2, top_k=2, capacity_factor=0.0)
+    assert y.shape == x.shape and layer.routing_stats["top_k"] == 2
+    assert layer.routing_stats["dropped_choices"] == 0
+    layer(x.view(6, D), capacity_factor=0.5, a2a_ffn_overlap_degree=4)
+    assert layer.routing_stats["capacity"] % 4 == 0 and layer.a2a_ffn_overlap_degree == 4
+    layer(x.view(6, D), adaptive_r=0)
+
+
+def test_result_func_and_l_aux_attributes():
+    layer = small(result_func=lambda y: (y, y.l_aux))
+    y, l_aux = layer(torch.randn(5, D))
+    assert l_aux is layer.l_aux and y.l_z is layer.l_z
+
+
+def test_optimizer_step_trains_and_dtype_conversion():
+    torch.manual_seed(0)
+    layer = small(k=2, cf=0.0)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    x, target = torch.randn(32, D), torch.randn(32, D)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        y = layer(x)
+        loss = F.mse_loss(y, target) + 0.01 * y.l_aux
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.8 * losses[0]
+    for dtype in (torch.float64, torch.bfloat16, torch.float16, torch.float32):
+        layer.to(dtype)
+        xin = x.to(dtype).requires_grad_(True)
+        y = layer(xin)
+        assert y.dtype == dtype
+        y.float().sum().backward()
+        assert xin.grad.dtype == dtype
+        assert layer.experts.batched_fc1_w.grad.dtype == dtype
+
+
+def test_fp32_gate_keeps_the_gate_in_f32():
+    layer = moe.moe_layer(gate_type={"type": "top", "k": 2, "fp32_gate": True}, model_dim=D,
+                          experts=ffn())
+    assert layer.gates[0].wg.weight.dtype == torch.float32
+    layer.experts.to(torch.bfloat16)
+    x = torch.randn(9, D, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    y.float().sum().backward()
+    assert layer.gates[0].wg.weight.grad.dtype == torch.float32
+
+
+def test_second_backward_and_interleaved_forwards_recompute():
+    layer = small(k=2, cf=1.0).double()
+    x1 = torch.randn(9, D, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(9, D, dtype=torch.float64, requires_grad=True)
+    y1 = layer(x1)
+    y2 = layer(x2)
+    g1 = torch.autograd.grad(y1.sum(), x1, retain_graph=True)[0]
+    g1b = torch.autograd.grad(y1.sum(), x1)[0]
+    g2 = torch.autograd.grad(y2.sum(), x2)[0]
+    torch.testing.assert_close(g1, g1b)
+    assert not torch.equal(g1, g2)
+    noisy = moe.moe_layer(gate_type={"type": "top", "k": 2, "gate_noise": 1.0}, model_dim=D,
+                          experts=ffn())
+    a = noisy(torch.randn(5, D, requires_grad=True))
+    noisy(torch.randn(5, D))
+    with pytest.raises(RuntimeError, match="recompute"):
+        a.sum().backward()
+
+
+def test_eval_mode_with_gradients():
+    layer = small().eval()
+    x = torch.randn(6, D, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None
+    noisy = moe.moe_layer(gate_type={"type": "top", "k": 2, "gate_noise": 1.0}, model_dim=D,
+                          experts=ffn()).eval()
+    y = noisy(torch.randn(6, D, requires_grad=True))
+    with pytest.raises(RuntimeError, match="evaluation mode"):
+        y.sum().backward()
+
+
+def test_megatron_options():
+    x = torch.randn(16, D)
+    m = moe.moe_layer(gate_type={"type": "top", "k": 2, "capacity_factor": 0}, model_dim=D,
+                      experts=ffn(), rules="megatron", score_fn="sigmoid", expert_bias=True,
+                      scaling_factor=2.5, aux_loss="switch")
+    m(x).sum().backward()
+    before = m.expert_bias().clone()
+    m.update_expert_bias(0.1)
+    assert not torch.equal(before, m.expert_bias())
+    s = moe.moe_layer(gate_type={"type": "top", "k": 2, "capacity_factor": 1.0}, model_dim=D,
+                      experts=ffn(E=8), rules="megatron", sinkhorn=True, aux_loss="none",
+                      num_groups=4, topk_groups=2, drop_policy="position")
+    y = s(x)
+    assert float(y.l_aux) == 0.0
+    # z-loss: mean over tokens of logsumexp(logits)^2, returned beside l_aux.
+    z = small()
+    y = z(x)
+    logits = x @ z.gates[0].wg.weight.detach().t()
+    torch.testing.assert_close(y.l_z, torch.logsumexp(logits, 1).square().mean())
+
+
+def test_shared_expert_adds_an_ffn_on_every_token():
+    layer = small(k=2, cf=1.0, shared_expert_hidden=3).double()
+    x = torch.randn(7, D, dtype=torch.float64)
+    sh = layer.shared_experts
+    assert tuple(sh.batched_fc1_w.shape) == (1, 3, D)
+    plain = small(k=2, cf=1.0).double()
+    plain.load_state_dict({k: v for k, v in layer.state_dict().items()
+                           if not k.startswith("shared")})
+    want = plain(x) + sh(x.unsqueeze(0)).squeeze(0)
+    torch.testing.assert_close(layer(x), want, atol=1e-12, rtol=0)
+
+
+def test_deepcopy_and_pickle():
+    layer = small()
+    x = torch.randn(4, D)
+    other = copy.deepcopy(layer)
+    torch.testing.assert_close(layer(x), other(x))
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf)(x), layer(x))
+
+
+def test_zero_copy_crossing():
+    t = torch.randn(5, 7, dtype=torch.float64)
+    ptr, sizes, strides, dtype = _C._view_info(t)
+    assert ptr == t.data_ptr() and sizes == [5, 7] and strides == [7, 1] and dtype == "f64"
+    tt = t.t()
+    ptr, sizes, strides, _ = _C._view_info(tt)
+    assert ptr == t.data_ptr() and sizes == [7, 5] and strides == [1, 7]
+    sl = t[1:, 2:]
+    assert _C._view_info(sl)[0] == sl.data_ptr()
+    back = _C._roundtrip(tt)
+    assert back.data_ptr() == t.data_ptr() and torch.equal(back, tt)
+    owned, sy_ptr = _C._owned_roundtrip(t)
+    assert owned.data_ptr() == sy_ptr and torch.equal(owned, t)
+    for dt, name in [(torch.float32, "f32"), (torch.bfloat16, "bf16"), (torch.float16, "f16")]:
+        assert _C._view_info(t.to(dt))[3] == name
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="bogus"):
+        moe.moe_layer(gate_type={"type": "top"}, model_dim=D, experts=ffn(), bogus=1)
+    with pytest.raises(TypeError, match="unknown_key"):
+        moe.moe_layer(gate_type={"type": "top"}, model_dim=D, experts=ffn(unknown_key=1))
+    with pytest.raises(TypeError, match="kk"):
+        moe.moe_layer(gate_type={"type": "top", "kk": 2}, model_dim=D, experts=ffn())
+    with pytest.raises(ValueError, match="gate type"):
+        moe.moe_layer(gate_type={"type": "nope"}, model_dim=D, experts=ffn())
+    with pytest.raises(ValueError, match="experts type"):
+        moe.moe_layer(gate_type={"type": "top"}, model_dim=D, experts={"type": "moe"})
+    with pytest.raises(ValueError, match="activation_fn"):
+        moe.moe_layer(gate_type={"type": "top"}, model_dim=D, experts=ffn(activation_fn="tanhh"))
+    with pytest.raises(NotImplementedError, match="output_dim"):
+        moe.moe_layer(gate_type={"type": "top"}, model_dim=D, experts=ffn(output_dim=3))
+    with pytest.raises(ValueError, match="parallel_type"):
+        moe.moe_layer(gate_type={"type": "top"}, model_dim=D, experts=ffn(), parallel_type="x")
+    with pytest.raises(switchyard.Error, match="num_groups"):
+        moe.moe_layer(gate_type={"type": "top", "k": 2}, model_dim=D, experts=ffn(),
+                      num_groups=3, topk_groups=1)
+    with pytest.raises(switchyard.Error, match="rule set"):
+        moe.moe_layer(gate_type={"type": "top"}, model_dim=D, experts=ffn(), rules="deepspeed")
+    layer = small()
+    with pytest.raises(ValueError, match="model_dim"):
+        layer(torch.randn(3, D + 1))
+    with pytest.raises(ValueError, match="top_k"):
+        layer(torch.randn(3, D), top_k=0)
+    with pytest.raises(ValueError, match="adaptive_r"):
+        layer(torch.randn(3, D), adaptive_r=2)
+    with pytest.raises(ValueError, match="gate_index"):
+        layer(torch.randn(3, D), gate_index=1)
+    with pytest.raises(switchyard.Error, match="NaN|finite|Inf"):
+        layer(torch.full((3, D), float("nan")))
+    assert layer(torch.randn(3, D)).shape == (3, D)  # still usable
+
+
+def test_expert_parallel_requests_are_refused(monkeypatch):
+    monkeypatch.setattr(moe, "_world_size", lambda group: 2)
+    with pytest.raises(NotImplementedError, match="expert parallelism"):
+        moe.moe_layer(gate_type={"type": "top"}, model_dim=D, experts=ffn())
+
+
+def test_empty_input():
+    layer = small()
+    x = torch.randn(0, D, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, D)
+    y.sum().backward()
+    assert x.grad.shape == (0, D)
