@@ -46,7 +46,7 @@ std::string command_output(const std::string& command) {
 int cpu_threads() { return omp_get_max_threads(); }
 
 std::string device_description(Device device) {
-  if (!device.is_cpu()) return to_string(device);
+  if (!device.is_cpu()) return to_string(device) + ": " + device_name(device);
   const int threads = cpu_threads();
   return "cpu: " + cpu_model_name() + ", " + std::to_string(threads) +
          (threads == 1 ? " thread" : " threads");

@@ -26,6 +26,9 @@ Device parse_device(const std::string& name);  // "cpu", "cuda", "cuda:1"
 // Whether this build has the CUDA backend and a usable GPU.
 bool cuda_available();
 
+// The device's product name ("NVIDIA H100 80GB HBM3"); "cpu" for the CPU.
+std::string device_name(Device device);
+
 // A work queue on a device. On CPU work runs synchronously on the calling thread (with OpenMP
 // and BLAS threads); on CUDA `handle` is the cudaStream_t every kernel of a call is launched on.
 struct Stream {

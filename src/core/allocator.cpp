@@ -71,18 +71,6 @@ class CpuCache {
   std::multimap<std::size_t, void*> free_;
 };
 
-// Bytes held by live tensors on each CUDA device (the pool behind them caches the rest).
-struct DeviceCounters {
-  std::atomic<std::int64_t> current{0};
-  std::atomic<std::int64_t> peak{0};
-};
-constexpr int kMaxDevices = 64;
-DeviceCounters& cuda_counters(int device) {
-  static DeviceCounters counters[kMaxDevices];
-  SY_CHECK(device >= 0 && device < kMaxDevices, "cuda:", device, " is out of range");
-  return counters[device];
-}
-
 void count(std::atomic<std::int64_t>& current, std::atomic<std::int64_t>& peak, std::int64_t n) {
   const std::int64_t now = current.fetch_add(n) + n;
   std::int64_t p = peak.load();
@@ -101,6 +89,18 @@ std::size_t round_size(std::size_t bytes) {
 }
 
 #ifdef SY_WITH_CUDA
+// Bytes held by live tensors on each CUDA device (the pool behind them caches the rest).
+struct DeviceCounters {
+  std::atomic<std::int64_t> current{0};
+  std::atomic<std::int64_t> peak{0};
+};
+constexpr int kMaxDevices = 64;
+DeviceCounters& cuda_counters(int device) {
+  static DeviceCounters counters[kMaxDevices];
+  SY_CHECK(device >= 0 && device < kMaxDevices, "cuda:", device, " is out of range");
+  return counters[device];
+}
+
 // Stream-ordered: freed on the stream that was current at allocation, so a tensor must be used
 // on that stream (or the caller orders other streams after it).
 std::shared_ptr<void> allocate_cuda(std::size_t bytes, Device device) {

@@ -32,6 +32,18 @@ bool cuda_available() { return cuda::device_count() > 0; }
 bool cuda_available() { return false; }
 #endif
 
+std::string device_name(Device device) {
+  if (device.is_cpu()) return "cpu";
+#ifdef SY_WITH_CUDA
+  SY_CHECK(device.index >= 0 && device.index < cuda::device_count(), "no device ",
+           to_string(device), ": ", cuda::device_count(), " CUDA device(s) visible");
+  return cuda::device_name(device.index);
+#else
+  SY_CHECK(false, "device_name: this build has no CUDA backend");
+  return "";
+#endif
+}
+
 namespace {
 thread_local Stream tls_cuda_stream{Device::cuda(0), nullptr};
 }

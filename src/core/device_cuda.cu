@@ -124,6 +124,12 @@ void synchronize(int device, void* stream) {
   SY_CUDA_CHECK(cudaStreamSynchronize(as_cuda_stream(stream)));
 }
 
+std::string device_name(int device) {
+  cudaDeviceProp prop;
+  SY_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  return prop.name;
+}
+
 void release_cached(int device) {
   DeviceScope scope(device);
   cudaMemPool_t pool;

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <string>
 
 #include "switchyard/dtype.h"
 #include "switchyard/index.h"
@@ -29,6 +30,9 @@ void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, index
 void fill(void* dst, DType dtype, double value, index_t n, int device, void* stream);
 
 void synchronize(int device, void* stream);
+
+// The GPU's product name.
+std::string device_name(int device);
 
 // Returns the memory the device's pool caches to the driver.
 void release_cached(int device);
