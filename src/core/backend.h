@@ -27,6 +27,5 @@ inline void require_cpu(const char* op, Device device) {
 #ifdef SY_WITH_CUDA
 #define SY_CALL_CUDA(op, ...) return op##_cuda(__VA_ARGS__)
 #else
-#define SY_CALL_CUDA(op, ...) \
-  SY_CHECK(false, #op " has no CUDA backend in this build")
+#define SY_CALL_CUDA(op, ...) SY_CHECK(false, #op " has no CUDA backend in this build")
 #endif

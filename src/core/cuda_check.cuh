@@ -17,11 +17,11 @@ namespace switchyard::detail {
 
 }  // namespace switchyard::detail
 
-#define SY_CUDA_CHECK(expr)                                                              \
-  do {                                                                                   \
-    const cudaError_t sy_err_ = (expr);                                                  \
-    if (sy_err_ != cudaSuccess) ::switchyard::detail::throw_cuda(#expr, sy_err_, __FILE__, \
-                                                                  __LINE__);             \
+#define SY_CUDA_CHECK(expr)                                                 \
+  do {                                                                      \
+    const cudaError_t sy_err_ = (expr);                                     \
+    if (sy_err_ != cudaSuccess)                                             \
+      ::switchyard::detail::throw_cuda(#expr, sy_err_, __FILE__, __LINE__); \
   } while (0)
 
 // After a kernel launch: reports launch errors (bad configuration), not asynchronous faults.

@@ -26,9 +26,12 @@ __host__ __device__ inline double load(std::int64_t v) { return static_cast<doub
 
 template <class T, class A>
 __host__ __device__ inline T store(A v) {
-  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(static_cast<float>(v));
-  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(static_cast<float>(v));
-  else return static_cast<T>(v);
+  if constexpr (std::is_same_v<T, __half>)
+    return __float2half_rn(static_cast<float>(v));
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return __float2bfloat16_rn(static_cast<float>(v));
+  else
+    return static_cast<T>(v);
 }
 
 // Calls f(T{}) with T the CUDA element type of a floating dtype (a type tag: CUDA sources are
@@ -36,13 +39,19 @@ __host__ __device__ inline T store(A v) {
 template <class F>
 decltype(auto) dispatch_float_cuda(DType dtype, const char* op, F&& f) {
   switch (dtype) {
-    case DType::kF64: return f(double{});
-    case DType::kF32: return f(float{});
-    case DType::kF16: return f(__half{});
-    case DType::kBF16: return f(__nv_bfloat16{});
-    default: break;
+    case DType::kF64:
+      return f(double{});
+    case DType::kF32:
+      return f(float{});
+    case DType::kF16:
+      return f(__half{});
+    case DType::kBF16:
+      return f(__nv_bfloat16{});
+    default:
+      break;
   }
-  detail::throw_error(detail::str_cat(op, " is not implemented for ", dtype_name(dtype), " on cuda"));
+  detail::throw_error(
+      detail::str_cat(op, " is not implemented for ", dtype_name(dtype), " on cuda"));
 }
 
 // Blocks for a grid-stride loop over n items of `threads` each, capped at the grid limit.

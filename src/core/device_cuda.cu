@@ -29,12 +29,18 @@ __global__ void fill_kernel(D* dst, D value, index_t n) {
 template <class F>
 void visit(DType dt, F&& f) {
   switch (dt) {
-    case DType::kF64: return f(double{});
-    case DType::kF32: return f(float{});
-    case DType::kF16: return f(__half{});
-    case DType::kBF16: return f(__nv_bfloat16{});
-    case DType::kI32: return f(std::int32_t{});
-    case DType::kI64: return f(std::int64_t{});
+    case DType::kF64:
+      return f(double{});
+    case DType::kF32:
+      return f(float{});
+    case DType::kF16:
+      return f(__half{});
+    case DType::kBF16:
+      return f(__nv_bfloat16{});
+    case DType::kI32:
+      return f(std::int32_t{});
+    case DType::kI64:
+      return f(std::int64_t{});
   }
 }
 
@@ -113,8 +119,8 @@ void fill(void* dst, DType dtype, double value, index_t n, int device, void* str
   }
   visit(dtype, [&](auto d) {
     using D = decltype(d);
-    fill_kernel<D><<<grid_for(n), 256, 0, as_cuda_stream(stream)>>>(static_cast<D*>(dst),
-                                                                     store<D>(value), n);
+    fill_kernel<D>
+        <<<grid_for(n), 256, 0, as_cuda_stream(stream)>>>(static_cast<D*>(dst), store<D>(value), n);
     SY_CUDA_CHECK_LAUNCH();
   });
 }

@@ -12,7 +12,8 @@ void add_inplace(Tensor& dst, const Tensor& src_in, const Tensor* scale_in) {
             dst.device() == src_in.device());
   const Tensor src = src_in.contiguous();
   const Tensor scale = scale_in ? scale_in->to(dst.dtype()).contiguous() : Tensor();
-  if (dst.device().is_cuda()) SY_CALL_CUDA(add_inplace, dst, src, scale.defined() ? &scale : nullptr);
+  if (dst.device().is_cuda())
+    SY_CALL_CUDA(add_inplace, dst, src, scale.defined() ? &scale : nullptr);
   dispatch_float(dst.dtype(), "add_inplace", [&]<class T>() {
     T* d = dst.data<T>();
     const T* s = src.data<T>();

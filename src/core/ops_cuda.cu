@@ -12,7 +12,8 @@ __global__ void add_kernel(T* __restrict__ dst, const T* __restrict__ src,
                            const T* __restrict__ scale, index_t n) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<index_t>(gridDim.x) * blockDim.x)
-    dst[i] = store<T>(load(dst[i]) + load(src[i]) * (scale ? load(scale[i]) : decltype(load(src[i]))(1)));
+    dst[i] = store<T>(load(dst[i]) +
+                      load(src[i]) * (scale ? load(scale[i]) : decltype(load(src[i]))(1)));
 }
 
 }  // namespace

@@ -218,8 +218,8 @@ void copy_with_cuda(Tensor& dst, const Tensor& src) {
       cuda::copy(dst.data_ptr(), src.data_ptr(), bytes, cuda::CopyKind::kDeviceToDevice, dev.index,
                  stream);
     } else {
-      cuda::convert(src.data_ptr(), src.dtype(), dst.data_ptr(), dst.dtype(), dst.numel(), dev.index,
-                    stream);
+      cuda::convert(src.data_ptr(), src.dtype(), dst.data_ptr(), dst.dtype(), dst.numel(),
+                    dev.index, stream);
     }
   } else if (dst.device().is_cuda()) {
     SY_CHECK(dst.is_contiguous(), "copy_from: the CUDA destination must be contiguous");

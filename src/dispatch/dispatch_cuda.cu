@@ -6,7 +6,9 @@
 namespace switchyard {
 namespace {
 
-cudaStream_t stream_of(const Tensor& t) { return as_cuda_stream(current_stream(t.device()).handle); }
+cudaStream_t stream_of(const Tensor& t) {
+  return as_cuda_stream(current_stream(t.device()).handle);
+}
 
 // Blocks are one per row: the grid's x dimension holds up to 2^31 - 1 of them.
 unsigned blocks(index_t n) {

@@ -24,9 +24,9 @@ bool equal_rows(const std::vector<index_t>& off) {
 }
 
 template <class T>
-__global__ void bias_activation(T* __restrict__ hpre, T* __restrict__ act, const T* __restrict__ bias,
-                                const index_t* __restrict__ row_expert, index_t rows, index_t h,
-                                bool gated, Activation kind) {
+__global__ void bias_activation(T* __restrict__ hpre, T* __restrict__ act,
+                                const T* __restrict__ bias, const index_t* __restrict__ row_expert,
+                                index_t rows, index_t h, bool gated, Activation kind) {
   using A = cuda_acc_t<T>;
   const index_t h1 = gated ? 2 * h : h;
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < rows * h;
@@ -155,8 +155,8 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
               w2 + offset_of(e, hid * d), d, hid * d, 0.0, yp + offset_of(r0, d), d, n * d, batch);
     });
     if (fc2_b.value.defined() && R > 0) {
-      add_bias<T><<<grid(R * d), 256, 0, stream>>>(yp, static_cast<const T*>(fc2_b.value.data_ptr()),
-                                                  row_expert.data<index_t>(), R, d);
+      add_bias<T><<<grid(R * d), 256, 0, stream>>>(
+          yp, static_cast<const T*>(fc2_b.value.data_ptr()), row_expert.data<index_t>(), R, d);
       SY_CUDA_CHECK_LAUNCH();
     }
   });
@@ -193,31 +193,32 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
     T* dxp = static_cast<T*>(dx.data_ptr());
     per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {
       // da = dy · fc2_wᵀ ; d fc2_w += actᵀ · dy
-      gemm<T>(h, false, true, n, hid, d, dyp + offset_of(r0, d), d, n * d, w2 + offset_of(e, hid * d),
-              d, hid * d, 0.0, dap + offset_of(r0, hid), hid, n * hid, batch);
-      gemm<T>(h, true, false, hid, d, n, ap + offset_of(r0, hid), hid, n * hid, dyp + offset_of(r0, d),
-              d, n * d, 1.0, g2 + offset_of(e, hid * d), d, hid * d, batch);
+      gemm<T>(h, false, true, n, hid, d, dyp + offset_of(r0, d), d, n * d,
+              w2 + offset_of(e, hid * d), d, hid * d, 0.0, dap + offset_of(r0, hid), hid, n * hid,
+              batch);
+      gemm<T>(h, true, false, hid, d, n, ap + offset_of(r0, hid), hid, n * hid,
+              dyp + offset_of(r0, d), d, n * d, 1.0, g2 + offset_of(e, hid * d), d, hid * d, batch);
     });
     if (R > 0) {
       activation_backward<T><<<grid(R * hid), 256, 0, stream>>>(dap, hp, dhp, R, hid, gated,
-                                                               base_activation(s.activation));
+                                                                base_activation(s.activation));
       SY_CUDA_CHECK_LAUNCH();
     }
     per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {
       // d fc1_w += dhᵀ · x ; dx = dh · fc1_w
-      gemm<T>(h, true, false, h1, d, n, dhp + offset_of(r0, h1), h1, n * h1, xp + offset_of(r0, d), d,
-              n * d, 1.0, g1 + offset_of(e, h1 * d), d, h1 * d, batch);
-      gemm<T>(h, false, false, n, d, h1, dhp + offset_of(r0, h1), h1, n * h1, w1 + offset_of(e, h1 * d),
-              d, h1 * d, 0.0, dxp + offset_of(r0, d), d, n * d, batch);
+      gemm<T>(h, true, false, h1, d, n, dhp + offset_of(r0, h1), h1, n * h1, xp + offset_of(r0, d),
+              d, n * d, 1.0, g1 + offset_of(e, h1 * d), d, h1 * d, batch);
+      gemm<T>(h, false, false, n, d, h1, dhp + offset_of(r0, h1), h1, n * h1,
+              w1 + offset_of(e, h1 * d), d, h1 * d, 0.0, dxp + offset_of(r0, d), d, n * d, batch);
     });
     if (fc1_b.value.defined()) {
       bias_grad<T><<<grid(E * h1), 256, 0, stream>>>(dhp, off_dev.data<index_t>(),
-                                                    static_cast<T*>(fc1_b.grad.data_ptr()), E, h1);
+                                                     static_cast<T*>(fc1_b.grad.data_ptr()), E, h1);
       SY_CUDA_CHECK_LAUNCH();
     }
     if (fc2_b.value.defined()) {
       bias_grad<T><<<grid(E * d), 256, 0, stream>>>(dyp, off_dev.data<index_t>(),
-                                                   static_cast<T*>(fc2_b.grad.data_ptr()), E, d);
+                                                    static_cast<T*>(fc2_b.grad.data_ptr()), E, d);
       SY_CUDA_CHECK_LAUNCH();
     }
   });

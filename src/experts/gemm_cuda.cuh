@@ -10,11 +10,11 @@
 #include "core/cuda_check.cuh"
 #include "core/cuda_math.cuh"
 
-#define SY_CUBLAS_CHECK(expr)                                                                 \
-  do {                                                                                        \
-    const cublasStatus_t sy_st_ = (expr);                                                     \
+#define SY_CUBLAS_CHECK(expr)                                                                   \
+  do {                                                                                          \
+    const cublasStatus_t sy_st_ = (expr);                                                       \
     SY_CHECK(sy_st_ == CUBLAS_STATUS_SUCCESS, #expr " failed: ", cublasGetStatusString(sy_st_), \
-             " at ", __FILE__, ":", __LINE__);                                                \
+             " at ", __FILE__, ":", __LINE__);                                                  \
   } while (0)
 
 namespace switchyard {
@@ -24,10 +24,14 @@ cublasHandle_t cublas_handle(int device, cudaStream_t stream);
 
 template <class T>
 cudaDataType_t cuda_data_type() {
-  if constexpr (std::is_same_v<T, double>) return CUDA_R_64F;
-  else if constexpr (std::is_same_v<T, float>) return CUDA_R_32F;
-  else if constexpr (std::is_same_v<T, __half>) return CUDA_R_16F;
-  else return CUDA_R_16BF;
+  if constexpr (std::is_same_v<T, double>)
+    return CUDA_R_64F;
+  else if constexpr (std::is_same_v<T, float>)
+    return CUDA_R_32F;
+  else if constexpr (std::is_same_v<T, __half>)
+    return CUDA_R_16F;
+  else
+    return CUDA_R_16BF;
 }
 
 // cuBLAS is column-major, so this computes Cᵀ = op(B)ᵀ op(A)ᵀ.

@@ -60,8 +60,8 @@ struct MoELayer::Impl {
   bool saved = false;
   Shape x_shape;
   DType x_dtype = DType::kF32;
-  Tensor x;       // [T, d] in the layer's dtype
-  Tensor jitter;  // [T, d] or undefined
+  Tensor x;                 // [T, d] in the layer's dtype
+  Tensor jitter;            // [T, d] or undefined
   RoutingPlan plan;         // on the host: the router and its backward run there for now
   RoutingPlan device_plan;  // plan on the layer's device, for dispatch
   RouterState router;

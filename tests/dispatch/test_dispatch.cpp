@@ -4,17 +4,15 @@
 #include <cmath>
 
 #include "dispatch/dispatch.h"
+#include "reference/compare.h"
+#include "reference/random.h"
 #include "routing/router.h"
-#include "switchyard/rng.h"
 
 namespace switchyard {
 namespace {
 
-std::vector<double> randn(std::size_t n, std::uint64_t seed) {
-  std::vector<double> v(n);
-  for (std::size_t i = 0; i < n; ++i) v[i] = rng_normal(seed, RngStream::kData, 0, i, 0);
-  return v;
-}
+using sy_ref::randn;
+using sy_ref::rel_l2;
 
 // A plan for T tokens over E experts with drops (capacity_factor 0.5).
 RoutingPlan make_plan(index_t T, index_t E, int k, Layout layout, DType dtype, double cf = 0.5) {

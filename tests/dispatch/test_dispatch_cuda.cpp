@@ -4,17 +4,15 @@
 #include <cmath>
 
 #include "dispatch/dispatch.h"
+#include "reference/compare.h"
+#include "reference/random.h"
 #include "routing/router.h"
-#include "switchyard/rng.h"
 
 namespace switchyard {
 namespace {
 
-std::vector<double> randn(std::size_t n, std::uint64_t seed) {
-  std::vector<double> v(n);
-  for (std::size_t i = 0; i < n; ++i) v[i] = rng_normal(seed, RngStream::kData, 0, i, 0);
-  return v;
-}
+using sy_ref::randn;
+using sy_ref::rel_l2;
 
 RoutingPlan cpu_plan(index_t T, index_t E, int k, Layout layout, DType dtype, double cf) {
   MoEConfig cfg;
@@ -29,22 +27,10 @@ RoutingPlan cpu_plan(index_t T, index_t E, int k, Layout layout, DType dtype, do
   a.layout = layout;
   RouterState st;
   Losses l;
-  return route_cpu(cfg, a, Tensor::from_vector(randn(T * E, 1), {T, E}, (dtype == DType::kF64 ? DType::kF64 : DType::kF32)), st, l);
-}
-
-Tensor on_gpu(const Tensor& t) {
-  Tensor g = Tensor::empty(t.sizes(), t.dtype(), Device::cuda(0));
-  g.copy_from(t);
-  return g;
-}
-
-double rel_l2(const std::vector<double>& a, const std::vector<double>& b) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += b[i] * b[i];
-  }
-  return den == 0 ? std::sqrt(num) : std::sqrt(num / den);
+  return route_cpu(cfg, a,
+                   Tensor::from_vector(randn(T * E, 1), {T, E},
+                                       (dtype == DType::kF64 ? DType::kF64 : DType::kF32)),
+                   st, l);
 }
 
 struct Case {
@@ -70,18 +56,26 @@ TEST_P(DispatchCuda, MatchesTheCpuBackendForwardAndBackward) {
   const Tensor x = Tensor::from_vector(randn(T * d, 2), {T, d}, dt);
   const Tensor out = Tensor::from_vector(randn(plan.num_rows * d, 3), {plan.num_rows, d}, dt);
   const Tensor dy = Tensor::from_vector(randn(T * d, 4), {T, d}, dt);
-  const double tol = dt == DType::kF64 ? 1e-14 : dt == DType::kF32 ? 1e-6 : dt == DType::kF16 ? 1e-3 : 1e-2;
+  const double tol = dt == DType::kF64   ? 1e-14
+                     : dt == DType::kF32 ? 1e-6
+                     : dt == DType::kF16 ? 1e-3
+                                         : 1e-2;
 
-  EXPECT_LT(rel_l2(encode(gplan, on_gpu(x), !post).to_vector(), encode(plan, x, !post).to_vector()), tol);
-  EXPECT_LT(rel_l2(decode(gplan, on_gpu(out), post).to_vector(), decode(plan, out, post).to_vector()), tol);
+  EXPECT_LT(rel_l2(encode(gplan, x.to(Device::cuda(0)), !post).to_vector(),
+                   encode(plan, x, !post).to_vector()),
+            tol);
+  EXPECT_LT(rel_l2(decode(gplan, out.to(Device::cuda(0)), post).to_vector(),
+                   decode(plan, out, post).to_vector()),
+            tol);
 
   const DType rd = plan.weight.dtype();
-  Tensor dw = Tensor::zeros({T, k}, rd), gdw = on_gpu(dw);
+  Tensor dw = Tensor::zeros({T, k}, rd), gdw = dw.to(Device::cuda(0));
   const Tensor dbuf = decode_backward(plan, dy, out, post, dw);
-  const Tensor gdbuf = decode_backward(gplan, on_gpu(dy), on_gpu(out), post, gdw);
+  const Tensor gdbuf =
+      decode_backward(gplan, dy.to(Device::cuda(0)), out.to(Device::cuda(0)), post, gdw);
   EXPECT_LT(rel_l2(gdbuf.to_vector(), dbuf.to_vector()), tol);
   const Tensor dx = encode_backward(plan, dbuf, x, !post, dw);
-  const Tensor gdx = encode_backward(gplan, gdbuf, on_gpu(x), !post, gdw);
+  const Tensor gdx = encode_backward(gplan, gdbuf, x.to(Device::cuda(0)), !post, gdw);
   EXPECT_LT(rel_l2(gdx.to_vector(), dx.to_vector()), tol);
   EXPECT_LT(rel_l2(gdw.to_vector(), dw.to_vector()), dt == DType::kF64 ? 1e-12 : 1e-5);
 }
@@ -90,7 +84,7 @@ TEST_P(DispatchCuda, RunsAreBitwiseReproducible) {
   const auto [layout, post, dt] = GetParam();
   const index_t T = 300, E = 4, d = 64;
   const RoutingPlan gplan = plan_to_device(cpu_plan(T, E, 2, layout, dt, 0.0), Device::cuda(0));
-  const Tensor x = on_gpu(Tensor::from_vector(randn(T * d, 5), {T, d}, dt));
+  const Tensor x = Tensor::from_vector(randn(T * d, 5), {T, d}, dt).to(Device::cuda(0));
   auto run = [&] {
     Tensor dw = Tensor::zeros({T, 2}, gplan.weight.dtype(), Device::cuda(0));
     const Tensor buf = encode(gplan, x, !post);
@@ -104,27 +98,31 @@ TEST_P(DispatchCuda, RunsAreBitwiseReproducible) {
   EXPECT_EQ(run(), run());
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Cases, DispatchCuda,
-    ::testing::Values(Case{Layout::kPadded, true, DType::kF32}, Case{Layout::kPacked, true, DType::kF32},
-                      Case{Layout::kPacked, false, DType::kF32}, Case{Layout::kPadded, true, DType::kBF16},
-                      Case{Layout::kPacked, false, DType::kF16}, Case{Layout::kPacked, true, DType::kF64}),
-    [](const auto& info) {
-      return std::string(to_string(info.param.layout)) + (info.param.post ? "Postscore" : "Prescore") +
-             dtype_name(info.param.dtype);
-    });
+INSTANTIATE_TEST_SUITE_P(Cases, DispatchCuda,
+                         ::testing::Values(Case{Layout::kPadded, true, DType::kF32},
+                                           Case{Layout::kPacked, true, DType::kF32},
+                                           Case{Layout::kPacked, false, DType::kF32},
+                                           Case{Layout::kPadded, true, DType::kBF16},
+                                           Case{Layout::kPacked, false, DType::kF16},
+                                           Case{Layout::kPacked, true, DType::kF64}),
+                         [](const auto& info) {
+                           return std::string(to_string(info.param.layout)) +
+                                  (info.param.post ? "Postscore" : "Prescore") +
+                                  dtype_name(info.param.dtype);
+                         });
 
 TEST(DispatchCudaLarge, ExpertBufferPast2To31Elements) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
   // One expert, one choice per token, capacity = T: a [140000, 16384] bf16 buffer holds
   // 2.29e9 > 2^31 elements; the last row must be the last token.
   const index_t T = 140000, d = 16384;
-  const RoutingPlan gplan = plan_to_device(cpu_plan(T, 1, 1, Layout::kPadded, DType::kBF16, 1.0),
-                                           Device::cuda(0));
+  const RoutingPlan gplan =
+      plan_to_device(cpu_plan(T, 1, 1, Layout::kPadded, DType::kBF16, 1.0), Device::cuda(0));
   ASSERT_GT(gplan.num_rows * d, index_t{1} << 31);
   Tensor x = Tensor::empty({T, d}, DType::kBF16, Device::cuda(0));
   x.fill(0.5);
-  x.narrow(0, T - 1, 1).copy_from(Tensor::from_vector(std::vector<double>(d, 3.0), {1, d}, DType::kBF16));
+  x.narrow(0, T - 1, 1)
+      .copy_from(Tensor::from_vector(std::vector<double>(d, 3.0), {1, d}, DType::kBF16));
   const Tensor buf = encode(gplan, x, false);
   const std::vector<double> last = buf.narrow(0, gplan.num_rows - 1, 1).to_vector();
   EXPECT_EQ(last.front(), 3.0);

@@ -5,17 +5,15 @@
 
 #include "experts/activation.h"
 #include "experts/ffn.h"
+#include "reference/compare.h"
+#include "reference/random.h"
 #include "switchyard/error.h"
-#include "switchyard/rng.h"
 
 namespace switchyard {
 namespace {
 
-std::vector<double> randn(std::size_t n, std::uint64_t seed, double scale = 1.0) {
-  std::vector<double> v(n);
-  for (std::size_t i = 0; i < n; ++i) v[i] = scale * rng_normal(seed, RngStream::kData, 0, i, 0);
-  return v;
-}
+using sy_ref::randn;
+using sy_ref::rel_l2;
 
 FfnShape shape(Activation act, bool bias, DType dt = DType::kF64) {
   return FfnShape{3, 5, 4, act, bias, bias, dt, Device::cpu()};

@@ -4,31 +4,14 @@
 #include <cmath>
 
 #include "experts/ffn.h"
-#include "switchyard/rng.h"
+#include "reference/compare.h"
+#include "reference/random.h"
 
 namespace switchyard {
 namespace {
 
-std::vector<double> randn(std::size_t n, std::uint64_t seed) {
-  std::vector<double> v(n);
-  for (std::size_t i = 0; i < n; ++i) v[i] = rng_normal(seed, RngStream::kData, 0, i, 0);
-  return v;
-}
-
-double rel_l2(const std::vector<double>& a, const std::vector<double>& b) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += b[i] * b[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
-
-Tensor to_device(const Tensor& t, Device d) {
-  Tensor g = Tensor::empty(t.sizes(), t.dtype(), d);
-  g.copy_from(t);
-  return g;
-}
+using sy_ref::randn;
+using sy_ref::rel_l2;
 
 struct Case {
   Activation act;
@@ -62,10 +45,10 @@ TEST_P(FfnCuda, MatchesTheCpuExpertsForwardAndBackward) {
   const double tol = dt == DType::kF64 ? 1e-12 : dt == DType::kF32 ? 1e-5 : 3e-2;
 
   const auto y = cpu.forward(x, off, true).to_vector();
-  const auto yg = gpu.forward(to_device(x, sg.device), to_device(off, sg.device), true).to_vector();
+  const auto yg = gpu.forward(x.to(sg.device), off.to(sg.device), true).to_vector();
   EXPECT_LT(rel_l2(yg, y), tol);
   const auto dx = cpu.backward(dy).to_vector();
-  const auto dxg = gpu.backward(to_device(dy, sg.device)).to_vector();
+  const auto dxg = gpu.backward(dy.to(sg.device)).to_vector();
   EXPECT_LT(rel_l2(dxg, dx), tol);
   for (std::size_t i = 0; i < cpu.parameters().size(); ++i)
     EXPECT_LT(rel_l2(gpu.parameters()[i]->grad.to_vector(), cpu.parameters()[i]->grad.to_vector()),
@@ -73,16 +56,19 @@ TEST_P(FfnCuda, MatchesTheCpuExpertsForwardAndBackward) {
         << cpu.parameters()[i]->name;
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Cases, FfnCuda,
-    ::testing::Values(Case{Activation::kRelu, DType::kF32, true}, Case{Activation::kGelu, DType::kF32, false},
-                      Case{Activation::kSilu, DType::kF64, false}, Case{Activation::kSwiGLU, DType::kF32, true},
-                      Case{Activation::kGeGLU, DType::kBF16, false}, Case{Activation::kGeluTanh, DType::kF16, true},
-                      Case{Activation::kRelu, DType::kBF16, true}),
-    [](const auto& info) {
-      return std::string(to_string(info.param.act)) + dtype_name(info.param.dtype) +
-             (info.param.equal_rows ? "Batched" : "PerExpert");
-    });
+INSTANTIATE_TEST_SUITE_P(Cases, FfnCuda,
+                         ::testing::Values(Case{Activation::kRelu, DType::kF32, true},
+                                           Case{Activation::kGelu, DType::kF32, false},
+                                           Case{Activation::kSilu, DType::kF64, false},
+                                           Case{Activation::kSwiGLU, DType::kF32, true},
+                                           Case{Activation::kGeGLU, DType::kBF16, false},
+                                           Case{Activation::kGeluTanh, DType::kF16, true},
+                                           Case{Activation::kRelu, DType::kBF16, true}),
+                         [](const auto& info) {
+                           return std::string(to_string(info.param.act)) +
+                                  dtype_name(info.param.dtype) +
+                                  (info.param.equal_rows ? "Batched" : "PerExpert");
+                         });
 
 }  // namespace
 }  // namespace switchyard

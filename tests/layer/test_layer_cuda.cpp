@@ -3,25 +3,15 @@
 
 #include <cmath>
 
+#include "reference/compare.h"
+#include "reference/random.h"
 #include "switchyard/switchyard.h"
 
 namespace switchyard {
 namespace {
 
-std::vector<double> randn(std::size_t n, std::uint64_t seed) {
-  std::vector<double> v(n);
-  for (std::size_t i = 0; i < n; ++i) v[i] = rng_normal(seed, RngStream::kData, 0, i, 0);
-  return v;
-}
-
-double rel_l2(const std::vector<double>& a, const std::vector<double>& b) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += b[i] * b[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
+using sy_ref::randn;
+using sy_ref::rel_l2;
 
 struct Case {
   const char* name;
@@ -104,12 +94,13 @@ TEST_P(MoELayerCuda, RunsAreBitwiseReproducible) {
 
 INSTANTIATE_TEST_SUITE_P(
     Cases, MoELayerCuda,
-    ::testing::Values(Case{"PaddedF32", DType::kF32, 1.0, Activation::kRelu, true, 0, 0.0},
-                      Case{"DroplessF32", DType::kF32, 0.0, Activation::kGelu, true, 0, 0.0},
-                      Case{"PrescoreSharedSwiglu", DType::kF32, 0.0, Activation::kSwiGLU, false, 48, 0.0},
-                      Case{"JitterCapped", DType::kF32, -0.5, Activation::kSilu, true, 0, 0.1},
-                      Case{"PaddedBf16", DType::kBF16, 1.0, Activation::kRelu, true, 0, 0.0},
-                      Case{"DroplessBf16Swiglu", DType::kBF16, 0.0, Activation::kSwiGLU, true, 32, 0.0}),
+    ::testing::Values(
+        Case{"PaddedF32", DType::kF32, 1.0, Activation::kRelu, true, 0, 0.0},
+        Case{"DroplessF32", DType::kF32, 0.0, Activation::kGelu, true, 0, 0.0},
+        Case{"PrescoreSharedSwiglu", DType::kF32, 0.0, Activation::kSwiGLU, false, 48, 0.0},
+        Case{"JitterCapped", DType::kF32, -0.5, Activation::kSilu, true, 0, 0.1},
+        Case{"PaddedBf16", DType::kBF16, 1.0, Activation::kRelu, true, 0, 0.0},
+        Case{"DroplessBf16Swiglu", DType::kBF16, 0.0, Activation::kSwiGLU, true, 32, 0.0}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST(MoELayerCudaErrors, CosineGateAndMixedDevicesAreRejected) {

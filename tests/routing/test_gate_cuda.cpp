@@ -4,32 +4,15 @@
 #include <cmath>
 
 #include "experts/gemm.h"
+#include "reference/compare.h"
+#include "reference/random.h"
 #include "routing/gate.h"
-#include "switchyard/rng.h"
 
 namespace switchyard {
 namespace {
 
-std::vector<double> randn(std::size_t n, std::uint64_t seed) {
-  std::vector<double> v(n);
-  for (std::size_t i = 0; i < n; ++i) v[i] = rng_normal(seed, RngStream::kData, 0, i, 0);
-  return v;
-}
-
-double rel_l2(const std::vector<double>& a, const std::vector<double>& b) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += b[i] * b[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
-
-Tensor gpu(const Tensor& t) {
-  Tensor g = Tensor::empty(t.sizes(), t.dtype(), Device::cuda(0));
-  g.copy_from(t);
-  return g;
-}
+using sy_ref::randn;
+using sy_ref::rel_l2;
 
 TEST(GemmCuda, MatchesCpuForEveryTransposeAndDtype) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
@@ -39,10 +22,12 @@ TEST(GemmCuda, MatchesCpuForEveryTransposeAndDtype) {
         const index_t m = 37, n = 29, k = 53;
         const Tensor a = Tensor::from_vector(randn(m * k, 1), ta ? Shape{k, m} : Shape{m, k}, dt);
         const Tensor b = Tensor::from_vector(randn(k * n, 2), tb ? Shape{n, k} : Shape{k, n}, dt);
-        Tensor c = Tensor::from_vector(randn(m * n, 3), {m, n}, dt), cg = gpu(c);
+        Tensor c = Tensor::from_vector(randn(m * n, 3), {m, n}, dt), cg = c.to(Device::cuda(0));
         gemm(a, ta, b, tb, c, 0.5, 1.0);
-        gemm(gpu(a), ta, gpu(b), tb, cg, 0.5, 1.0);
-        EXPECT_LT(rel_l2(cg.to_vector(), c.to_vector()), dt == DType::kF64 ? 1e-14 : dt == DType::kF32 ? 1e-6 : 1e-2)
+        gemm(a.to(Device::cuda(0)), ta, b.to(Device::cuda(0)), tb, cg, 0.5, 1.0);
+        EXPECT_LT(rel_l2(cg.to_vector(), c.to_vector()), dt == DType::kF64   ? 1e-14
+                                                         : dt == DType::kF32 ? 1e-6
+                                                                             : 1e-2)
             << dtype_name(dt) << " ta=" << ta << " tb=" << tb;
       }
     }
@@ -66,10 +51,10 @@ TEST(LinearGateCuda, MatchesTheCpuGateForwardAndBackward) {
     const Tensor x = Tensor::from_vector(randn(T * 64, 4), {T, 64}, DType::kBF16);
     const Tensor dl = Tensor::from_vector(randn(T * 16, 5), {T, 16}, DType::kF32);
     const auto logits = cpu.forward(x, true).to_vector();
-    const auto logits_g = cuda.forward(gpu(x), true).to_vector();
+    const auto logits_g = cuda.forward(x.to(Device::cuda(0)), true).to_vector();
     EXPECT_LT(rel_l2(logits_g, logits), fp32_gate ? 1e-5 : 1e-2);
     const auto dx = cpu.backward(dl).to_vector();
-    const auto dx_g = cuda.backward(gpu(dl)).to_vector();
+    const auto dx_g = cuda.backward(dl.to(Device::cuda(0))).to_vector();
     EXPECT_LT(rel_l2(dx_g, dx), 1e-2);
     EXPECT_LT(rel_l2(cuda.parameters()[0]->grad.to_vector(), cpu.parameters()[0]->grad.to_vector()),
               fp32_gate ? 1e-5 : 1e-2);
