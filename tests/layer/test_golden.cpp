@@ -1,5 +1,5 @@
 // The layer against Tutel v0.3.3 itself: 36 cases of output, GShard loss and every gradient
-// (tests/data/tutel_v0.3.3_cpu_f32.jsonl; /work/shared/golden/README.md).
+// (tests/data/tutel_v0.3.3_cpu_f32.jsonl, computed by Tutel v0.3.3 on CPU in f32).
 #include <gtest/gtest.h>
 
 #include <algorithm>

@@ -1,5 +1,5 @@
 // The 36 golden cases computed by Tutel v0.3.3 (tests/data/tutel_v0.3.3_cpu_f32.jsonl), parsed
-// into plain structs. See /work/shared/golden/README.md for the fields.
+// into plain structs. Each line: config, x, dy, params, y, l_aux, dx, grads.
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// The reference MoE of reference_moe.h. Section numbers refer to /work/shared/ROUTING.md.
+// The reference MoE of reference_moe.h. It follows docs/routing.md.
 #include "reference/reference_moe.h"
 
 #include <algorithm>

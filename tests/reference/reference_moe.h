@@ -1,6 +1,6 @@
 // A naive reference MoE layer, written for clarity and nothing else: loops over tokens, double
 // precision, std::vector<double> storage, no BLAS and no switchyard internals. It follows
-// /work/shared/ROUTING.md rule by rule (section numbers in the comments of reference_moe.cpp) and
+// the routing rules (docs/routing.md) rule by rule (section numbers in the comments of reference_moe.cpp) and
 // is the oracle the layer tests compare against. Forward only: gradients are checked by finite
 // differences. Noise and input jitter are not modelled (tests turn them off or run evaluation).
 //
