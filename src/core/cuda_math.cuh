@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "switchyard/dtype.h"
 #include "switchyard/error.h"
@@ -52,6 +53,14 @@ decltype(auto) dispatch_float_cuda(DType dtype, const char* op, F&& f) {
   }
   detail::throw_error(
       detail::str_cat(op, " is not implemented for ", dtype_name(dtype), " on cuda"));
+}
+
+// As dispatch_float_cuda, plus the index dtypes.
+template <class F>
+decltype(auto) dispatch_any_cuda(DType dtype, const char* op, F&& f) {
+  if (dtype == DType::kI32) return f(std::int32_t{});
+  if (dtype == DType::kI64) return f(std::int64_t{});
+  return dispatch_float_cuda(dtype, op, std::forward<F>(f));
 }
 
 // Blocks for a grid-stride loop over n items of `threads` each, capped at the grid limit.

@@ -26,24 +26,6 @@ __global__ void fill_kernel(D* dst, D value, index_t n) {
     dst[i] = value;
 }
 
-template <class F>
-void visit(DType dt, F&& f) {
-  switch (dt) {
-    case DType::kF64:
-      return f(double{});
-    case DType::kF32:
-      return f(float{});
-    case DType::kF16:
-      return f(__half{});
-    case DType::kBF16:
-      return f(__nv_bfloat16{});
-    case DType::kI32:
-      return f(std::int32_t{});
-    case DType::kI64:
-      return f(std::int64_t{});
-  }
-}
-
 unsigned grid_for(index_t n) { return std::min(grid_size(n, 256), 65535u); }
 
 // Keep freed memory in the pool instead of returning it to the driver at each sync.
@@ -98,8 +80,8 @@ void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, index
              void* stream) {
   if (n == 0) return;
   DeviceScope scope(device);
-  visit(src_dtype, [&](auto s) {
-    visit(dst_dtype, [&](auto d) {
+  dispatch_any_cuda(src_dtype, "convert", [&](auto s) {
+    dispatch_any_cuda(dst_dtype, "convert", [&](auto d) {
       using S = decltype(s);
       using D = decltype(d);
       convert_kernel<S, D><<<grid_for(n), 256, 0, as_cuda_stream(stream)>>>(
@@ -117,7 +99,7 @@ void fill(void* dst, DType dtype, double value, index_t n, int device, void* str
                                   as_cuda_stream(stream)));
     return;
   }
-  visit(dtype, [&](auto d) {
+  dispatch_any_cuda(dtype, "fill", [&](auto d) {
     using D = decltype(d);
     fill_kernel<D>
         <<<grid_for(n), 256, 0, as_cuda_stream(stream)>>>(static_cast<D*>(dst), store<D>(value), n);

@@ -5,6 +5,7 @@
 
 #include "dispatch/dispatch.h"
 #include "reference/compare.h"
+#include "reference/plans.h"
 #include "reference/random.h"
 #include "routing/router.h"
 
@@ -14,22 +15,9 @@ namespace {
 using sy_ref::randn;
 using sy_ref::rel_l2;
 
-// A plan for T tokens over E experts with drops (capacity_factor 0.5).
+// A plan with drops by default (capacity_factor 0.5).
 RoutingPlan make_plan(index_t T, index_t E, int k, Layout layout, DType dtype, double cf = 0.5) {
-  MoEConfig cfg;
-  cfg.model_dim = 1;
-  cfg.hidden_size = 1;
-  cfg.num_experts = E;
-  cfg.top_k = k;
-  cfg.aux_loss = AuxLoss::kNone;
-  RouteArgs a;
-  a.top_k = k;
-  a.capacity_factor = cf;
-  a.layout = layout;
-  RouterState st;
-  Losses l;
-  const DType rd = dtype == DType::kF64 ? DType::kF64 : DType::kF32;
-  return route_cpu(cfg, a, Tensor::from_vector(randn(T * E, 1), {T, E}, rd), st, l);
+  return sy_ref::random_plan(T, E, k, layout, dtype, cf);
 }
 
 double dot(const std::vector<double>& a, const std::vector<double>& b) {

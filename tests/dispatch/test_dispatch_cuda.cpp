@@ -5,6 +5,7 @@
 
 #include "dispatch/dispatch.h"
 #include "reference/compare.h"
+#include "reference/plans.h"
 #include "reference/random.h"
 #include "routing/router.h"
 
@@ -14,24 +15,7 @@ namespace {
 using sy_ref::randn;
 using sy_ref::rel_l2;
 
-RoutingPlan cpu_plan(index_t T, index_t E, int k, Layout layout, DType dtype, double cf) {
-  MoEConfig cfg;
-  cfg.model_dim = 1;
-  cfg.hidden_size = 1;
-  cfg.num_experts = E;
-  cfg.top_k = k;
-  cfg.aux_loss = AuxLoss::kNone;
-  RouteArgs a;
-  a.top_k = k;
-  a.capacity_factor = cf;
-  a.layout = layout;
-  RouterState st;
-  Losses l;
-  return route_cpu(cfg, a,
-                   Tensor::from_vector(randn(T * E, 1), {T, E},
-                                       (dtype == DType::kF64 ? DType::kF64 : DType::kF32)),
-                   st, l);
-}
+using sy_ref::random_plan;
 
 struct Case {
   Layout layout;
@@ -50,7 +34,7 @@ TEST_P(DispatchCuda, MatchesTheCpuBackendForwardAndBackward) {
   const auto [layout, post, dt] = GetParam();
   const index_t T = 989, E = 8, d = 111;
   const int k = 2;
-  const RoutingPlan plan = cpu_plan(T, E, k, layout, dt, 0.75);  // with drops
+  const RoutingPlan plan = random_plan(T, E, k, layout, dt, 0.75);  // with drops
   ASSERT_GT(plan.dropped, 0);
   const RoutingPlan gplan = plan_to_device(plan, Device::cuda(0));
   const Tensor x = Tensor::from_vector(randn(T * d, 2), {T, d}, dt);
@@ -83,7 +67,7 @@ TEST_P(DispatchCuda, MatchesTheCpuBackendForwardAndBackward) {
 TEST_P(DispatchCuda, RunsAreBitwiseReproducible) {
   const auto [layout, post, dt] = GetParam();
   const index_t T = 300, E = 4, d = 64;
-  const RoutingPlan gplan = plan_to_device(cpu_plan(T, E, 2, layout, dt, 0.0), Device::cuda(0));
+  const RoutingPlan gplan = plan_to_device(random_plan(T, E, 2, layout, dt, 0.0), Device::cuda(0));
   const Tensor x = Tensor::from_vector(randn(T * d, 5), {T, d}, dt).to(Device::cuda(0));
   auto run = [&] {
     Tensor dw = Tensor::zeros({T, 2}, gplan.weight.dtype(), Device::cuda(0));
@@ -117,7 +101,7 @@ TEST(DispatchCudaLarge, ExpertBufferPast2To31Elements) {
   // 2.29e9 > 2^31 elements; the last row must be the last token.
   const index_t T = 140000, d = 16384;
   const RoutingPlan gplan =
-      plan_to_device(cpu_plan(T, 1, 1, Layout::kPadded, DType::kBF16, 1.0), Device::cuda(0));
+      plan_to_device(random_plan(T, 1, 1, Layout::kPadded, DType::kBF16, 1.0), Device::cuda(0));
   ASSERT_GT(gplan.num_rows * d, index_t{1} << 31);
   Tensor x = Tensor::empty({T, d}, DType::kBF16, Device::cuda(0));
   x.fill(0.5);
