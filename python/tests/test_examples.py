@@ -8,6 +8,7 @@ import sys
 import torch
 
 from switchyard import moe
+from switchyard.examples import classifier
 from switchyard.examples import helloworld_custom_gate_expert as custom_example
 
 STEP_LINE = (r"^STEP-(\d+): loss = ([0-9.]+), step_time = ([0-9.]+) sec, "
@@ -36,11 +37,24 @@ def test_helloworld_eval_and_lambda_free_dtype():
     assert out.count("STEP-") == 2
 
 
+CLASSIFIER = ["--epochs", "3", "--train_size", "2000", "--test_size", "500"]
+
+
 def test_classifier_accuracy_rises_well_above_chance():
-    out = run("classifier", "--epochs", "3", "--train_size", "2000", "--test_size", "500")
+    out = run("classifier", *CLASSIFIER)
     chance = float(re.search(r"chance = ([0-9.]+)", out).group(1))
+    before = float(re.search(r"before training = ([0-9.]+)", out).group(1))
     accs = [float(a) for a in re.findall(r"test accuracy = ([0-9.]+)", out)]
-    assert accs[-1] > chance + 0.5, out
+    assert chance == 0.2 and len(accs) == 3, out
+    assert before < chance + 0.15, out
+    assert accs[-1] > 0.85, out  # fixed seeds: 0.96 here
+
+
+def test_classifier_data_defeats_a_linear_model():
+    """Without its MoE layer the model is linear, and the clusters are not linearly separable:
+    the MoE layer is what lifts the accuracy."""
+    accs = classifier.main(["--no_moe", *CLASSIFIER])
+    assert max(accs) < 0.75, accs  # 0.62 here
 
 
 SMALL_CUSTOM = ["--batch_size", "2", "--num_tokens", "32", "--model_dim", "16",
