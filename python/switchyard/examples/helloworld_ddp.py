@@ -79,7 +79,8 @@ class ExampleModel(torch.nn.Module):
             group=moe_group)
         local = sum(p.numel() for _, p in
                     self._moe_layer.get_parameter_iterator(param_type="local_experts"))
-        shared = sum(p.numel() for _, p in self._moe_layer.get_parameter_iterator(param_type="gate"))
+        shared = sum(p.numel() for _, p in
+                     self._moe_layer.get_parameter_iterator(param_type="gate"))
         log("[Statistics] param count for MoE local_experts = %s, param count for MoE gate = %s.\n"
             % (local, shared))
 
