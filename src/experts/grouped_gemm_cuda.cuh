@@ -1,0 +1,32 @@
+// Raw-pointer grouped GEMM launchers for CUDA sources (see experts/grouped_gemm.h for the forms
+// and experts/grouped_gemm_kernels.cuh for the kernel). bf16 and f16; offsets i64 [E+1] on the
+// device, read there (no host sync); `rows` is R, the packed operands' row count. Throws
+// switchyard::Error when N, K (varying_m) or M, N (varying_k) are not multiples of 8 or a base
+// pointer is not 16-byte aligned.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "switchyard/index.h"
+
+namespace switchyard {
+
+// c [R, N] rows of group e = a [R, K] rows of group e · op(b[e]), b [E, K, N] or [E, N, K].
+void grouped_gemm_varying_m_cuda(const __nv_bfloat16* a, const __nv_bfloat16* b, bool trans_b,
+                                 __nv_bfloat16* c, const index_t* offsets, index_t num_groups,
+                                 index_t rows, index_t n, index_t k, cudaStream_t stream);
+void grouped_gemm_varying_m_cuda(const __half* a, const __half* b, bool trans_b, __half* c,
+                                 const index_t* offsets, index_t num_groups, index_t rows,
+                                 index_t n, index_t k, cudaStream_t stream);
+
+// c[e] [M, N] = beta c[e] + (a [R, M] rows of group e)ᵀ · (b [R, N] rows of group e), beta 0 or 1.
+void grouped_gemm_varying_k_cuda(const __nv_bfloat16* a, const __nv_bfloat16* b, __nv_bfloat16* c,
+                                 const index_t* offsets, index_t num_groups, index_t rows,
+                                 index_t m, index_t n, double beta, cudaStream_t stream);
+void grouped_gemm_varying_k_cuda(const __half* a, const __half* b, __half* c,
+                                 const index_t* offsets, index_t num_groups, index_t rows,
+                                 index_t m, index_t n, double beta, cudaStream_t stream);
+
+}  // namespace switchyard
