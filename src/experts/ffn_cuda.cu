@@ -1,10 +1,16 @@
-// FFN experts on CUDA: cuBLAS GEMMs per expert (strided-batched when every expert has the same
-// row count, as in the padded layout), bias/activation and bias-gradient kernels. Arithmetic in
-// f32 (f64 for f64; f32 GEMMs are true FP32), tensors stored in the experts' dtype.
-// NOTE: the per-expert row counts are read on the host, one device-to-host copy per forward; a
-// grouped GEMM reading device-side offsets will remove that sync.
+// FFN experts on CUDA: the expert GEMMs, bias/activation and bias-gradient kernels. Arithmetic
+// in f32 (f64 for f64; f32 GEMMs are true FP32), tensors stored in the experts' dtype.
+// GEMMs: one strided-batched cuBLAS GEMM when every expert has the same row count (the padded
+// layout); otherwise, for bf16/f16, the grouped GEMM (experts/grouped_gemm_cuda.cuh), which reads
+// the offsets on the device, unless the experts are coarse (see use_grouped_gemm); otherwise one
+// cuBLAS GEMM per expert.
+// NOTE: host syncs that remain: FfnExperts::forward (experts/ffn.cpp) copies the offsets to the
+// host to check them and to pass them here; forward uploads the per-row expert index and the
+// grouped path the offsets (host-to-device copies from pageable memory), backward uploads the
+// offsets. The grouped GEMMs themselves need none.
 #include <algorithm>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "core/cuda_check.cuh"
@@ -12,9 +18,15 @@
 #include "experts/activation.h"
 #include "experts/ffn.h"
 #include "experts/gemm_cuda.cuh"
+#include "experts/grouped_gemm_cuda.cuh"
 
 namespace switchyard {
 namespace {
+
+// Above this many flops per expert GEMM (2 x rows x d x h), cuBLAS per expert beats the
+// grouped kernel on an H100: 30 GFLOP (deepseek fc2) runs at 649 vs 302 TFLOPS, 1.6 GFLOP
+// (fine-grained fc1) at 166 vs 282.
+constexpr double kCoarseExpertFlops = 4e9;
 
 // Whether every expert has the same number of rows (the padded layout): one batched GEMM.
 bool equal_rows(const std::vector<index_t>& off) {
@@ -93,6 +105,40 @@ __global__ void bias_grad(const T* __restrict__ m, const index_t* __restrict__ o
   }
 }
 
+// Whether the unequal-rows GEMMs of a bf16/f16 layer run on the grouped kernel: sizes that are
+// multiples of 8, and experts that are not coarse. The portable mma.sync kernel reaches about
+// 250-300 TFLOPS on an H100 where one cuBLAS GEMM per expert reaches 650-740 on coarse experts
+// (bench/results/2026-11-24-h100-grouped-gemm.md); it wins where per-expert GEMMs are small.
+// The rule reads only host-side sizes (the mean rows per expert), never the offsets.
+template <class T>
+bool use_grouped_gemm(index_t rows, index_t num_experts, index_t d, index_t h1) {
+  if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
+    if (d % 8 != 0 || h1 % 8 != 0 || num_experts < 2) return false;
+    const double flops_per_expert = 2.0 * static_cast<double>(rows) / num_experts * d * h1;
+    return flops_per_expert < kCoarseExpertFlops;
+  } else {
+    return false;
+  }
+}
+
+// The grouped GEMMs for the types they support (only called when use_grouped_gemm<T> holds).
+template <class T>
+void grouped_varying_m(const T* a, const T* b, bool trans_b, T* c, const index_t* off, index_t E,
+                       index_t R, index_t n, index_t k, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>)
+    grouped_gemm_varying_m_cuda(a, b, trans_b, c, off, E, R, n, k, stream);
+  else
+    SY_ASSERT(false, "no grouped GEMM for this dtype");
+}
+template <class T>
+void grouped_varying_k(const T* a, const T* b, T* c, const index_t* off, index_t E, index_t R,
+                       index_t m, index_t n, double beta, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>)
+    grouped_gemm_varying_k_cuda(a, b, c, off, E, R, m, n, beta, stream);
+  else
+    SY_ASSERT(false, "no grouped GEMM for this dtype");
+}
+
 unsigned grid(index_t n) { return std::min(grid_size(n, 256), 65535u * 16); }
 
 Tensor device_i64(const std::vector<index_t>& v, Device dev) {
@@ -140,20 +186,34 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
     T* hp = static_cast<T*>(hpre.data_ptr());
     T* ap = static_cast<T*>(act.data_ptr());
     T* yp = static_cast<T*>(y.data_ptr());
-    per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {  // h = x · fc1_wᵀ
-      gemm<T>(h, false, true, n, h1, d, xp + offset_of(r0, d), d, n * d, w1 + offset_of(e, h1 * d),
-              d, h1 * d, 0.0, hp + offset_of(r0, h1), h1, n * h1, batch);
-    });
+    const index_t E = static_cast<index_t>(off.size()) - 1;
+    const bool grouped = !equal_rows(off) && use_grouped_gemm<T>(R, E, d, h1);
+    Tensor off_dev;
+    if (grouped) off_dev = device_i64(off, dev);
+    if (grouped) {  // h = x · fc1_wᵀ, fc1_w [E, h1, d]
+      grouped_varying_m<T>(xp, w1, true, hp, off_dev.data<index_t>(), E, R, h1, d, stream);
+    } else {
+      per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {  // h = x · fc1_wᵀ
+        gemm<T>(h, false, true, n, h1, d, xp + offset_of(r0, d), d, n * d,
+                w1 + offset_of(e, h1 * d), d, h1 * d, 0.0, hp + offset_of(r0, h1), h1, n * h1,
+                batch);
+      });
+    }
     if (R > 0) {
       bias_activation<T><<<grid(R * hid), 256, 0, stream>>>(
           hp, ap, fc1_b.value.defined() ? static_cast<const T*>(fc1_b.value.data_ptr()) : nullptr,
           row_expert.data<index_t>(), R, hid, gated, base_activation(s.activation));
       SY_CUDA_CHECK_LAUNCH();
     }
-    per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {  // y = act · fc2_w
-      gemm<T>(h, false, false, n, d, hid, ap + offset_of(r0, hid), hid, n * hid,
-              w2 + offset_of(e, hid * d), d, hid * d, 0.0, yp + offset_of(r0, d), d, n * d, batch);
-    });
+    if (grouped) {  // y = act · fc2_w, fc2_w [E, hid, d]
+      grouped_varying_m<T>(ap, w2, false, yp, off_dev.data<index_t>(), E, R, d, hid, stream);
+    } else {
+      per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {  // y = act · fc2_w
+        gemm<T>(h, false, false, n, d, hid, ap + offset_of(r0, hid), hid, n * hid,
+                w2 + offset_of(e, hid * d), d, hid * d, 0.0, yp + offset_of(r0, d), d, n * d,
+                batch);
+      });
+    }
     if (fc2_b.value.defined() && R > 0) {
       add_bias<T><<<grid(R * d), 256, 0, stream>>>(
           yp, static_cast<const T*>(fc2_b.value.data_ptr()), row_expert.data<index_t>(), R, d);
@@ -191,26 +251,39 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
     T* dap = static_cast<T*>(da.data_ptr());
     T* dhp = static_cast<T*>(dh.data_ptr());
     T* dxp = static_cast<T*>(dx.data_ptr());
-    per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {
-      // da = dy · fc2_wᵀ ; d fc2_w += actᵀ · dy
-      gemm<T>(h, false, true, n, hid, d, dyp + offset_of(r0, d), d, n * d,
-              w2 + offset_of(e, hid * d), d, hid * d, 0.0, dap + offset_of(r0, hid), hid, n * hid,
-              batch);
-      gemm<T>(h, true, false, hid, d, n, ap + offset_of(r0, hid), hid, n * hid,
-              dyp + offset_of(r0, d), d, n * d, 1.0, g2 + offset_of(e, hid * d), d, hid * d, batch);
-    });
+    const bool grouped = !equal_rows(off) && use_grouped_gemm<T>(R, E, d, h1);
+    const index_t* offp = off_dev.data<index_t>();
+    if (grouped) {  // da = dy · fc2_wᵀ ; d fc2_w += actᵀ · dy
+      grouped_varying_m<T>(dyp, w2, true, dap, offp, E, R, hid, d, stream);
+      grouped_varying_k<T>(ap, dyp, g2, offp, E, R, hid, d, 1.0, stream);
+    } else {
+      per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {
+        // da = dy · fc2_wᵀ ; d fc2_w += actᵀ · dy
+        gemm<T>(h, false, true, n, hid, d, dyp + offset_of(r0, d), d, n * d,
+                w2 + offset_of(e, hid * d), d, hid * d, 0.0, dap + offset_of(r0, hid), hid, n * hid,
+                batch);
+        gemm<T>(h, true, false, hid, d, n, ap + offset_of(r0, hid), hid, n * hid,
+                dyp + offset_of(r0, d), d, n * d, 1.0, g2 + offset_of(e, hid * d), d, hid * d,
+                batch);
+      });
+    }
     if (R > 0) {
       activation_backward<T><<<grid(R * hid), 256, 0, stream>>>(dap, hp, dhp, R, hid, gated,
                                                                 base_activation(s.activation));
       SY_CUDA_CHECK_LAUNCH();
     }
-    per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {
-      // d fc1_w += dhᵀ · x ; dx = dh · fc1_w
-      gemm<T>(h, true, false, h1, d, n, dhp + offset_of(r0, h1), h1, n * h1, xp + offset_of(r0, d),
-              d, n * d, 1.0, g1 + offset_of(e, h1 * d), d, h1 * d, batch);
-      gemm<T>(h, false, false, n, d, h1, dhp + offset_of(r0, h1), h1, n * h1,
-              w1 + offset_of(e, h1 * d), d, h1 * d, 0.0, dxp + offset_of(r0, d), d, n * d, batch);
-    });
+    if (grouped) {  // d fc1_w += dhᵀ · x ; dx = dh · fc1_w
+      grouped_varying_k<T>(dhp, xp, g1, offp, E, R, h1, d, 1.0, stream);
+      grouped_varying_m<T>(dhp, w1, false, dxp, offp, E, R, d, h1, stream);
+    } else {
+      per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {
+        // d fc1_w += dhᵀ · x ; dx = dh · fc1_w
+        gemm<T>(h, true, false, h1, d, n, dhp + offset_of(r0, h1), h1, n * h1,
+                xp + offset_of(r0, d), d, n * d, 1.0, g1 + offset_of(e, h1 * d), d, h1 * d, batch);
+        gemm<T>(h, false, false, n, d, h1, dhp + offset_of(r0, h1), h1, n * h1,
+                w1 + offset_of(e, h1 * d), d, h1 * d, 0.0, dxp + offset_of(r0, d), d, n * d, batch);
+      });
+    }
     if (fc1_b.value.defined()) {
       bias_grad<T><<<grid(E * h1), 256, 0, stream>>>(dhp, off_dev.data<index_t>(),
                                                      static_cast<T*>(fc1_b.grad.data_ptr()), E, h1);
