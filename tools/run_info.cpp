@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <array>
+#include <cstdlib>
 #include <cstdio>
 #include <ctime>
 #include <fstream>
@@ -62,6 +63,8 @@ std::string iso_date_utc() {
 }
 
 std::string git_commit() {
+  // A copy of the tree without its history (a build on another machine) names its commit here.
+  if (const char* c = std::getenv("SWITCHYARD_COMMIT"); c && *c) return c;
 #ifdef SY_SOURCE_DIR
   // Not the working directory's repository: the tool may run from inside another project.
   // The quotes keep a path with spaces whole; a source path never contains a quote.

@@ -15,7 +15,8 @@ int cpu_threads();
 // Now, UTC, ISO 8601: "2025-01-31T12:34:56Z".
 std::string iso_date_utc();
 // `git describe --always --dirty` of the source tree the tool was built from, run now (so
-// uncommitted changes show as -dirty); "unknown" when that tree is gone or has no commit.
+// uncommitted changes show as -dirty); the SWITCHYARD_COMMIT environment variable where set (a
+// copy of the tree without its history); else "unknown".
 std::string git_commit();
 
 }  // namespace switchyard::tools

@@ -96,6 +96,12 @@ struct ForwardOptions {
   std::optional<int> top_k;
   std::optional<Layout> layout;
   bool training = true;  // noise, jitter, sinkhorn and expert-bias counting only when training
+  // On CUDA, copy the losses, the token counts and the NaN/Inf flag of the logits to the host
+  // (ForwardResult::losses and ::stats; one sync per forward). false: they stay on the device
+  // (ForwardResult::aux_loss, ...) and a dropless forward needs no host sync (it can be captured
+  // in a CUDA graph); NaN/Inf logits are then reported by the next forward that syncs. The CPU
+  // backend always fills both.
+  bool host_stats = true;
 };
 
 // Weights of the losses in the objective whose gradient backward computes:

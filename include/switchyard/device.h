@@ -56,4 +56,40 @@ class StreamGuard {
 // Waits until the work queued on the stream has finished (CPU: returns at once).
 void synchronize(const Stream& stream);
 
+// A CUDA stream of its own (non-blocking with respect to the legacy default stream), destroyed
+// with the object. Throws in builds without the CUDA backend.
+class CudaStream {
+ public:
+  explicit CudaStream(Device device);
+  ~CudaStream();
+  CudaStream(const CudaStream&) = delete;
+  CudaStream& operator=(const CudaStream&) = delete;
+  Stream stream() const { return stream_; }
+
+ private:
+  Stream stream_;
+};
+
+// Records the work issued on `stream` between begin_capture and end_capture (which must be
+// called on the same thread; the stream must be a CudaStream, not the per-thread default), so
+// that replay() launches the same kernels on the same memory again, reading whatever that memory
+// holds then. Memory allocated during the capture and not freed in it must be freed before the
+// next replay (CUDA's rule for graph allocations): keep results in tensors allocated before the
+// capture. Capture after one eager run, so that libraries have made their own allocations.
+class CudaGraph {
+ public:
+  CudaGraph() = default;
+  ~CudaGraph();
+  CudaGraph(const CudaGraph&) = delete;
+  CudaGraph& operator=(const CudaGraph&) = delete;
+  void begin_capture(const Stream& stream);
+  void end_capture();
+  void replay();
+
+ private:
+  Stream stream_;
+  void* exec_ = nullptr;  // cudaGraphExec_t
+  bool capturing_ = false;
+};
+
 }  // namespace switchyard

@@ -34,8 +34,13 @@ struct Losses {
 
 struct ForwardResult {
   Tensor y;  // same shape as x, in the layer's dtype
+  // On the host: always on CPU; on CUDA when ForwardOptions::host_stats (else only top_k, layout
+  // and, where the host knows them, capacity and num_rows are filled; the rest is -1 or empty).
   Losses losses;
   RoutingStats stats;
+  // The same on the layer's device, filled by every forward: 0-dim f64 losses (unweighted) and
+  // the [E] i64 tokens kept per expert.
+  Tensor aux_loss, z_loss, tokens_per_expert;
 };
 
 class MoELayer {
@@ -69,7 +74,7 @@ class MoELayer {
   // Aux-loss-free balancing: bias[e] += rate * sign(mean(count) - count[e]) over the token
   // counts accumulated by training forwards since the last update; then resets the counts.
   void update_expert_bias(double rate = 1e-3);
-  Tensor expert_bias() const;  // [E] f32 on the host; zeros unless cfg.expert_bias
+  Tensor expert_bias() const;  // [E] f32 on the layer's device; zeros unless cfg.expert_bias
 
  private:
   struct Impl;

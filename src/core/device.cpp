@@ -70,4 +70,47 @@ void synchronize(const Stream& stream) {
 #endif
 }
 
+#ifdef SY_WITH_CUDA
+CudaStream::CudaStream(Device device) : stream_{device, nullptr} {
+  SY_CHECK(device.is_cuda(), "CudaStream: ", to_string(device), " is not a CUDA device");
+  stream_.handle = cuda::create_stream(device.index);
+}
+
+CudaStream::~CudaStream() { cuda::destroy_stream(stream_.device.index, stream_.handle); }
+
+CudaGraph::~CudaGraph() {
+  if (exec_) cuda::destroy_graph(exec_);
+}
+
+void CudaGraph::begin_capture(const Stream& stream) {
+  SY_CHECK(stream.device.is_cuda() && !capturing_, "CudaGraph: begin_capture needs a CUDA stream "
+           "and no capture in progress");
+  cuda::begin_capture(stream.device.index, stream.handle);
+  stream_ = stream;
+  capturing_ = true;
+}
+
+void CudaGraph::end_capture() {
+  SY_CHECK(capturing_, "CudaGraph: end_capture without begin_capture");
+  capturing_ = false;
+  void* exec = cuda::end_capture(stream_.device.index, stream_.handle);
+  if (exec_) cuda::destroy_graph(exec_);
+  exec_ = exec;
+}
+
+void CudaGraph::replay() {
+  SY_CHECK(exec_ != nullptr, "CudaGraph: replay before a capture ended");
+  cuda::launch_graph(stream_.device.index, exec_, stream_.handle);
+}
+#else
+CudaStream::CudaStream(Device) { SY_CHECK(false, "CudaStream: this build has no CUDA backend"); }
+CudaStream::~CudaStream() = default;
+CudaGraph::~CudaGraph() = default;
+void CudaGraph::begin_capture(const Stream&) {
+  SY_CHECK(false, "CudaGraph: this build has no CUDA backend");
+}
+void CudaGraph::end_capture() { SY_CHECK(false, "CudaGraph: this build has no CUDA backend"); }
+void CudaGraph::replay() { SY_CHECK(false, "CudaGraph: this build has no CUDA backend"); }
+#endif
+
 }  // namespace switchyard

@@ -126,4 +126,41 @@ void release_cached(int device) {
   SY_CUDA_CHECK(cudaMemPoolTrimTo(pool, 0));
 }
 
+void* create_stream(int device) {
+  DeviceScope scope(device);
+  cudaStream_t s = nullptr;
+  SY_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  return s;
+}
+
+void destroy_stream(int device, void* stream) {
+  DeviceScope scope(device);
+  cudaStreamDestroy(static_cast<cudaStream_t>(stream));
+}
+
+void begin_capture(int device, void* stream) {
+  SY_CHECK(stream != nullptr, "CudaGraph: capture needs a stream of its own (a CudaStream)");
+  DeviceScope scope(device);
+  SY_CUDA_CHECK(
+      cudaStreamBeginCapture(static_cast<cudaStream_t>(stream), cudaStreamCaptureModeThreadLocal));
+}
+
+void* end_capture(int device, void* stream) {
+  DeviceScope scope(device);
+  cudaGraph_t graph = nullptr;
+  SY_CUDA_CHECK(cudaStreamEndCapture(static_cast<cudaStream_t>(stream), &graph));
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  SY_CUDA_CHECK(err);
+  return exec;
+}
+
+void launch_graph(int device, void* exec, void* stream) {
+  DeviceScope scope(device);
+  SY_CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec), static_cast<cudaStream_t>(stream)));
+}
+
+void destroy_graph(void* exec) { cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec)); }
+
 }  // namespace switchyard::cuda

@@ -31,6 +31,14 @@ void fill(void* dst, DType dtype, double value, index_t n, int device, void* str
 
 void synchronize(int device, void* stream);
 
+void* create_stream(int device);
+void destroy_stream(int device, void* stream);
+// Stream capture into an instantiated graph (a cudaGraphExec_t as void*).
+void begin_capture(int device, void* stream);
+void* end_capture(int device, void* stream);
+void launch_graph(int device, void* exec, void* stream);
+void destroy_graph(void* exec);
+
 // The GPU's product name.
 std::string device_name(int device);
 

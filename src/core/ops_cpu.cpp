@@ -3,6 +3,7 @@
 #include "core/backend.h"
 #include "core/dtype_dispatch.h"
 #include "core/ops.h"
+#include "core/philox.h"
 
 namespace switchyard {
 
@@ -22,6 +23,30 @@ void add_inplace(Tensor& dst, const Tensor& src_in, const Tensor* scale_in) {
 #pragma omp parallel for schedule(static)
     for (index_t i = 0; i < n; ++i) d[i] = store<T>(load(d[i]) + load(s[i]) * (m ? load(m[i]) : 1));
   });
+}
+
+Tensor uniform_factors(index_t rows, index_t cols, double eps, std::uint64_t seed,
+                       std::uint32_t stream, std::uint64_t step, DType dtype, Device device) {
+  require_backend("uniform_factors", device);
+  Tensor out = Tensor::empty({rows, cols}, dtype, device);
+  if (out.numel() == 0) return out;
+  if (device.is_cuda()) {
+#ifdef SY_WITH_CUDA
+    uniform_factors_cuda(out, eps, seed, stream, step);
+#endif
+    return out;
+  }
+  dispatch_float(dtype, "uniform_factors", [&]<class T>() {
+    T* o = out.data<T>();
+#pragma omp parallel for schedule(static)
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t c = 0; c < cols; ++c)
+        o[offset_of(r, cols) + c] = store<T>(
+            1.0 + eps * (2.0 * philox::uniform(seed, stream, step, static_cast<std::uint64_t>(r),
+                                               static_cast<std::uint64_t>(c)) -
+                         1.0));
+  });
+  return out;
 }
 
 void check_finite(const Tensor& t_in, const char* what) {

@@ -94,11 +94,15 @@ Tensor FfnExperts::backward(const Tensor& dy) {
            "experts: gradient must be [", R, ", ", shape_.model_dim, "]");
   SY_CHECK(dy.device() == shape_.device, "experts: gradient is on ", to_string(dy.device()),
            ", the experts on ", to_string(shape_.device));
+  // One backward per forward: the saved activations are freed when it returns.
+  const Saved saved = std::move(saved_);
+  saved_ = Saved{};
+  has_saved_ = false;
 #ifdef SY_WITH_CUDA
   if (dy.device().is_cuda())
-    return ffn_backward_cuda(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, dy, saved_);
+    return ffn_backward_cuda(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, dy, saved);
 #endif
-  return ffn_backward_cpu(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, dy, saved_);
+  return ffn_backward_cpu(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, dy, saved);
 }
 
 }  // namespace switchyard

@@ -33,16 +33,14 @@ FfnShape ffn_shape(const MoEConfig& cfg, index_t num_experts, index_t hidden) {
                   cfg.has_fc1_bias, cfg.has_fc2_bias, cfg.dtype, cfg.device};
 }
 
-// Megatron's input jitter: x * U(1 - eps, 1 + eps) per element, for the gate input only.
-Tensor jitter_factors(const MoEConfig& cfg, std::uint64_t step, index_t T) {
-  const index_t d = cfg.model_dim;
-  std::vector<double> f(static_cast<std::size_t>(T * d));
-  for (index_t t = 0; t < T; ++t)
-    for (index_t j = 0; j < d; ++j)
-      f[t * d + j] =
-          1.0 + cfg.input_jitter *
-                    (2.0 * rng_uniform(cfg.seed, RngStream::kInputJitter, step, t, j) - 1.0);
-  return Tensor::from_vector(f, {T, d}, cfg.dtype);
+
+// The capacity a packed dropless plan reports: the largest count, aligned as the CPU router does.
+index_t packed_dropless_capacity(const MoEConfig& cfg, index_t most) {
+  SlotRules rules;
+  rules.rules = cfg.rules;
+  rules.capacity_factor = 0;
+  rules.alignment = cfg.overlap_degree;
+  return compute_capacity(rules, 1, cfg.num_experts, 1, most);
 }
 
 }  // namespace
@@ -52,9 +50,12 @@ struct MoELayer::Impl {
   std::shared_ptr<Gate> gate;
   std::shared_ptr<ExpertNetwork> experts;
   std::unique_ptr<FfnExperts> shared;
-  Tensor expert_bias;               // [E] f32
-  std::vector<double> bias_counts;  // [E] tokens kept per expert since the last bias update
-  std::uint64_t step = 0;           // training forwards so far: the random streams' counter
+  Tensor expert_bias;        // [E] f32 on the layer's device
+  Tensor bias_counts;        // [E] f64: tokens kept per expert since the last bias update
+  Tensor nonfinite;          // CUDA: [1] i32, set by the router when the logits hold NaN/Inf
+  Tensor all_rows;           // [2] i64 {0, T}: the shared expert's offsets ...
+  index_t all_rows_tokens = -1;  // ... for this T
+  std::uint64_t step = 0;    // training forwards so far: the random streams' counter
 
   // The last forward, for backward.
   bool saved = false;
@@ -62,10 +63,19 @@ struct MoELayer::Impl {
   DType x_dtype = DType::kF32;
   Tensor x;                 // [T, d] in the layer's dtype
   Tensor jitter;            // [T, d] or undefined
-  RoutingPlan plan;         // on the host: the router and its backward run there for now
-  RoutingPlan device_plan;  // plan on the layer's device, for dispatch
+  bool routed_on_host = false;
+  RoutingPlan host_plan;    // the plan where the router ran on the host for a CUDA layer
+  RoutingPlan plan;         // on the layer's device
   RouterState router;
   Tensor expert_out;  // [R, d]
+
+  const Tensor& shared_rows(index_t T) {
+    if (all_rows_tokens != T) {
+      all_rows = Tensor::from_vector({0.0, static_cast<double>(T)}, {2}, DType::kI64).to(cfg.device);
+      all_rows_tokens = T;
+    }
+    return all_rows;
+  }
 };
 
 MoELayer::MoELayer(const MoEConfig& cfg) : MoELayer(cfg, nullptr, nullptr) {}
@@ -95,8 +105,9 @@ MoELayer::MoELayer(const MoEConfig& cfg, std::shared_ptr<Gate> gate,
   if (cfg.shared_expert_hidden > 0)
     m.shared = std::make_unique<FfnExperts>(ffn_shape(cfg, 1, cfg.shared_expert_hidden),
                                             "shared_experts.", true, cfg.seed, kSharedInitId);
-  m.expert_bias = Tensor::zeros({cfg.num_experts}, DType::kF32);  // host: the router reads it
-  m.bias_counts.assign(static_cast<std::size_t>(cfg.num_experts), 0.0);
+  m.expert_bias = Tensor::zeros({cfg.num_experts}, DType::kF32, cfg.device);
+  m.bias_counts = Tensor::zeros({cfg.num_experts}, DType::kF64, cfg.device);
+  if (cfg.device.is_cuda()) m.nonfinite = Tensor::zeros({1}, DType::kI32, cfg.device);
 }
 
 MoELayer::~MoELayer() = default;
@@ -125,20 +136,20 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
 
   const Device dev = cfg.device;
   Tensor x = x_in.reshape({T, d}).to(cfg.dtype).contiguous();
-  // On CUDA a check of x would cost a host sync; the logits are checked on the host below.
+  // On CUDA a check of x would cost a host sync; the router flags NaN/Inf logits instead.
   if (dev.is_cpu()) check_finite(x, "forward: x");
   Tensor jitter, xg = x;
   if (opt.training && cfg.input_jitter > 0) {
-    jitter = jitter_factors(cfg, m.step, T).to(dev);
+    // Megatron's input jitter: the gate sees x * U(1 - eps, 1 + eps), per element.
+    jitter = uniform_factors(T, d, cfg.input_jitter, cfg.seed,
+                             static_cast<std::uint32_t>(RngStream::kInputJitter), m.step, cfg.dtype,
+                             dev);
     xg = Tensor::zeros({T, d}, cfg.dtype, dev);
     add_inplace(xg, x, &jitter);  // xg = x * jitter
   }
   Tensor logits = m.gate->forward(xg, opt.training);
   SY_CHECK(logits.dim() == 2 && logits.size(0) == T && logits.size(1) == E,
            "gate: logits must be [", T, ", ", E, "], got ", shape_str(logits.sizes()));
-  // NOTE: on CUDA the router runs on the host for now: the logits come back to the host (a sync
-  // per forward) and the plan goes to the device. A fused router kernel will replace this.
-  logits = logits.to(rd).to(Device::cpu());
 
   RouteArgs args;
   args.top_k = k;
@@ -149,33 +160,63 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
   args.expert_bias = cfg.expert_bias ? &m.expert_bias : nullptr;
   ForwardResult result;
   RouterState router;
-  RoutingPlan plan = route_cpu(cfg, args, logits, router, result.losses);
-  RoutingPlan device_plan = dev.is_cpu() ? plan : plan_to_device(plan, dev);
+  RoutingPlan host_plan, plan;  // plan: on the layer's device
+  LossTensors losses;
+  const bool on_host = dev.is_cpu() || !route_cuda_supports(cfg, args, T);
+  if (on_host) {
+    // The CPU router; for a CUDA layer with an option the CUDA router lacks (see
+    // route_cuda_supports) the logits come to the host (a sync) and the plan goes back.
+    const Tensor host_bias = cfg.expert_bias ? m.expert_bias.to(Device::cpu()) : Tensor();
+    if (cfg.expert_bias) args.expert_bias = &host_bias;
+    host_plan = route_cpu(cfg, args, logits.to(rd).to(Device::cpu()), router, result.losses);
+    plan = dev.is_cpu() ? host_plan : plan_to_device(host_plan, dev);
+    losses.aux = Tensor::from_vector({result.losses.aux}, {}, DType::kF64).to(dev);
+    losses.z = Tensor::from_vector({result.losses.z}, {}, DType::kF64).to(dev);
+  } else {
+    plan = route_cuda(cfg, args, logits.to(rd), router, losses, m.nonfinite);
+  }
 
-  const Tensor buffer = encode(device_plan, x, !cfg.is_postscore);
-  Tensor expert_out = m.experts->forward(buffer, device_plan.offsets, opt.training);
+  const Tensor buffer = encode(plan, x, !cfg.is_postscore);
+  Tensor expert_out = m.experts->forward(buffer, plan.offsets, opt.training);
   SY_CHECK(expert_out.dim() == 2 && expert_out.size(0) == plan.num_rows && expert_out.size(1) == d,
            "experts: output must be [", plan.num_rows, ", ", d, "], got ",
            shape_str(expert_out.sizes()));
   expert_out = expert_out.to(cfg.dtype);
-  Tensor y = decode(device_plan, expert_out, cfg.is_postscore);
-  if (m.shared) {
-    const Tensor all_rows =
-        Tensor::from_vector({0.0, static_cast<double>(T)}, {2}, DType::kI64).to(dev);
-    add_inplace(y, m.shared->forward(x, all_rows, opt.training));
-  }
+  Tensor y = decode(plan, expert_out, cfg.is_postscore);
+  if (m.shared) add_inplace(y, m.shared->forward(x, m.shared_rows(T), opt.training));
 
+  result.aux_loss = losses.aux;
+  result.z_loss = losses.z;
+  result.tokens_per_expert = plan.expert_count;
   RoutingStats& s = result.stats;
-  const std::vector<double> counts = plan.expert_count.to_vector();
-  s.tokens_per_expert.assign(counts.begin(), counts.end());
-  s.dropped_choices = plan.dropped;
   s.capacity = plan.capacity;
   s.num_rows = plan.num_rows;
   s.top_k = k;
   s.layout = layout;
+  s.dropped_choices = plan.dropped;
+  if (on_host || opt.host_stats) {
+    const std::vector<double> counts = plan.expert_count.to_vector();  // a sync on CUDA
+    s.tokens_per_expert.assign(counts.begin(), counts.end());
+    if (!on_host) {
+      if (m.nonfinite.to_vector()[0] != 0) {
+        m.nonfinite.fill(0);  // reported once; the layer stays usable
+        SY_CHECK(false,
+                 "router: the logits hold NaN or Inf (in this or an earlier forward without "
+                 "host_stats): check the input and the gate weights");
+      }
+      result.losses.aux = losses.aux.to_vector()[0];
+      result.losses.z = losses.z.to_vector()[0];
+      index_t kept = 0, most = 0;
+      for (index_t c : s.tokens_per_expert) {
+        kept += c;
+        most = std::max(most, c);
+      }
+      s.dropped_choices = T * k - kept;
+      if (s.capacity < 0) s.capacity = packed_dropless_capacity(cfg, most);
+    }
+  }
   if (opt.training) {
-    if (cfg.expert_bias)
-      for (index_t e = 0; e < E; ++e) m.bias_counts[e] += counts[e];
+    if (cfg.expert_bias) add_inplace(m.bias_counts, plan.expert_count.to(DType::kF64));
     ++m.step;
   }
   result.y = y.view(x_in.sizes());
@@ -185,8 +226,9 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
   m.x_dtype = x_in.dtype();
   m.x = x;
   m.jitter = jitter;
+  m.routed_on_host = on_host;
+  m.host_plan = std::move(host_plan);
   m.plan = std::move(plan);
-  m.device_plan = std::move(device_plan);
   m.router = std::move(router);
   m.expert_out = expert_out;
   m.saved = true;
@@ -214,14 +256,22 @@ Tensor MoELayer::backward(const Tensor& dy_in, const LossWeights& weights) {
 
   const Device dev = cfg.device;
   Tensor dweight = Tensor::zeros({T, m.plan.top_k}, routing_dtype(cfg.dtype), dev);
-  const Tensor dout = decode_backward(m.device_plan, dy, m.expert_out, cfg.is_postscore, dweight);
+  const Tensor dout = decode_backward(m.plan, dy, m.expert_out, cfg.is_postscore, dweight);
   const Tensor dbuffer = m.experts->backward(dout).to(cfg.dtype);
-  Tensor dx = encode_backward(m.device_plan, dbuffer, m.x, !cfg.is_postscore, dweight);
+  Tensor dx = encode_backward(m.plan, dbuffer, m.x, !cfg.is_postscore, dweight);
   const Tensor dlogits =
-      route_backward_cpu(cfg, m.plan, m.router, dweight.to(Device::cpu()), weights).to(dev);
+      m.routed_on_host
+          ? route_backward_cpu(cfg, dev.is_cpu() ? m.plan : m.host_plan, m.router,
+                               dweight.to(Device::cpu()), weights)
+                .to(dev)
+          : route_backward_cuda(cfg, m.plan, m.router, dweight, weights);
   const Tensor dx_gate = m.gate->backward(dlogits).to(cfg.dtype);
   add_inplace(dx, dx_gate, m.jitter.defined() ? &m.jitter : nullptr);
   if (m.shared) add_inplace(dx, m.shared->backward(dy));
+  // Free what the forward saved (one backward per forward).
+  m.x = m.jitter = m.expert_out = Tensor();
+  m.plan = m.host_plan = RoutingPlan{};
+  m.router = RouterState{};
   return dx.view(m.x_shape).to(m.x_dtype);
 }
 
@@ -252,15 +302,19 @@ void MoELayer::update_expert_bias(double rate) {
   SY_CHECK(m.cfg.expert_bias, "update_expert_bias: the layer was built without expert_bias");
   SY_CHECK(std::isfinite(rate) && rate >= 0, "update_expert_bias: rate must be >= 0, got ", rate);
   const index_t E = m.cfg.num_experts;
+  // On CUDA the counts come to the host (a sync): this runs once per optimizer step at most.
+  const std::vector<double> counts = m.bias_counts.to_vector();
   double mean = 0;
-  for (double c : m.bias_counts) mean += c;
+  for (double c : counts) mean += c;
   mean /= static_cast<double>(E);
-  float* bias = m.expert_bias.data<float>();
+  Tensor bias = m.expert_bias.to(Device::cpu()).clone();
+  float* b = bias.data<float>();
   for (index_t e = 0; e < E; ++e) {
-    const double diff = mean - m.bias_counts[e];
-    bias[e] += static_cast<float>(rate * ((diff > 0) - (diff < 0)));
+    const double diff = mean - counts[e];
+    b[e] += static_cast<float>(rate * ((diff > 0) - (diff < 0)));
   }
-  std::fill(m.bias_counts.begin(), m.bias_counts.end(), 0.0);
+  m.expert_bias.copy_from(bias);
+  m.bias_counts.fill(0.0);
 }
 
 Tensor MoELayer::expert_bias() const { return impl_->expert_bias.clone(); }

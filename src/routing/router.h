@@ -35,6 +35,13 @@ struct RouterState {
   Tensor probs;   // softmax or sigmoid of the noisy logits
   Tensor gates;   // [T, k] score of each choice before normalisation/scaling
   WeightRule rule = WeightRule::kScores;
+  Tensor loss_count;  // CUDA router: i32 choice-0 counts [1, E] (GShard) or top-k counts per
+                      // sequence [S, E] (Switch), for the losses' gradients
+};
+
+// The unweighted losses as 0-dim f64 tensors on the router's device (no host sync).
+struct LossTensors {
+  Tensor aux, z;
 };
 
 // Routes logits [T, E] (routing dtype: f32, or f64 for f64 layers). Throws on NaN/Inf logits.
@@ -45,5 +52,17 @@ RoutingPlan route_cpu(const MoEConfig& cfg, const RouteArgs& args, const Tensor&
 // dlogits [T, E] in the routing dtype.
 Tensor route_backward_cpu(const MoEConfig& cfg, const RoutingPlan& plan, const RouterState& state,
                           const Tensor& dweight, const LossWeights& weights);
+
+// The CUDA router (router_cuda.cu): logits, plan, state and losses on the GPU. It supports every
+// option except sinkhorn, the load/importance loss and Megatron's probs drop policy with a
+// capacity (those route on the host); see route_cuda_supports. `nonfinite` (i32, one element, on
+// the device) is set to 1 when the logits hold NaN or Inf: read it at a sync. The plan's
+// `dropped` is -1 (count it from expert_count); with packed dropless routing its `capacity` is
+// -1 (no capacity).
+bool route_cuda_supports(const MoEConfig& cfg, const RouteArgs& args, index_t num_tokens);
+RoutingPlan route_cuda(const MoEConfig& cfg, const RouteArgs& args, const Tensor& logits,
+                       RouterState& state, LossTensors& losses, Tensor& nonfinite);
+Tensor route_backward_cuda(const MoEConfig& cfg, const RoutingPlan& plan, const RouterState& state,
+                           const Tensor& dweight, const LossWeights& weights);
 
 }  // namespace switchyard

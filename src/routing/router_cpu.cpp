@@ -6,31 +6,12 @@
 #include "core/dtype_dispatch.h"
 #include "routing/losses.h"
 #include "routing/router.h"
+#include "routing/router_rules.h"
 #include "switchyard/error.h"
 #include "switchyard/rng.h"
 
 namespace switchyard {
 namespace {
-
-WeightRule weight_rule(const MoEConfig& cfg) {
-  if (cfg.sinkhorn) return WeightRule::kSinkhorn;
-  if (cfg.rules == RuleSet::kMegatron && cfg.score_fn == ScoreFn::kSoftmax && !cfg.pre_softmax)
-    return WeightRule::kLogitSoftmax;
-  return WeightRule::kScores;
-}
-
-// The activation that turns noisy logits into `probs`: sinkhorn uses sigmoid for k = 1.
-ScoreFn probs_fn(const MoEConfig& cfg, WeightRule rule, int k) {
-  if (rule == WeightRule::kSinkhorn) return k == 1 ? ScoreFn::kSigmoid : ScoreFn::kSoftmax;
-  return cfg.score_fn;
-}
-
-// Megatron normalises sigmoid weights with + 1e-20; Tutel clamps the sum at f32 epsilon.
-bool renormalises(const MoEConfig& cfg, int k) {
-  if (k <= 1) return false;
-  if (cfg.score_fn == ScoreFn::kSigmoid) return true;
-  return cfg.rules == RuleSet::kTutel && cfg.normalize_gate;
-}
 
 template <class A>
 A weight_denominator(const MoEConfig& cfg, A sum) {
@@ -224,7 +205,7 @@ RoutingPlan route_impl(const MoEConfig& cfg, const RouteArgs& args, const Tensor
   }
   losses.z = z_loss<A>(T, E, z, nullptr, 0);
 
-  st = RouterState{logits, noisy, probs, gates, rule};
+  st = RouterState{logits, noisy, probs, gates, rule, {}};
   return plan;
 }
 

@@ -119,5 +119,146 @@ TEST(MoELayerCudaErrors, CosineGateAndMixedDevicesAreRejected) {
   EXPECT_THROW(layer.backward(Tensor::zeros({4, 8}, DType::kF32)), Error);  // dy on the CPU
 }
 
+
+// Megatron/DeepSeek-style routing (sigmoid, expert bias, groups, scaling, Switch loss, z-loss)
+// and Tutel's batch-prioritized routing route on the GPU: the layer still matches the CPU.
+TEST(MoELayerCudaRouting, MegatronAndBatchPrioritizedOptionsMatchTheCpu) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  for (int variant = 0; variant < 2; ++variant) {
+    MoEConfig cfg;
+    cfg.model_dim = 32;
+    cfg.hidden_size = 48;
+    cfg.num_experts = 16;
+    cfg.top_k = 4;
+    if (variant == 0) {
+      cfg.rules = RuleSet::kMegatron;
+      cfg.score_fn = ScoreFn::kSigmoid;
+      cfg.expert_bias = true;
+      cfg.num_groups = 4;
+      cfg.topk_groups = 2;
+      cfg.scaling_factor = 2.5;
+      cfg.aux_loss = AuxLoss::kSwitch;
+      cfg.capacity_factor = 0.0;
+    } else {
+      cfg.batch_prioritized_routing = true;
+      cfg.capacity_factor = 0.5;
+      cfg.gate_noise = 1.0;
+    }
+    SCOPED_TRACE(variant);
+    MoELayer cpu(cfg);
+    cfg.device = Device::cuda(0);
+    MoELayer gpu(cfg);
+    const Tensor x = Tensor::from_vector(randn(256 * 32, 4), {256, 32}, DType::kF32);
+    const Tensor dy = Tensor::from_vector(randn(256 * 32, 5), {256, 32}, DType::kF32);
+    for (int step = 0; step < 2; ++step) {  // the second step runs with an updated expert bias
+      const ForwardResult r = cpu.forward(x);
+      const ForwardResult rg = gpu.forward(x.to(cfg.device));
+      EXPECT_LT(rel_l2(rg.y.to_vector(), r.y.to_vector()), 1e-5);
+      EXPECT_EQ(rg.stats.tokens_per_expert, r.stats.tokens_per_expert);
+      EXPECT_EQ(rg.stats.dropped_choices, r.stats.dropped_choices);
+      EXPECT_EQ(rg.stats.capacity, r.stats.capacity);
+      EXPECT_NEAR(rg.losses.aux, r.losses.aux, 1e-5 * std::fabs(r.losses.aux));
+      EXPECT_NEAR(rg.losses.z, r.losses.z, 1e-5 * std::fabs(r.losses.z));
+      EXPECT_NEAR(rg.aux_loss.to_vector()[0], r.losses.aux, 1e-5 * std::fabs(r.losses.aux));
+      const LossWeights w{.aux = 0.01, .z = 0.001};
+      EXPECT_LT(rel_l2(gpu.backward(dy.to(cfg.device), w).to_vector(),
+                       cpu.backward(dy, w).to_vector()),
+                1e-5);
+      if (cfg.expert_bias) {
+        cpu.update_expert_bias(0.01);
+        gpu.update_expert_bias(0.01);
+        EXPECT_EQ(gpu.expert_bias().to_vector(), cpu.expert_bias().to_vector());
+      }
+    }
+  }
+}
+
+TEST(MoELayerCudaRouting, NonFiniteLogitsAreReportedAtTheNextSync) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  MoEConfig cfg;
+  cfg.model_dim = 8;
+  cfg.hidden_size = 8;
+  cfg.num_experts = 4;
+  cfg.device = Device::cuda(0);
+  MoELayer layer(cfg);
+  std::vector<double> v = randn(16 * 8, 6);
+  const Tensor good = Tensor::from_vector(v, {16, 8}, DType::kF32).to(cfg.device);
+  v[9] = std::nan("");
+  const Tensor bad = Tensor::from_vector(v, {16, 8}, DType::kF32).to(cfg.device);
+  EXPECT_THROW(layer.forward(bad), Error);
+  layer.forward(good);  // the flag was consumed: the layer stays usable
+  ForwardOptions quiet;
+  quiet.host_stats = false;
+  const ForwardResult r = layer.forward(bad, quiet);  // no sync, no check yet
+  EXPECT_TRUE(r.stats.tokens_per_expert.empty());
+  EXPECT_THROW(layer.forward(good), Error);  // reported by the next forward that syncs
+}
+
+// A whole dropless forward+backward step (the fine_grained bench shape, bf16) needs no host
+// sync: it is captured in a CUDA graph, replayed on new inputs that route differently, and
+// matches an eager layer bitwise.
+TEST(MoELayerCudaGraph, ADroplessBf16StepReplaysBitwiseLikeEagerExecution) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  MoEConfig cfg;
+  cfg.model_dim = 2048;
+  cfg.hidden_size = 768;
+  cfg.num_experts = 128;
+  cfg.top_k = 8;
+  cfg.capacity_factor = 0.0;
+  cfg.layout = Layout::kPacked;
+  cfg.dtype = DType::kBF16;
+  cfg.device = Device::cuda(0);
+  const index_t T = 8192, d = cfg.model_dim;
+  CudaStream stream(cfg.device);
+  StreamGuard guard(stream.stream());
+  MoELayer graphed(cfg), eager(cfg);
+  Tensor x = Tensor::empty({T, d}, cfg.dtype, cfg.device);
+  Tensor dy = Tensor::empty({T, d}, cfg.dtype, cfg.device);
+  Tensor y_out = Tensor::empty({T, d}, cfg.dtype, cfg.device);
+  Tensor dx_out = Tensor::empty({T, d}, cfg.dtype, cfg.device);
+  ForwardOptions opt;
+  opt.host_stats = false;
+  Tensor counts = Tensor::empty({cfg.num_experts}, DType::kI64, cfg.device);
+  const auto step = [&](MoELayer& layer) {
+    const ForwardResult r = layer.forward(x, opt);
+    y_out.copy_from(r.y);
+    counts.copy_from(r.tokens_per_expert);
+    dx_out.copy_from(layer.backward(dy, {.aux = 0.01, .z = 0.001}));
+  };
+  const auto outputs = [&](MoELayer& layer) {
+    synchronize(stream.stream());
+    std::vector<std::vector<double>> all{y_out.to_vector(), dx_out.to_vector()};
+    for (Parameter* p : layer.parameters()) all.push_back(p->grad.to_vector());
+    return all;
+  };
+  const auto load_inputs = [&](std::uint64_t seed) {
+    x.copy_from(Tensor::from_vector(randn(T * d, seed), {T, d}, cfg.dtype));
+    dy.copy_from(Tensor::from_vector(randn(T * d, seed + 1), {T, d}, cfg.dtype));
+  };
+
+  load_inputs(10);
+  step(graphed);  // eager warm-up: libraries make their allocations outside the capture
+  CudaGraph graph;
+  graph.begin_capture(stream.stream());
+  step(graphed);
+  graph.end_capture();
+
+  std::vector<double> previous_counts;
+  for (std::uint64_t seed : {20, 30}) {
+    load_inputs(seed);
+    graphed.zero_grad();
+    graph.replay();
+    const auto replayed = outputs(graphed);
+    eager.zero_grad();
+    step(eager);
+    const auto want = outputs(eager);
+    ASSERT_EQ(replayed.size(), want.size());
+    for (std::size_t i = 0; i < want.size(); ++i) EXPECT_EQ(replayed[i], want[i]) << "output " << i;
+    const std::vector<double> c = counts.to_vector();
+    EXPECT_NE(c, previous_counts) << "the new inputs should route differently";
+    previous_counts = c;
+  }
+}
+
 }  // namespace
 }  // namespace switchyard

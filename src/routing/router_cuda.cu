@@ -1,0 +1,764 @@
+// The router on CUDA (ROUTING.md §1-5): one warp per token computes noise, scores, group-limited
+// top-k and weights; a stable radix sort by expert gives every choice its slot; losses are
+// reduced in a fixed order (deterministic: no floating-point atomics).
+//
+// Host syncs: none when the capacity is fixed (capacity_factor > 0, padded) or the layout is
+// packed and dropless (capacity_factor 0): the row count is known on the host. The capacity of
+// capacity_factor < 0, or 0 with the padded layout, is the largest per-expert count, and a packed
+// layout with drops has as many rows as choices kept: each is read back (one sync).
+#include <cub/device/device_radix_sort.cuh>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <limits>
+
+#include "core/cuda_check.cuh"
+#include "core/cuda_math.cuh"
+#include "core/philox.h"
+#include "routing/router.h"
+#include "routing/router_rules.h"
+#include "switchyard/rng.h"
+
+namespace switchyard {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr unsigned kFull = 0xffffffffu;
+
+cudaStream_t stream_of(Device dev) { return as_cuda_stream(current_stream(dev).handle); }
+
+template <class A>
+__device__ A warp_max(A v) {
+  for (int o = kWarp / 2; o > 0; o /= 2) v = max(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+
+// Butterfly sum: every lane ends with the same value, in the same order on every run.
+template <class A>
+__device__ A warp_sum(A v) {
+  for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+
+// The largest v[e] over e in [begin, end) with taken[e] == 0; ties go to the lower index, and
+// -inf competes like any value (as top_k_row on the host). Returns the index (every lane).
+template <class A>
+__device__ int warp_argmax(const A* v, const unsigned char* taken, int begin, int end, int lane) {
+  A best = 0;
+  int best_i = -1;
+  for (int e = begin + lane; e < end; e += kWarp) {
+    if (taken[e]) continue;
+    if (best_i < 0 || v[e] > best) {
+      best = v[e];
+      best_i = e;
+    }
+  }
+  for (int o = kWarp / 2; o > 0; o /= 2) {
+    const A ov = __shfl_xor_sync(kFull, best, o);
+    const int oi = __shfl_xor_sync(kFull, best_i, o);
+    if (oi >= 0 && (best_i < 0 || ov > best || (ov == best && oi < best_i))) {
+      best = ov;
+      best_i = oi;
+    }
+  }
+  return best_i;
+}
+
+struct RouteParams {
+  index_t T, E;
+  int k;
+  bool noise;
+  double gate_noise;
+  std::uint64_t seed, step;
+  index_t token_base;
+  bool softmax;             // score function of probs
+  bool logit_softmax;       // WeightRule::kLogitSoftmax
+  bool renorm, megatron;    // renormalise the k weights; Megatron's denominator
+  double scale;             // scaling factor
+  const float* bias;        // [E] or null
+  int groups, topk_groups;  // group-limited routing when groups > 1
+  bool priority;            // write max_e probs (batch-prioritized routing)
+  bool z_loss;              // write (logsumexp of the clean logits)^2 per token
+  bool switch_loss;         // plain top-k of normalised clean probs, counted per sequence
+  bool switch_softmax;
+  index_t seq_len;
+};
+
+// Per token: noisy logits, probs, selection, top-k, gates and weights, and what the losses need.
+template <class A>
+__global__ void route_rows(RouteParams p, const A* __restrict__ z, A* __restrict__ noisy,
+                           A* __restrict__ probs, std::int32_t* __restrict__ idx,
+                           A* __restrict__ gates, A* __restrict__ weight, A* __restrict__ priority,
+                           double* __restrict__ zsq, A* __restrict__ sw_prob,
+                           std::int32_t* __restrict__ sw_count, int* __restrict__ nonfinite) {
+  extern __shared__ unsigned char smem[];
+  const int warps = blockDim.x / kWarp, w = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int E = static_cast<int>(p.E);
+  A* sel = reinterpret_cast<A*>(smem) + offset_of(w, 2 * E);
+  A* aux = sel + E;
+  unsigned char* taken = smem + sizeof(A) * 2 * E * warps + offset_of(w, E);
+  const index_t t = static_cast<index_t>(blockIdx.x) * warps + w;
+  if (t >= p.T) return;
+  const A* zt = z + offset_of(t, p.E);
+  A* nt = noisy + offset_of(t, p.E);
+  A* pt = probs + offset_of(t, p.E);
+
+  // 1. Noisy logits (Tutel's gate noise) and their maximum.
+  A m = -INFINITY;
+  bool bad = false;
+  for (int e = lane; e < E; e += kWarp) {
+    A v = zt[e];
+    bad |= !isfinite(v);
+    if (p.noise) {
+      v += static_cast<A>(p.gate_noise *
+                          philox::normal(p.seed, static_cast<std::uint32_t>(RngStream::kGateNoise),
+                                         p.step, static_cast<std::uint64_t>(p.token_base + t), e) /
+                          static_cast<double>(p.E));
+      nt[e] = v;
+    }
+    sel[e] = v;
+    taken[e] = 0;
+    m = max(m, v);
+  }
+  if (__any_sync(kFull, bad) && lane == 0) *nonfinite = 1;
+  m = warp_max(m);
+
+  // 2. Probs, and the selection scores (logits or probs, plus the expert bias).
+  A s = 0;
+  if (p.softmax) {
+    for (int e = lane; e < E; e += kWarp) s += exp(sel[e] - m);
+    s = warp_sum(s);
+  }
+  A pmax = -INFINITY;
+  for (int e = lane; e < E; e += kWarp) {
+    const A v = sel[e];
+    const A pe = p.softmax ? exp(v - m) / s : A(1) / (A(1) + exp(-v));
+    pt[e] = pe;
+    pmax = max(pmax, pe);
+    sel[e] = (p.logit_softmax ? v : pe) + (p.bias ? static_cast<A>(p.bias[e]) : A(0));
+  }
+  if (p.priority) {
+    pmax = warp_max(pmax);
+    if (lane == 0) priority[t] = pmax;
+  }
+  __syncwarp();
+
+  // 3. Group-limited routing: keep the topk_groups groups with the best sums of their top
+  // k/topk_groups selection scores; the other experts' scores become -inf.
+  if (p.groups > 1) {
+    const int per_group = E / p.groups, top_in_group = p.k / p.topk_groups;
+    for (int g = 0; g < p.groups; ++g) {
+      A sum = 0;
+      for (int j = 0; j < top_in_group; ++j) {
+        const int i = warp_argmax(sel, taken, g * per_group, (g + 1) * per_group, lane);
+        sum += sel[i];
+        if (lane == 0) taken[i] = 1;
+        __syncwarp();
+      }
+      if (lane == 0) aux[g] = sum;
+      for (int e = g * per_group + lane; e < (g + 1) * per_group; e += kWarp) taken[e] = 0;
+      __syncwarp();
+    }
+    for (int j = 0; j < p.topk_groups; ++j) {
+      const int g = warp_argmax(aux, taken, 0, p.groups, lane);
+      if (lane == 0) taken[g] = 1;
+      __syncwarp();
+    }
+    for (int e = lane; e < E; e += kWarp)
+      if (!taken[e / per_group]) sel[e] = -INFINITY;
+    __syncwarp();
+    for (int g = lane; g < p.groups; g += kWarp) taken[g] = 0;
+    __syncwarp();
+  }
+
+  // 4. Top-k of the selection scores.
+  std::int32_t* it = idx + offset_of(t, p.k);
+  for (int j = 0; j < p.k; ++j) {
+    const int i = warp_argmax(sel, taken, 0, E, lane);
+    if (lane == 0) {
+      it[j] = i;
+      taken[i] = 1;
+    }
+    __syncwarp();
+  }
+
+  // 5. Gates and weights (lane 0: k is small).
+  if (lane == 0) {
+    const A* zn = p.noise ? nt : zt;
+    A* gt = gates + offset_of(t, p.k);
+    A* wt = weight + offset_of(t, p.k);
+    if (p.logit_softmax) {
+      A mk = -INFINITY, sk = 0;
+      for (int j = 0; j < p.k; ++j) mk = max(mk, zn[it[j]]);
+      for (int j = 0; j < p.k; ++j) sk += (gt[j] = exp(zn[it[j]] - mk));
+      for (int j = 0; j < p.k; ++j) gt[j] /= sk;
+    } else {
+      for (int j = 0; j < p.k; ++j) gt[j] = pt[it[j]];
+    }
+    A denom = 1;
+    if (p.renorm) {
+      A sum = 0;
+      for (int j = 0; j < p.k; ++j) sum += gt[j];
+      denom = p.megatron ? sum + A(1e-20) : max(sum, A(FLT_EPSILON));
+    }
+    for (int j = 0; j < p.k; ++j) wt[j] = static_cast<A>(p.scale) * gt[j] / denom;
+  }
+
+  // 6. What the losses need, from the clean logits.
+  if (!p.z_loss && !p.switch_loss) return;
+  A mc = -INFINITY;
+  for (int e = lane; e < E; e += kWarp) mc = max(mc, zt[e]);
+  mc = warp_max(mc);
+  A sc = 0;
+  for (int e = lane; e < E; e += kWarp) sc += exp(zt[e] - mc);
+  sc = warp_sum(sc);
+  if (p.z_loss && lane == 0) {
+    const double lse = static_cast<double>(mc) + log(static_cast<double>(sc));
+    zsq[t] = lse * lse;
+  }
+  if (!p.switch_loss) return;
+  A ssig = 0;
+  if (!p.switch_softmax) {
+    for (int e = lane; e < E; e += kWarp) ssig += A(1) / (A(1) + exp(-zt[e]));
+    ssig = warp_sum(ssig);
+  }
+  A* sp = sw_prob + offset_of(t, p.E);
+  __syncwarp();
+  for (int e = lane; e < E; e += kWarp) {
+    const A v = p.switch_softmax ? exp(zt[e] - mc) / sc : A(1) / (A(1) + exp(-zt[e])) / ssig;
+    sp[e] = v;
+    sel[e] = v;
+    taken[e] = 0;
+  }
+  __syncwarp();
+  std::int32_t* count = sw_count + offset_of(t / p.seq_len, p.E);
+  for (int j = 0; j < p.k; ++j) {
+    const int i = warp_argmax(sel, taken, 0, E, lane);
+    if (lane == 0) {
+      taken[i] = 1;
+      atomicAdd(count + i, 1);  // integer counts: exact in any order
+    }
+    __syncwarp();
+  }
+}
+
+// out[s, e] = sum of x[t, e] over the rows t of segment s (seg_len rows each), in double, in a
+// fixed order: thread (x, y) sums rows y, y + 8, ... of column x, then the 8 partial sums add up
+// in order.
+template <class A>
+__global__ void column_sums(const A* __restrict__ x, index_t E, index_t seg_len,
+                            double* __restrict__ out) {
+  __shared__ double part[8][kWarp + 1];
+  const index_t e = static_cast<index_t>(blockIdx.x) * kWarp + threadIdx.x;
+  const index_t s = blockIdx.y;
+  double acc = 0;
+  if (e < E)
+    for (index_t t = s * seg_len + threadIdx.y; t < (s + 1) * seg_len; t += 8)
+      acc += static_cast<double>(x[offset_of(t, E) + e]);
+  part[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && e < E) {
+    double sum = 0;
+    for (int y = 0; y < 8; ++y) sum += part[y][threadIdx.x];
+    out[offset_of(s, E) + e] = sum;
+  }
+}
+
+void launch_column_sums(const Tensor& x, index_t seg_len, Tensor& out, cudaStream_t stream) {
+  const index_t E = x.size(1), S = x.size(0) / seg_len;
+  dispatch_float_cuda(x.dtype(), "column_sums", [&](auto tag) {
+    using A = decltype(tag);
+    const dim3 grid(static_cast<unsigned>((E + kWarp - 1) / kWarp), static_cast<unsigned>(S));
+    column_sums<A><<<grid, dim3(kWarp, 8), 0, stream>>>(static_cast<const A*>(x.data_ptr()), E,
+                                                         seg_len, out.data<double>());
+    SY_CUDA_CHECK_LAUNCH();
+  });
+}
+
+// Per-expert counts of choice 0 (GShard loss) or of all choices (slots): integer atomics.
+__global__ void count_choices(const std::int32_t* __restrict__ idx, index_t n, int stride,
+                              std::int32_t* __restrict__ count) {
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x)
+    atomicAdd(count + idx[i * stride], 1);
+}
+
+// Block sum of n doubles in a fixed order (one block of kReduceThreads threads).
+constexpr int kReduceThreads = 256;
+__device__ double block_sum(const double* v, index_t n) {
+  __shared__ double part[kReduceThreads];
+  double acc = 0;
+  for (index_t i = threadIdx.x; i < n; i += kReduceThreads) acc += v[i];
+  part[threadIdx.x] = acc;
+  __syncthreads();
+  for (int w = kReduceThreads / 2; w > 0; w /= 2) {
+    if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+    __syncthreads();
+  }
+  const double r = part[0];
+  __syncthreads();
+  return r;
+}
+
+// aux = scale * sum_{s,e} mass[s,e] * count[s,e]; z = sum_t zsq[t] / T.
+__global__ void finish_losses(const double* __restrict__ mass, const std::int32_t* __restrict__ count,
+                              index_t n, double scale, const double* __restrict__ zsq, index_t T,
+                              double* __restrict__ aux, double* __restrict__ z) {
+  __shared__ double prod[kReduceThreads];
+  double acc = 0;
+  if (mass)
+    for (index_t i = threadIdx.x; i < n; i += kReduceThreads) acc += mass[i] * count[i];
+  prod[threadIdx.x] = acc;
+  __syncthreads();
+  const double a = block_sum(prod, kReduceThreads);
+  const double zs = zsq ? block_sum(zsq, T) : 0.0;
+  if (threadIdx.x == 0) {
+    *aux = mass ? a * scale : 0.0;
+    *z = zsq ? zs / static_cast<double>(T) : 0.0;
+  }
+}
+
+// Choice-major (Tutel: position j*T + r holds choice j of the r-th token in `order`) or
+// token-major (Megatron: position t*k + j) sequence of choices, keyed by expert.
+__global__ void order_choices(const std::int32_t* __restrict__ idx,
+                              const std::int32_t* __restrict__ order, index_t T, int k,
+                              bool choice_major, std::int32_t* __restrict__ key,
+                              std::int32_t* __restrict__ choice) {
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < T * k;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    index_t c = i;
+    if (choice_major) {
+      const index_t j = i / T, r = i % T;
+      c = (order ? order[r] : r) * k + j;
+    }
+    key[i] = idx[c];
+    choice[i] = static_cast<std::int32_t>(c);
+  }
+}
+
+// Exclusive scan of the needed counts (start), kept counts, row offsets, the largest count.
+__global__ void scan_counts(const std::int32_t* __restrict__ needed, index_t E, index_t capacity,
+                            bool padded, index_t* __restrict__ start, index_t* __restrict__ kept,
+                            index_t* __restrict__ offsets, index_t* __restrict__ max_needed) {
+  if (threadIdx.x != 0) return;
+  index_t s = 0, off = 0, mx = 0;
+  for (index_t e = 0; e < E; ++e) {
+    const index_t n = needed[e];
+    start[e] = s;
+    s += n;
+    mx = n > mx ? n : mx;
+    const index_t keep = capacity < 0 ? n : (n < capacity ? n : capacity);
+    if (kept) kept[e] = keep;
+    if (offsets) {
+      offsets[e] = off;
+      off += padded ? capacity : keep;
+    }
+  }
+  if (offsets) offsets[E] = off;
+  *max_needed = mx;
+}
+
+// Sorted position i of expert e is slot i - start[e]; slots below the capacity get a row.
+__global__ void assign_rows(const std::int32_t* __restrict__ key, const std::int32_t* __restrict__ choice,
+                            index_t n, const index_t* __restrict__ start,
+                            const index_t* __restrict__ offsets, index_t capacity,
+                            index_t* __restrict__ row, index_t* __restrict__ row_choice) {
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const int e = key[i];
+    const index_t slot = i - start[e], c = choice[i];
+    if (capacity >= 0 && slot >= capacity) {
+      row[c] = -1;
+    } else {
+      row[c] = offsets[e] + slot;
+      row_choice[offsets[e] + slot] = c;
+    }
+  }
+}
+
+// CUB's stable radix sort of (key, value) pairs; temporary storage from the caching allocator.
+// Descending sorts all key bits (end_bit is ignored).
+template <class K, class V>
+void stable_sort_pairs(const K* key_in, K* key_out, const V* val_in, V* val_out, index_t n,
+                       int end_bit, bool descending, Device dev, cudaStream_t stream) {
+  const auto sort = [&](void* temp, std::size_t& bytes) {
+    return descending ? cub::DeviceRadixSort::SortPairsDescending(temp, bytes, key_in, key_out,
+                                                                  val_in, val_out,
+                                                                  static_cast<int>(n), 0,
+                                                                  static_cast<int>(sizeof(K) * 8),
+                                                                  stream)
+                      : cub::DeviceRadixSort::SortPairs(temp, bytes, key_in, key_out, val_in,
+                                                        val_out, static_cast<int>(n), 0, end_bit,
+                                                        stream);
+  };
+  std::size_t bytes = 0;
+  SY_CUDA_CHECK(sort(nullptr, bytes));
+  const Tensor temp = Tensor::empty({static_cast<index_t>(bytes / 4) + 1}, DType::kI32, dev);
+  SY_CUDA_CHECK(sort(temp.data_ptr(), bytes));
+}
+
+unsigned blocks_for(index_t n) { return std::min(grid_size(n, 256), 4096u); }
+
+int bits_for(index_t v) {
+  int b = 1;
+  while ((index_t{1} << b) <= v) ++b;
+  return b;
+}
+
+__global__ void iota(std::int32_t* __restrict__ v, index_t n) {
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x)
+    v[i] = static_cast<std::int32_t>(i);
+}
+
+struct BackwardParams {
+  index_t T, E;
+  int k;
+  bool logit_softmax, renorm, megatron, softmax;
+  double scale;
+  double gshard_weight;  // aux weight * E / T^2 (0: no GShard term)
+  double switch_weight;  // aux weight * the Switch loss's scale (0: no Switch term)
+  bool switch_softmax;
+  index_t seq_len;
+  double z_weight;  // z weight * 2 / T (0: no z-loss term)
+};
+
+// dlogits of one token per warp: the weights' gradient through the gates and the score
+// function, plus the losses' gradients.
+template <class A>
+__global__ void route_backward_rows(BackwardParams p, const A* __restrict__ dweight,
+                                    const A* __restrict__ gates,
+                                    const std::int32_t* __restrict__ idx,
+                                    const A* __restrict__ probs, const A* __restrict__ z,
+                                    const std::int32_t* __restrict__ loss_count,
+                                    A* __restrict__ dz) {
+  extern __shared__ unsigned char smem[];
+  const int warps = blockDim.x / kWarp, w = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int E = static_cast<int>(p.E);
+  A* dp = reinterpret_cast<A*>(smem) + offset_of(w, 2 * E);
+  A* dsparse = dp + E;
+  const index_t t = static_cast<index_t>(blockIdx.x) * warps + w;
+  if (t >= p.T) return;
+  const A* pt = probs + offset_of(t, p.E);
+  const A* zt = z + offset_of(t, p.E);
+  A* dzt = dz + offset_of(t, p.E);
+  for (int e = lane; e < E; e += kWarp) {
+    dp[e] = p.gshard_weight != 0 ? static_cast<A>(p.gshard_weight * loss_count[e]) : A(0);
+    dsparse[e] = 0;
+  }
+  __syncwarp();
+  if (lane == 0) {
+    const A* dw = dweight + offset_of(t, p.k);
+    const A* g = gates + offset_of(t, p.k);
+    const std::int32_t* it = idx + offset_of(t, p.k);
+    const A scale = static_cast<A>(p.scale);
+    if (p.logit_softmax) {
+      A dot = 0;
+      for (int j = 0; j < p.k; ++j) dot += g[j] * scale * dw[j];
+      for (int j = 0; j < p.k; ++j) dsparse[it[j]] += g[j] * (scale * dw[j] - dot);
+    } else if (!p.renorm) {
+      for (int j = 0; j < p.k; ++j) dp[it[j]] += scale * dw[j];
+    } else {
+      A sum = 0, dot = 0;
+      for (int j = 0; j < p.k; ++j) {
+        sum += g[j];
+        dot += dw[j] * g[j];
+      }
+      const A denom = p.megatron ? sum + A(1e-20) : max(sum, A(FLT_EPSILON));
+      const bool through_denominator = p.megatron || sum > A(FLT_EPSILON);
+      for (int j = 0; j < p.k; ++j)
+        dp[it[j]] += scale * (dw[j] / denom - (through_denominator ? dot / (denom * denom) : A(0)));
+    }
+  }
+  __syncwarp();
+
+  A dot = 0;
+  if (p.softmax) {
+    for (int e = lane; e < E; e += kWarp) dot += pt[e] * dp[e];
+    dot = warp_sum(dot);
+  }
+  // Clean-logit softmax statistics for the Switch and z-loss terms.
+  A mc = 0, sc = 1, ssig = 1, sw_dot = 0;
+  const bool need_clean = p.switch_weight != 0 || p.z_weight != 0;
+  if (need_clean) {
+    mc = -INFINITY;
+    for (int e = lane; e < E; e += kWarp) mc = max(mc, zt[e]);
+    mc = warp_max(mc);
+    sc = 0;
+    for (int e = lane; e < E; e += kWarp) sc += exp(zt[e] - mc);
+    sc = warp_sum(sc);
+  }
+  const std::int32_t* count = loss_count + offset_of(t / p.seq_len, p.E);
+  if (p.switch_weight != 0) {
+    if (!p.switch_softmax) {
+      ssig = 0;
+      for (int e = lane; e < E; e += kWarp) ssig += A(1) / (A(1) + exp(-zt[e]));
+      ssig = warp_sum(ssig);
+    }
+    for (int e = lane; e < E; e += kWarp) {
+      const A prob = p.switch_softmax ? exp(zt[e] - mc) / sc : A(1) / (A(1) + exp(-zt[e])) / ssig;
+      sw_dot += prob * static_cast<A>(p.switch_weight * count[e]);
+    }
+    sw_dot = warp_sum(sw_dot);
+  }
+  const A lse = mc + log(sc);
+  for (int e = lane; e < E; e += kWarp) {
+    A g = p.softmax ? pt[e] * (dp[e] - dot) : dp[e] * pt[e] * (A(1) - pt[e]);
+    g += dsparse[e];
+    if (p.switch_weight != 0) {
+      const A gp = static_cast<A>(p.switch_weight * count[e]);
+      if (p.switch_softmax) {
+        g += exp(zt[e] - mc) / sc * (gp - sw_dot);
+      } else {
+        const A sig = A(1) / (A(1) + exp(-zt[e]));
+        g += (gp - sw_dot) / ssig * sig * (A(1) - sig);
+      }
+    }
+    if (p.z_weight != 0) g += static_cast<A>(p.z_weight) * lse * exp(zt[e] - mc) / sc;
+    dzt[e] = g;
+  }
+}
+
+// Warps per block for per-token kernels whose warps each hold `per_warp` bytes of shared memory.
+int warps_per_block(std::size_t per_warp) {
+  return static_cast<int>(std::max<std::size_t>(1, std::min<std::size_t>(8, 48 * 1024 / per_warp)));
+}
+
+template <class F>
+void dispatch_route_dtype(DType dtype, const char* op, F&& f) {
+  if (dtype == DType::kF64) return f(double{});
+  SY_CHECK(dtype == DType::kF32, op, ": routing runs in f32 or f64, got ", dtype_name(dtype));
+  f(float{});
+}
+
+}  // namespace
+
+bool route_cuda_supports(const MoEConfig& cfg, const RouteArgs& args, index_t num_tokens) {
+  const std::size_t per_warp = cfg.num_experts * (2 * sizeof(double) + 1);
+  return !cfg.sinkhorn && cfg.aux_loss != AuxLoss::kLoadImportance &&
+         !(cfg.rules == RuleSet::kMegatron && cfg.drop_policy == DropPolicy::kProbs &&
+           args.capacity_factor != 0) &&
+         per_warp <= 48 * 1024 && num_tokens > 0 &&
+         num_tokens * args.top_k < std::numeric_limits<std::int32_t>::max();
+}
+
+RoutingPlan route_cuda(const MoEConfig& cfg, const RouteArgs& args, const Tensor& logits_in,
+                       RouterState& st, LossTensors& losses, Tensor& nonfinite) {
+  const index_t T = logits_in.size(0), E = logits_in.size(1);
+  const int k = args.top_k;
+  SY_CHECK(route_cuda_supports(cfg, args, T), "route_cuda: this configuration routes on the host");
+  const Device dev = logits_in.device();
+  const DType rd = logits_in.dtype();
+  DeviceScope scope(dev.index);
+  const cudaStream_t stream = stream_of(dev);
+  const Tensor logits = logits_in.contiguous();
+  const WeightRule rule = weight_rule(cfg);
+  const bool noise = args.training && cfg.gate_noise > 0;
+  const bool switch_loss = cfg.aux_loss == AuxLoss::kSwitch ||
+                           cfg.aux_loss == AuxLoss::kSwitchSequence;
+  const bool prioritized = cfg.rules == RuleSet::kTutel && cfg.batch_prioritized_routing;
+  const index_t L = switch_loss ? switch_seq_len(cfg, T) : T;
+
+  RoutingPlan plan;
+  plan.num_tokens = T;
+  plan.num_experts = E;
+  plan.top_k = k;
+  plan.layout = args.layout;
+  plan.expert_idx = Tensor::empty({T, k}, DType::kI32, dev);
+  plan.weight = Tensor::empty({T, k}, rd, dev);
+  const Tensor noisy = noise ? Tensor::empty({T, E}, rd, dev) : logits;
+  const Tensor probs = Tensor::empty({T, E}, rd, dev);
+  const Tensor gates = Tensor::empty({T, k}, rd, dev);
+  const Tensor priority = prioritized ? Tensor::empty({T}, rd, dev) : Tensor();
+  const Tensor zsq = Tensor::empty({T}, DType::kF64, dev);
+  const Tensor sw_prob = switch_loss ? Tensor::empty({T, E}, rd, dev) : Tensor();
+  Tensor loss_count = Tensor::zeros({switch_loss ? T / L : 1, E}, DType::kI32, dev);
+
+  RouteParams p{};
+  p.T = T;
+  p.E = E;
+  p.k = k;
+  p.noise = noise;
+  p.gate_noise = cfg.gate_noise;
+  p.seed = cfg.seed;
+  p.step = args.step;
+  p.token_base = args.token_base;
+  p.softmax = probs_fn(cfg, rule, k) == ScoreFn::kSoftmax;
+  p.logit_softmax = rule == WeightRule::kLogitSoftmax;
+  p.renorm = rule == WeightRule::kScores && renormalises(cfg, k);
+  p.megatron = cfg.rules == RuleSet::kMegatron;
+  p.scale = cfg.scaling_factor;
+  p.bias = args.expert_bias ? args.expert_bias->data<float>() : nullptr;
+  p.groups = cfg.num_groups > 1 ? cfg.num_groups : 0;
+  p.topk_groups = cfg.topk_groups;
+  p.priority = prioritized;
+  p.z_loss = true;
+  p.switch_loss = switch_loss;
+  p.switch_softmax = cfg.score_fn == ScoreFn::kSoftmax;
+  p.seq_len = L;
+  if (p.bias) SY_CHECK(args.expert_bias->device() == dev, "route_cuda: expert_bias must be on ",
+                       to_string(dev));
+
+  dispatch_route_dtype(rd, "route_cuda", [&](auto tag) {
+    using A = decltype(tag);
+    const std::size_t per_warp = static_cast<std::size_t>(E) * (2 * sizeof(A) + 1);
+    const int warps = warps_per_block(per_warp);
+    const unsigned grid = static_cast<unsigned>((T + warps - 1) / warps);
+    route_rows<A><<<grid, warps * kWarp, per_warp * warps, stream>>>(
+        p, logits.data<A>(), noise ? const_cast<A*>(noisy.data<A>()) : nullptr,
+        const_cast<A*>(probs.data<A>()), plan.expert_idx.data<std::int32_t>(), gates.data<A>(),
+        plan.weight.data<A>(), prioritized ? priority.data<A>() : nullptr, zsq.data<double>(),
+        switch_loss ? sw_prob.data<A>() : nullptr, loss_count.data<std::int32_t>(),
+        nonfinite.data<std::int32_t>());
+    SY_CUDA_CHECK_LAUNCH();
+  });
+
+  // Losses (unweighted).
+  losses.aux = Tensor::empty({}, DType::kF64, dev);
+  losses.z = Tensor::empty({}, DType::kF64, dev);
+  Tensor mass;
+  double aux_scale = 0;
+  if (cfg.aux_loss == AuxLoss::kGShard) {
+    count_choices<<<blocks_for(T), 256, 0, stream>>>(plan.expert_idx.data<std::int32_t>(), T, k,
+                                                      loss_count.data<std::int32_t>());
+    SY_CUDA_CHECK_LAUNCH();
+    mass = Tensor::empty({1, E}, DType::kF64, dev);
+    launch_column_sums(probs, T, mass, stream);
+    aux_scale = static_cast<double>(E) / (static_cast<double>(T) * static_cast<double>(T));
+  } else if (switch_loss) {
+    mass = Tensor::empty({T / L, E}, DType::kF64, dev);
+    launch_column_sums(sw_prob, L, mass, stream);
+    aux_scale = static_cast<double>(E) / (static_cast<double>(k) * L * L) / (T / L);
+  }
+  finish_losses<<<1, kReduceThreads, 0, stream>>>(
+      mass.defined() ? mass.data<double>() : nullptr, loss_count.data<std::int32_t>(),
+      mass.defined() ? mass.numel() : 0, aux_scale, zsq.data<double>(), T,
+      losses.aux.data<double>(), losses.z.data<double>());
+  SY_CUDA_CHECK_LAUNCH();
+
+  // Slots: choices in routing order, stably sorted by expert.
+  const index_t n = T * k;
+  Tensor order;
+  if (prioritized) {
+    const Tensor tokens = Tensor::empty({T}, DType::kI32, dev);
+    iota<<<blocks_for(T), 256, 0, stream>>>(tokens.data<std::int32_t>(), T);
+    SY_CUDA_CHECK_LAUNCH();
+    order = Tensor::empty({T}, DType::kI32, dev);
+    const Tensor sorted_priority = Tensor::empty({T}, rd, dev);
+    dispatch_route_dtype(rd, "route_cuda", [&](auto tag) {
+      using A = decltype(tag);
+      stable_sort_pairs(priority.data<A>(), sorted_priority.data<A>(),
+                        tokens.data<std::int32_t>(), order.data<std::int32_t>(), T, 0, true, dev,
+                        stream);
+    });
+  }
+  const Tensor key = Tensor::empty({n}, DType::kI32, dev), choice = Tensor::empty({n}, DType::kI32, dev);
+  order_choices<<<blocks_for(n), 256, 0, stream>>>(
+      plan.expert_idx.data<std::int32_t>(), order.defined() ? order.data<std::int32_t>() : nullptr,
+      T, k, cfg.rules == RuleSet::kTutel, key.data<std::int32_t>(), choice.data<std::int32_t>());
+  SY_CUDA_CHECK_LAUNCH();
+  const Tensor sorted_key = Tensor::empty({n}, DType::kI32, dev);
+  const Tensor sorted_choice = Tensor::empty({n}, DType::kI32, dev);
+  stable_sort_pairs(key.data<std::int32_t>(), sorted_key.data<std::int32_t>(),
+                    choice.data<std::int32_t>(), sorted_choice.data<std::int32_t>(), n,
+                    bits_for(E - 1), false, dev, stream);
+  const Tensor needed = Tensor::zeros({E}, DType::kI32, dev);
+  count_choices<<<blocks_for(n), 256, 0, stream>>>(plan.expert_idx.data<std::int32_t>(), n, 1,
+                                                    needed.data<std::int32_t>());
+  SY_CUDA_CHECK_LAUNCH();
+
+  // Capacity: from the token count, or (one sync) from the largest per-expert count.
+  SlotRules rules;
+  rules.rules = cfg.rules;
+  rules.capacity_factor = args.capacity_factor;
+  rules.layout = args.layout;
+  rules.alignment = cfg.overlap_degree;
+  rules.max_tokens = args.max_tokens;
+  const bool padded = args.layout == Layout::kPadded;
+  const Tensor start = Tensor::empty({E}, DType::kI64, dev);
+  const Tensor max_needed = Tensor::empty({}, DType::kI64, dev);
+  index_t capacity = -1;  // no cap: packed and dropless
+  if (args.capacity_factor > 0) {
+    capacity = compute_capacity(rules, T, E, k, 0);
+  } else if (args.capacity_factor < 0 || padded) {
+    scan_counts<<<1, 32, 0, stream>>>(needed.data<std::int32_t>(), E, -1, false,
+                                      start.data<index_t>(), nullptr, nullptr,
+                                      max_needed.data<index_t>());
+    SY_CUDA_CHECK_LAUNCH();
+    capacity = compute_capacity(rules, T, E, k, max_needed.to(Device::cpu()).data<index_t>()[0]);
+  }
+  plan.capacity = capacity;
+  plan.offsets = Tensor::empty({E + 1}, DType::kI64, dev);
+  plan.expert_count = Tensor::empty({E}, DType::kI64, dev);
+  scan_counts<<<1, 32, 0, stream>>>(needed.data<std::int32_t>(), E, capacity, padded,
+                                    start.data<index_t>(), plan.expert_count.data<index_t>(),
+                                    plan.offsets.data<index_t>(), max_needed.data<index_t>());
+  SY_CUDA_CHECK_LAUNCH();
+  plan.num_rows = padded ? E * capacity
+                  : capacity < 0
+                      ? n
+                      : plan.offsets.narrow(0, E, 1).to(Device::cpu()).data<index_t>()[0];
+  plan.dropped = -1;  // known once the counts are read: T * k - sum(expert_count)
+  plan.row = Tensor::empty({T, k}, DType::kI64, dev);
+  plan.row_choice = Tensor::empty({plan.num_rows}, DType::kI64, dev);
+  if (plan.num_rows > 0)
+    SY_CUDA_CHECK(cudaMemsetAsync(plan.row_choice.data_ptr(), 0xff,
+                                  static_cast<std::size_t>(plan.num_rows) * sizeof(index_t), stream));
+  assign_rows<<<blocks_for(n), 256, 0, stream>>>(
+      sorted_key.data<std::int32_t>(), sorted_choice.data<std::int32_t>(), n,
+      start.data<index_t>(), plan.offsets.data<index_t>(), capacity, plan.row.data<index_t>(),
+      plan.row_choice.data<index_t>());
+  SY_CUDA_CHECK_LAUNCH();
+
+  st = RouterState{logits, noisy, probs, gates, rule, loss_count};
+  return plan;
+}
+
+Tensor route_backward_cuda(const MoEConfig& cfg, const RoutingPlan& plan, const RouterState& st,
+                           const Tensor& dweight_in, const LossWeights& lw) {
+  const index_t T = plan.num_tokens, E = plan.num_experts;
+  const int k = plan.top_k;
+  const Device dev = st.logits.device();
+  const DType rd = st.logits.dtype();
+  DeviceScope scope(dev.index);
+  const cudaStream_t stream = stream_of(dev);
+  const Tensor dweight = dweight_in.contiguous();
+  Tensor dlogits = Tensor::empty({T, E}, rd, dev);
+  if (T == 0) return dlogits;
+  const bool switch_loss = cfg.aux_loss == AuxLoss::kSwitch ||
+                           cfg.aux_loss == AuxLoss::kSwitchSequence;
+  const index_t L = switch_loss ? switch_seq_len(cfg, T) : T;
+
+  BackwardParams p{};
+  p.T = T;
+  p.E = E;
+  p.k = k;
+  p.logit_softmax = st.rule == WeightRule::kLogitSoftmax;
+  p.renorm = st.rule == WeightRule::kScores && renormalises(cfg, k);
+  p.megatron = cfg.rules == RuleSet::kMegatron;
+  p.softmax = probs_fn(cfg, st.rule, k) == ScoreFn::kSoftmax;
+  p.scale = cfg.scaling_factor;
+  if (cfg.aux_loss == AuxLoss::kGShard)
+    p.gshard_weight = lw.aux * static_cast<double>(E) / (static_cast<double>(T) * T);
+  if (switch_loss)
+    p.switch_weight = lw.aux * static_cast<double>(E) / (static_cast<double>(k) * L * L) / (T / L);
+  p.switch_softmax = cfg.score_fn == ScoreFn::kSoftmax;
+  p.seq_len = L;
+  p.z_weight = lw.z * 2 / static_cast<double>(T);
+
+  dispatch_route_dtype(rd, "route_backward_cuda", [&](auto tag) {
+    using A = decltype(tag);
+    const std::size_t per_warp = static_cast<std::size_t>(E) * 2 * sizeof(A);
+    const int warps = warps_per_block(per_warp);
+    const unsigned grid = static_cast<unsigned>((T + warps - 1) / warps);
+    route_backward_rows<A><<<grid, warps * kWarp, per_warp * warps, stream>>>(
+        p, dweight.data<A>(), st.gates.data<A>(), plan.expert_idx.data<std::int32_t>(),
+        st.probs.data<A>(), st.logits.data<A>(), st.loss_count.data<std::int32_t>(),
+        dlogits.data<A>());
+    SY_CUDA_CHECK_LAUNCH();
+  });
+  return dlogits;
+}
+
+}  // namespace switchyard

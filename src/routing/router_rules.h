@@ -1,0 +1,37 @@
+// How the configuration selects the router's formulas (ROUTING.md §2), shared by the backends.
+#pragma once
+
+#include "routing/router.h"
+
+namespace switchyard {
+
+inline WeightRule weight_rule(const MoEConfig& cfg) {
+  if (cfg.sinkhorn) return WeightRule::kSinkhorn;
+  if (cfg.rules == RuleSet::kMegatron && cfg.score_fn == ScoreFn::kSoftmax && !cfg.pre_softmax)
+    return WeightRule::kLogitSoftmax;
+  return WeightRule::kScores;
+}
+
+// The activation that turns noisy logits into `probs`: sinkhorn uses sigmoid for k = 1.
+inline ScoreFn probs_fn(const MoEConfig& cfg, WeightRule rule, int k) {
+  if (rule == WeightRule::kSinkhorn) return k == 1 ? ScoreFn::kSigmoid : ScoreFn::kSoftmax;
+  return cfg.score_fn;
+}
+
+// Megatron normalises sigmoid weights with + 1e-20; Tutel clamps the sum at f32 epsilon.
+inline bool renormalises(const MoEConfig& cfg, int k) {
+  if (k <= 1) return false;
+  if (cfg.score_fn == ScoreFn::kSigmoid) return true;
+  return cfg.rules == RuleSet::kTutel && cfg.normalize_gate;
+}
+
+// Tokens per sequence of the sequence-level Switch loss (all tokens for the batch-level one);
+// throws unless the tokens are whole sequences.
+inline index_t switch_seq_len(const MoEConfig& cfg, index_t T) {
+  const index_t L = cfg.aux_loss == AuxLoss::kSwitchSequence && cfg.seq_len > 0 ? cfg.seq_len : T;
+  SY_CHECK(L > 0 && T % L == 0, "the sequence-level aux loss needs whole sequences: ", T,
+           " tokens are not a multiple of seq_len=", L);
+  return L;
+}
+
+}  // namespace switchyard
