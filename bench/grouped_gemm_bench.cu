@@ -251,8 +251,8 @@ void cublas_sb(bool ta, bool tb, int m, int n, int k, const T* a, int lda, long 
 
 using C128x128x32 = TileConfig<128, 128, 32, 4, 2, 4, 2>;
 using C128x128x64 = TileConfig<128, 128, 64, 3, 2, 4, 2>;
-using C128x128x64s4 = TileConfig<128, 128, 64, 4, 2, 4, 1>;
-using C128x128x64w42 = TileConfig<128, 128, 64, 3, 4, 2, 2>;
+using C128x256x64 = TileConfig<128, 256, 64, 3, 2, 8, 1>;  // 16 warps
+using C256x128x64 = TileConfig<256, 128, 64, 3, 4, 4, 1>;  // 16 warps
 
 struct Shape {
   const char* name;
@@ -327,8 +327,8 @@ void bench(const Shape& s) {
   // 2. timings
   float t1 = run_ours<C128x128x32>(s, a, b, c, doff, R);
   float t2 = run_ours<C128x128x64>(s, a, b, c, doff, R);
-  float t3 = run_ours<C128x128x64s4>(s, a, b, c, doff, R);
-  float t4 = run_ours<C128x128x64w42>(s, a, b, c, doff, R);
+  float t3 = run_ours<C128x256x64>(s, a, b, c, doff, R);
+  float t4 = run_ours<C256x128x64>(s, a, b, c, doff, R);
   float tsb, tdense;
   T* cd = dalloc<T>(s.outer ? (index_t)s.M * s.N * 1 : nc);
   if (!s.outer) {
@@ -412,7 +412,26 @@ void graph_follows_device_offsets() {
   cudaFree(doff);
 }
 
+// --profile: one launch of the default configuration on fine-grained fc1 and dW1, for ncu.
+int profile() {
+  using T = __nv_bfloat16;
+  const index_t E = 128, rows = 512, R = E * rows, d = 2048, h = 768;
+  std::vector<index_t> off(E + 1);
+  for (index_t e = 0; e <= E; ++e) off[e] = e * rows;
+  index_t* doff = upload_off(off);
+  T *x = dalloc<T>(R * d), *w = dalloc<T>(E * h * d), *hh = dalloc<T>(R * h);
+  rnd(x, R * d, 1);
+  rnd(w, E * h * d, 2);
+  rnd(hh, R * h, 3);
+  run_varying_m<T>(x, w, true, hh, doff, E, R, h, d, 0);  // fc1: [R, d] x [E, h, d]^T
+  run_varying_k<T>(hh, x, w, doff, E, R, h, d, 0.0, 0);   // dW1: [R, h]^T x [R, d]
+  CK(cudaDeviceSynchronize());
+  printf("profile launches done\n");
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "--profile") return profile();
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
@@ -421,8 +440,8 @@ int main(int argc, char** argv) {
   correctness<__half, DefaultConfig>();
   correctness<__nv_bfloat16, C128x128x64>();
   correctness<__nv_bfloat16, C128x128x32>();
-  correctness<__nv_bfloat16, C128x128x64s4>();
-  correctness<__nv_bfloat16, C128x128x64w42>();
+  correctness<__nv_bfloat16, C128x256x64>();
+  correctness<__nv_bfloat16, C256x128x64>();
   graph_follows_device_offsets();
   printf("correctness failures: %d\n", g_fail);
   // error check of a bad shape
@@ -447,8 +466,8 @@ int main(int argc, char** argv) {
     cudaFree(c);
   }
   printf(
-      "| shape (E x rows, K -> N) | 128x128x32 s4 | 128x128x64 s3 (default) | 128x128x64 s4 | "
-      "128x128x64 s3 warps 4x2 | cuBLAS strided-batched | dense same total | max rel err (vs "
+      "| shape (E x rows, K -> N) | 128x128x32 s4 | 128x128x64 s3 (default) | 128x256x64 16 warps | "
+      "256x128x64 16 warps | cuBLAS strided-batched | dense same total | max rel err (vs "
       "cuBLAS) |\n");
   Shape shapes[] = {
       {"mixtral fc1 (8 x 2048, 4096 -> 14336) B^T", 8, 2048, 4096, 14336, true, false, 0},
