@@ -34,7 +34,8 @@ class ExpertNetwork {
  public:
   virtual ~ExpertNetwork() = default;
   // rows [R, d]: rows [offsets[e], offsets[e+1]) go to local expert e; offsets is an i64 tensor
-  // of E+1 entries on rows' device. Returns [R, d_out] in rows' dtype. When training, saves what
+  // of E+1 entries, on the host where the host knows them without a sync (the padded layout),
+  // else on rows' device (read them there to keep the step free of host syncs). Returns [R, d_out] in rows' dtype. When training, saves what
   // backward needs; an evaluation forward (training = false) must leave that state untouched.
   virtual Tensor forward(const Tensor& rows, const Tensor& offsets, bool training) = 0;
   // drows_out [R, d_out] -> drows [R, d]; accumulates the gradients of parameters().

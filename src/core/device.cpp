@@ -79,6 +79,12 @@ CudaStream::CudaStream(Device device) : stream_{device, nullptr} {
 CudaStream::~CudaStream() { cuda::destroy_stream(stream_.device.index, stream_.handle); }
 
 CudaGraph::~CudaGraph() {
+  if (capturing_) {  // a capture interrupted by an exception: end it so the stream is usable
+    try {
+      cuda::destroy_graph(cuda::end_capture(stream_.device.index, stream_.handle));
+    } catch (const Error&) {
+    }
+  }
   if (exec_) cuda::destroy_graph(exec_);
 }
 

@@ -18,9 +18,6 @@ Parameter make_param(const std::string& name, const Shape& shape, const FfnShape
 // Host copy of the offsets with its invariants checked (first 0, non-decreasing, last = rows).
 // NOTE: for CUDA offsets this is a device-to-host copy, a sync point of the forward.
 std::vector<index_t> read_offsets(const Tensor& offsets, index_t num_experts, index_t num_rows) {
-  SY_CHECK(offsets.dtype() == DType::kI64 && offsets.dim() == 1 &&
-               offsets.size(0) == num_experts + 1,
-           "experts: offsets must be an i64 tensor of ", num_experts + 1, " entries");
   const std::vector<double> v = offsets.to_vector();
   std::vector<index_t> off(v.begin(), v.end());
   SY_CHECK(off[0] == 0 && off[num_experts] == num_rows, "experts: offsets must run from 0 to ",
@@ -68,17 +65,27 @@ Tensor FfnExperts::forward(const Tensor& rows, const Tensor& offsets, bool train
   SY_CHECK(rows.device() == shape_.device, "experts: rows are on ", to_string(rows.device()),
            ", the experts on ", to_string(shape_.device));
   require_backend("experts", rows.device());
-  std::vector<index_t> off = read_offsets(offsets, shape_.num_experts, rows.size(0));
+  SY_CHECK(offsets.dtype() == DType::kI64 && offsets.dim() == 1 &&
+               offsets.size(0) == shape_.num_experts + 1,
+           "experts: offsets must be an i64 tensor of ", shape_.num_experts + 1, " entries");
   Saved saved;
   Tensor y;
   if (rows.device().is_cuda()) {
 #ifdef SY_WITH_CUDA
-    y = ffn_forward_cuda(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, rows.to(shape_.dtype),
+    // Device offsets stay there when the grouped GEMMs read them (no sync; the router's plan is
+    // trusted, and the kernels clamp offsets to [0, R]); otherwise they come to the host.
+    const bool on_device = offsets.device().is_cuda() && ffn_cuda_grouped(shape_, rows.size(0));
+    std::vector<index_t> off;
+    if (shape_.num_experts == 1)
+      off = {0, rows.size(0)};  // one expert (a shared expert): nothing to read
+    else if (!on_device)
+      off = read_offsets(offsets, shape_.num_experts, rows.size(0));
+    y = ffn_forward_cuda(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, rows.to(shape_.dtype), offsets,
                          std::move(off), saved);
 #endif
   } else {
     y = ffn_forward_cpu(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, rows.to(shape_.dtype),
-                        std::move(off), saved);
+                        read_offsets(offsets, shape_.num_experts, rows.size(0)), saved);
   }
   if (training) {
     saved_ = std::move(saved);

@@ -42,7 +42,9 @@ class FfnExperts final : public ExpertNetwork {
     Tensor x;                      // [R, d]
     Tensor h;                      // [R, h or 2h] pre-activation
     Tensor a;                      // [R, h] activation (gated: act(gate) * up)
-    std::vector<index_t> offsets;  // [E+1]
+    std::vector<index_t> offsets;  // [E+1] on the host; empty where CUDA reads them on the device
+    Tensor device_offsets;         // CUDA: [E+1] i64 on the device
+    bool grouped = false;          // CUDA: the GEMMs ran on the grouped kernel
   };
 
  private:
@@ -58,10 +60,14 @@ Tensor ffn_forward_cpu(const FfnShape& s, const Parameter& fc1_w, const Paramete
                        std::vector<index_t> offsets, FfnExperts::Saved& saved);
 Tensor ffn_backward_cpu(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Parameter& fc1_b,
                         Parameter& fc2_b, const Tensor& dy, const FfnExperts::Saved& saved);
-// CUDA (experts/ffn_cuda.cu): cuBLAS GEMMs, tensors in the experts' dtype, current stream.
+// CUDA (experts/ffn_cuda.cu): tensors in the experts' dtype, current stream. `offsets` is the
+// [E+1] tensor (host or device); `host_offsets` its host copy, which may be left empty only when
+// ffn_cuda_grouped(...) holds (the grouped GEMMs read the offsets on the device).
+bool ffn_cuda_grouped(const FfnShape& s, index_t rows);
 Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Parameter& fc2_w,
                         const Parameter& fc1_b, const Parameter& fc2_b, const Tensor& rows,
-                        std::vector<index_t> offsets, FfnExperts::Saved& saved);
+                        const Tensor& offsets, std::vector<index_t> host_offsets,
+                        FfnExperts::Saved& saved);
 Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Parameter& fc1_b,
                          Parameter& fc2_b, const Tensor& dy, const FfnExperts::Saved& saved);
 

@@ -4,10 +4,11 @@
 // layout); otherwise, for bf16/f16, the grouped GEMM (experts/grouped_gemm_cuda.cuh), which reads
 // the offsets on the device, unless the experts are coarse (see use_grouped_gemm); otherwise one
 // cuBLAS GEMM per expert.
-// NOTE: host syncs that remain: FfnExperts::forward (experts/ffn.cpp) copies the offsets to the
-// host to check them and to pass them here; forward uploads the per-row expert index and the
-// grouped path the offsets (host-to-device copies from pageable memory), backward uploads the
-// offsets. The grouped GEMMs themselves need none.
+// NOTE: host syncs. None on the grouped path with device offsets (the packed layout's GEMMs
+// of experts that are not coarse): forward and backward then read the offsets on the device. The
+// cuBLAS paths need the offsets on the host: FfnExperts::forward reads device offsets back (a
+// sync; coarse experts, where it costs little next to their GEMMs), and host offsets (the padded
+// layout) are uploaded once per forward.
 #include <algorithm>
 #include <mutex>
 #include <type_traits>
@@ -141,11 +142,18 @@ void grouped_varying_k(const T* a, const T* b, T* c, const index_t* off, index_t
 
 unsigned grid(index_t n) { return std::min(grid_size(n, 256), 65535u * 16); }
 
-Tensor device_i64(const std::vector<index_t>& v, Device dev) {
-  std::vector<double> d(v.begin(), v.end());
-  Tensor t = Tensor::empty({static_cast<index_t>(v.size())}, DType::kI64, dev);
-  t.copy_from(Tensor::from_vector(d, {static_cast<index_t>(v.size())}, DType::kI64));
-  return t;
+// row_expert[r] = the expert e with off[e] <= r < off[e+1] (binary search; offsets on the device).
+__global__ void rows_to_experts(const index_t* __restrict__ off, index_t E, index_t R,
+                                index_t* __restrict__ row_expert) {
+  for (index_t r = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; r < R;
+       r += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    index_t lo = 0, hi = E - 1;  // the last e with off[e] <= r
+    while (lo < hi) {
+      const index_t mid = (lo + hi + 1) / 2;
+      if (off[mid] <= r) lo = mid; else hi = mid - 1;
+    }
+    row_expert[r] = lo;
+  }
 }
 
 // Runs op(e, r0, n) per expert, or once as a batch when all experts have equal rows.
@@ -161,23 +169,38 @@ void per_expert(const std::vector<index_t>& off, F&& f) {
 
 }  // namespace
 
+bool ffn_cuda_grouped(const FfnShape& s, index_t rows) {
+  const index_t h1 = is_gated(s.activation) ? 2 * s.hidden_size : s.hidden_size;
+  return dispatch_float_cuda(s.dtype, "ffn_cuda_grouped", [&](auto tag) {
+    return use_grouped_gemm<decltype(tag)>(rows, s.num_experts, s.model_dim, h1);
+  });
+}
+
 Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Parameter& fc2_w,
                         const Parameter& fc1_b, const Parameter& fc2_b, const Tensor& rows,
-                        std::vector<index_t> off, FfnExperts::Saved& saved) {
+                        const Tensor& offsets, std::vector<index_t> off,
+                        FfnExperts::Saved& saved) {
   const Device dev = rows.device();
   DeviceScope scope(dev.index);
   const cudaStream_t stream = as_cuda_stream(current_stream(dev).handle);
   cublasHandle_t h = cublas_handle(dev.index, stream);
-  const index_t R = rows.size(0), d = s.model_dim, hid = s.hidden_size;
+  const index_t R = rows.size(0), d = s.model_dim, hid = s.hidden_size, E = s.num_experts;
   const bool gated = is_gated(s.activation);
   const index_t h1 = gated ? 2 * hid : hid;
   const Tensor x = rows.contiguous();
   Tensor hpre = Tensor::empty({R, h1}, s.dtype, dev), act = Tensor::empty({R, hid}, s.dtype, dev);
   Tensor y = Tensor::empty({R, d}, s.dtype, dev);
-  std::vector<index_t> row_expert_h(static_cast<std::size_t>(R));
-  for (std::size_t e = 0; e + 1 < off.size(); ++e)
-    for (index_t r = off[e]; r < off[e + 1]; ++r) row_expert_h[r] = static_cast<index_t>(e);
-  const Tensor row_expert = device_i64(row_expert_h, dev);
+  // Padded rows (all experts equal) run as one strided-batched GEMM, which beats the grouped
+  // kernel; that needs the host offsets, as does one GEMM per expert.
+  const bool grouped = ffn_cuda_grouped(s, R) && (off.empty() || !equal_rows(off));
+  SY_ASSERT(grouped || !off.empty(), "ffn_forward_cuda: host offsets needed");
+  const Tensor off_dev = offsets.to(dev).contiguous();  // a copy only for host offsets
+  const Tensor row_expert = Tensor::empty({R}, DType::kI64, dev);
+  if (R > 0) {
+    rows_to_experts<<<grid(R), 256, 0, stream>>>(off_dev.data<index_t>(), E, R,
+                                                  row_expert.data<index_t>());
+    SY_CUDA_CHECK_LAUNCH();
+  }
   dispatch_float_cuda(s.dtype, "ffn_forward_cuda", [&](auto tag) {
     using T = decltype(tag);
     const T* xp = static_cast<const T*>(x.data_ptr());
@@ -186,10 +209,6 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
     T* hp = static_cast<T*>(hpre.data_ptr());
     T* ap = static_cast<T*>(act.data_ptr());
     T* yp = static_cast<T*>(y.data_ptr());
-    const index_t E = static_cast<index_t>(off.size()) - 1;
-    const bool grouped = !equal_rows(off) && use_grouped_gemm<T>(R, E, d, h1);
-    Tensor off_dev;
-    if (grouped) off_dev = device_i64(off, dev);
     if (grouped) {  // h = x · fc1_wᵀ, fc1_w [E, h1, d]
       grouped_varying_m<T>(xp, w1, true, hp, off_dev.data<index_t>(), E, R, h1, d, stream);
     } else {
@@ -220,7 +239,7 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
       SY_CUDA_CHECK_LAUNCH();
     }
   });
-  saved = FfnExperts::Saved{x, hpre, act, std::move(off)};
+  saved = FfnExperts::Saved{x, hpre, act, std::move(off), off_dev, grouped};
   return y;
 }
 
@@ -234,10 +253,11 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
   const bool gated = is_gated(s.activation);
   const index_t h1 = gated ? 2 * hid : hid;
   const std::vector<index_t>& off = sv.offsets;
+  const bool grouped = sv.grouped;
   const Tensor dy = dy_in.to(s.dtype).contiguous();
   Tensor da = Tensor::empty({R, hid}, s.dtype, dev), dh = Tensor::empty({R, h1}, s.dtype, dev);
   Tensor dx = Tensor::empty({R, d}, s.dtype, dev);
-  const Tensor off_dev = device_i64(off, dev);
+  const Tensor& off_dev = sv.device_offsets;
   dispatch_float_cuda(s.dtype, "ffn_backward_cuda", [&](auto tag) {
     using T = decltype(tag);
     const T* dyp = static_cast<const T*>(dy.data_ptr());
@@ -251,7 +271,6 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
     T* dap = static_cast<T*>(da.data_ptr());
     T* dhp = static_cast<T*>(dh.data_ptr());
     T* dxp = static_cast<T*>(dx.data_ptr());
-    const bool grouped = !equal_rows(off) && use_grouped_gemm<T>(R, E, d, h1);
     const index_t* offp = off_dev.data<index_t>();
     if (grouped) {  // da = dy · fc2_wᵀ ; d fc2_w += actᵀ · dy
       grouped_varying_m<T>(dyp, w2, true, dap, offp, E, R, hid, d, stream);

@@ -43,6 +43,18 @@ index_t packed_dropless_capacity(const MoEConfig& cfg, index_t most) {
   return compute_capacity(rules, 1, cfg.num_experts, 1, most);
 }
 
+// The offsets the experts get: on the host where the host knows them without a sync (a plan
+// routed on the host; the padded layout's e * C), else the plan's own on its device.
+Tensor expert_offsets(const RoutingPlan& plan, const RoutingPlan* host_plan) {
+  if (plan.offsets.device().is_cpu()) return plan.offsets;
+  if (host_plan) return host_plan->offsets;
+  if (plan.layout != Layout::kPadded) return plan.offsets;
+  std::vector<double> off(static_cast<std::size_t>(plan.num_experts + 1));
+  for (std::size_t e = 0; e < off.size(); ++e)
+    off[e] = static_cast<double>(static_cast<index_t>(e) * plan.capacity);
+  return Tensor::from_vector(off, {plan.num_experts + 1}, DType::kI64);
+}
+
 }  // namespace
 
 struct MoELayer::Impl {
@@ -177,7 +189,8 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
   }
 
   const Tensor buffer = encode(plan, x, !cfg.is_postscore);
-  Tensor expert_out = m.experts->forward(buffer, plan.offsets, opt.training);
+  Tensor expert_out = m.experts->forward(buffer, expert_offsets(plan, on_host ? &host_plan : nullptr),
+                                         opt.training);
   SY_CHECK(expert_out.dim() == 2 && expert_out.size(0) == plan.num_rows && expert_out.size(1) == d,
            "experts: output must be [", plan.num_rows, ", ", d, "], got ",
            shape_str(expert_out.sizes()));
