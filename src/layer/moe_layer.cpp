@@ -10,6 +10,7 @@
 #include "core/ops.h"
 #include "dispatch/dispatch.h"
 #include "experts/ffn.h"
+#include "layer/expert_parallel.h"
 #include "layer/validate.h"
 #include "routing/gate.h"
 #include "routing/router.h"
@@ -28,9 +29,10 @@ std::string shape_str(const Shape& s) {
   return r + "]";
 }
 
-FfnShape ffn_shape(const MoEConfig& cfg, index_t num_experts, index_t hidden) {
-  return FfnShape{num_experts,      cfg.model_dim,    hidden,    cfg.activation,
-                  cfg.has_fc1_bias, cfg.has_fc2_bias, cfg.dtype, cfg.device};
+FfnShape ffn_shape(const MoEConfig& cfg, index_t num_experts, index_t hidden,
+                   index_t first_expert = 0) {
+  return FfnShape{num_experts,      cfg.model_dim, hidden,     cfg.activation, cfg.has_fc1_bias,
+                  cfg.has_fc2_bias, cfg.dtype,     cfg.device, first_expert};
 }
 
 // Megatron's input jitter: x * U(1 - eps, 1 + eps) per element, for the gate input only.
@@ -55,6 +57,9 @@ struct MoELayer::Impl {
   Tensor expert_bias;               // [E] f32
   std::vector<double> bias_counts;  // [E] tokens kept per expert since the last bias update
   std::uint64_t step = 0;           // training forwards so far: the random streams' counter
+  std::shared_ptr<Communicator> comm;
+  ExpertShard shard;                   // this rank's experts (all of them in one process)
+  std::unique_ptr<ExpertParallel> ep;  // with a communicator: the token exchange
 
   // The last forward, for backward.
   bool saved = false;
@@ -68,11 +73,20 @@ struct MoELayer::Impl {
   Tensor expert_out;  // [R, d]
 };
 
-MoELayer::MoELayer(const MoEConfig& cfg) : MoELayer(cfg, nullptr, nullptr) {}
+MoELayer::MoELayer(const MoEConfig& cfg) : MoELayer(cfg, nullptr, nullptr, nullptr) {}
+
+MoELayer::MoELayer(const MoEConfig& cfg, std::shared_ptr<Communicator> comm)
+    : MoELayer(cfg, nullptr, nullptr, std::move(comm)) {}
 
 MoELayer::MoELayer(const MoEConfig& cfg, std::shared_ptr<Gate> gate,
                    std::shared_ptr<ExpertNetwork> experts)
+    : MoELayer(cfg, std::move(gate), std::move(experts), nullptr) {}
+
+MoELayer::MoELayer(const MoEConfig& cfg, std::shared_ptr<Gate> gate,
+                   std::shared_ptr<ExpertNetwork> experts, std::shared_ptr<Communicator> comm)
     : impl_(std::make_unique<Impl>()) {
+  // Collective first, so that a configuration differing across ranks fails on every rank.
+  if (comm) check_config_on_all_ranks(cfg, *comm);
   validate_config(cfg);
   require_backend("MoELayer", cfg.device);
   SY_CHECK(!(cfg.device.is_cuda() && cfg.gate == GateType::kCosine),
@@ -86,11 +100,23 @@ MoELayer::MoELayer(const MoEConfig& cfg, std::shared_ptr<Gate> gate,
   } else {
     m.gate = std::make_shared<LinearGate>(cfg);
   }
+  m.shard = ExpertShard{cfg.num_experts, cfg.num_experts, 0};
+  if (comm) {
+    SY_CHECK(cfg.device.is_cpu(), "expert parallelism runs on CPU (MPI) for now; the layer is on ",
+             to_string(cfg.device));
+    m.shard = expert_shard(cfg.num_experts, *comm);
+  }
   if (experts) {
     m.experts = std::move(experts);
   } else {
-    m.experts = std::make_shared<FfnExperts>(ffn_shape(cfg, cfg.num_experts, cfg.hidden_size),
-                                             "experts.", false, cfg.seed, kExpertInitId);
+    m.experts =
+        std::make_shared<FfnExperts>(ffn_shape(cfg, m.shard.count, cfg.hidden_size, m.shard.first),
+                                     "experts.", false, cfg.seed, kExpertInitId);
+  }
+  if (comm) {
+    m.ep = std::make_unique<ExpertParallel>(cfg, comm, m.shard, *m.experts,
+                                            dynamic_cast<FfnExperts*>(m.experts.get()));
+    m.comm = std::move(comm);
   }
   if (cfg.shared_expert_hidden > 0)
     m.shared = std::make_unique<FfnExperts>(ffn_shape(cfg, 1, cfg.shared_expert_hidden),
@@ -104,6 +130,9 @@ MoELayer::MoELayer(MoELayer&&) noexcept = default;
 MoELayer& MoELayer::operator=(MoELayer&&) noexcept = default;
 
 const MoEConfig& MoELayer::config() const { return impl_->cfg; }
+const std::shared_ptr<Communicator>& MoELayer::communicator() const { return impl_->comm; }
+index_t MoELayer::num_local_experts() const { return impl_->shard.count; }
+index_t MoELayer::first_local_expert() const { return impl_->shard.first; }
 
 ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
   Impl& m = *impl_;
@@ -120,7 +149,15 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
   const int k = resolve_top_k(cfg, opt);
   const double cf = resolve_capacity_factor(cfg, opt);
   const Layout layout = resolve_layout(cfg, opt, cf);
+  const int overlap_degree = resolve_overlap_degree(cfg, opt);
   const index_t d = cfg.model_dim, T = x_in.numel() / d, E = cfg.num_experts;
+  // Expert parallel: every rank agrees on the call's options (collective); T_max over ranks.
+  ParallelCall call;
+  if (m.ep) call = m.ep->begin(opt, T, k, cf, layout, overlap_degree);
+  SY_CHECK(m.ep || (opt.adaptive_r >= 0 && opt.adaptive_r <= 1),
+           "forward: adaptive_r=", opt.adaptive_r,
+           " needs a layer built with a communicator (0 and 1 are the same in "
+           "one process)");
   const DType rd = routing_dtype(cfg.dtype);
 
   const Device dev = cfg.device;
@@ -147,13 +184,19 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
   args.training = opt.training;
   args.step = m.step;
   args.expert_bias = cfg.expert_bias ? &m.expert_bias : nullptr;
+  args.alignment = overlap_degree;
+  if (m.ep) {
+    args.max_tokens = call.max_tokens;
+    m.ep->set_route_hooks(args);
+  }
   ForwardResult result;
   RouterState router;
   RoutingPlan plan = route_cpu(cfg, args, logits, router, result.losses);
   RoutingPlan device_plan = dev.is_cpu() ? plan : plan_to_device(plan, dev);
 
   const Tensor buffer = encode(device_plan, x, !cfg.is_postscore);
-  Tensor expert_out = m.experts->forward(buffer, device_plan.offsets, opt.training);
+  Tensor expert_out = m.ep ? m.ep->forward(call, device_plan, buffer, opt.training)
+                           : m.experts->forward(buffer, device_plan.offsets, opt.training);
   SY_CHECK(expert_out.dim() == 2 && expert_out.size(0) == plan.num_rows && expert_out.size(1) == d,
            "experts: output must be [", plan.num_rows, ", ", d, "], got ",
            shape_str(expert_out.sizes()));
@@ -215,7 +258,7 @@ Tensor MoELayer::backward(const Tensor& dy_in, const LossWeights& weights) {
   const Device dev = cfg.device;
   Tensor dweight = Tensor::zeros({T, m.plan.top_k}, routing_dtype(cfg.dtype), dev);
   const Tensor dout = decode_backward(m.device_plan, dy, m.expert_out, cfg.is_postscore, dweight);
-  const Tensor dbuffer = m.experts->backward(dout).to(cfg.dtype);
+  const Tensor dbuffer = (m.ep ? m.ep->backward(dout) : m.experts->backward(dout)).to(cfg.dtype);
   Tensor dx = encode_backward(m.device_plan, dbuffer, m.x, !cfg.is_postscore, dweight);
   const Tensor dlogits =
       route_backward_cpu(cfg, m.plan, m.router, dweight.to(Device::cpu()), weights).to(dev);
@@ -252,6 +295,7 @@ void MoELayer::update_expert_bias(double rate) {
   SY_CHECK(m.cfg.expert_bias, "update_expert_bias: the layer was built without expert_bias");
   SY_CHECK(std::isfinite(rate) && rate >= 0, "update_expert_bias: rate must be >= 0, got ", rate);
   const index_t E = m.cfg.num_experts;
+  if (m.ep) m.ep->sum_over_ranks(m.bias_counts);  // the counts of every rank's tokens
   double mean = 0;
   for (double c : m.bias_counts) mean += c;
   mean /= static_cast<double>(E);
