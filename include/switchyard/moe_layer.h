@@ -33,6 +33,7 @@
 
 namespace switchyard {
 
+// Under expert parallelism: this rank's tokens (its own routing), over the E global experts.
 struct RoutingStats {
   std::vector<index_t> tokens_per_expert;  // [E] rows kept per expert (after drops)
   index_t dropped_choices = 0;             // (token, choice) pairs beyond capacity
