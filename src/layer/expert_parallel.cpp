@@ -130,6 +130,10 @@ ParallelCall ExpertParallel::begin(const ForwardOptions& opt, index_t T, int k, 
     v.push_back(value);
     v.push_back(-value);
   }
+  // Then every rank's token count (0 in the other ranks' entries, so the max is the count).
+  const std::size_t tokens_at = v.size();
+  v.resize(tokens_at + static_cast<std::size_t>(comm_->size()), 0);
+  v[tokens_at + static_cast<std::size_t>(comm_->rank())] = T;
   v = comm_->all_reduce(std::move(v), ReduceOp::kMax);
   std::vector<std::string> differ;
   for (std::size_t i = 0; i < values.size(); ++i) {
@@ -147,6 +151,8 @@ ParallelCall ExpertParallel::begin(const ForwardOptions& opt, index_t T, int k, 
   call.overlap_degree = overlap_degree;
   call.algorithm = opt.a2a_algorithm;
   call.max_tokens = max_tokens;
+  for (int q = 0; q < comm_->rank(); ++q)
+    call.token_base += v[tokens_at + static_cast<std::size_t>(q)];
   call.layout = layout;
   SY_CHECK(opt.adaptive_r >= 0, "forward: adaptive_r must be >= 0, got ", opt.adaptive_r);
   SY_CHECK(opt.adaptive_r <= 1, "forward: adaptive_r=", opt.adaptive_r,

@@ -48,6 +48,7 @@ struct ParallelCall {
   int overlap_degree = 1;
   std::optional<A2AAlgorithm> algorithm;
   index_t max_tokens = 0;  // T_max over ranks
+  index_t token_base = 0;  // tokens of the lower ranks: this rank's first global token index
   Layout layout = Layout::kPadded;
 };
 

@@ -36,14 +36,16 @@ FfnShape ffn_shape(const MoEConfig& cfg, index_t num_experts, index_t hidden,
 }
 
 // Megatron's input jitter: x * U(1 - eps, 1 + eps) per element, for the gate input only.
-Tensor jitter_factors(const MoEConfig& cfg, std::uint64_t step, index_t T) {
+// token_base: the global index of token 0 (expert parallelism), so draws follow global tokens.
+Tensor jitter_factors(const MoEConfig& cfg, std::uint64_t step, index_t T, index_t token_base) {
   const index_t d = cfg.model_dim;
   std::vector<double> f(static_cast<std::size_t>(T * d));
   for (index_t t = 0; t < T; ++t)
     for (index_t j = 0; j < d; ++j)
-      f[t * d + j] =
-          1.0 + cfg.input_jitter *
-                    (2.0 * rng_uniform(cfg.seed, RngStream::kInputJitter, step, t, j) - 1.0);
+      f[t * d + j] = 1.0 + cfg.input_jitter *
+                               (2.0 * rng_uniform(cfg.seed, RngStream::kInputJitter, step,
+                                                  static_cast<std::uint64_t>(token_base + t), j) -
+                                1.0);
   return Tensor::from_vector(f, {T, d}, cfg.dtype);
 }
 
@@ -166,7 +168,7 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
   if (dev.is_cpu()) check_finite(x, "forward: x");
   Tensor jitter, xg = x;
   if (opt.training && cfg.input_jitter > 0) {
-    jitter = jitter_factors(cfg, m.step, T).to(dev);
+    jitter = jitter_factors(cfg, m.step, T, call.token_base).to(dev);
     xg = Tensor::zeros({T, d}, cfg.dtype, dev);
     add_inplace(xg, x, &jitter);  // xg = x * jitter
   }
@@ -187,6 +189,7 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
   args.alignment = overlap_degree;
   if (m.ep) {
     args.max_tokens = call.max_tokens;
+    args.token_base = call.token_base;
     m.ep->set_route_hooks(args);
   }
   ForwardResult result;

@@ -195,8 +195,6 @@ std::string error_of(const std::function<void()>& f) {
   return "(no error)";
 }
 
-}  // namespace
-
 TEST(MoEExpertParallel, MatchesOneProcessForEveryAlgorithmOverlapCapacityAndK) {
   for (A2AAlgorithm a : kAlgorithms)
     for (int overlap : {1, 2, 4})
@@ -269,24 +267,20 @@ TEST(MoEExpertParallel, GatedExpertsWithoutBiasesAndPrescore) {
   }
 }
 
-// The Switch loss counts tokens(e) and T over all ranks: the ranks' losses sum to the loss of one
-// process routing every token at once (dropless, so routing all tokens at once is the same), and
-// so do the gate gradients.
-TEST(MoEExpertParallel, SwitchLossUsesGlobalCounts) {
-  MoEConfig cfg = base_config();
-  cfg.aux_loss = sy::AuxLoss::kSwitch;
-  cfg.capacity_factor = 0.0;
-  const sy::LossWeights lw{0.1, 0.0};
+// Dropless routing of every rank's tokens at once equals routing each rank's block: compares the
+// expert-parallel layer with one process given all ranks' tokens concatenated. With
+// `sum_aux`, the ranks' aux losses must add up to the one-process loss.
+void check_against_all_tokens_at_once(const MoEConfig& cfg, const sy::LossWeights& lw,
+                                      bool sum_aux) {
   const index_t d = cfg.model_dim;
   for (bool uneven : {false, true}) {
     SCOPED_TRACE(uneven ? "uneven tokens" : "equal tokens");
     MoELayer ep(cfg, world());
     MoELayer ref(cfg);
     const int r = rank();
-    const Tensor x = input_of(r, tokens_of(r, uneven), d, 3),
-                 dy = input_of(r, tokens_of(r, uneven), d, 4);
-    const sy::ForwardResult got = ep.forward(x, {});
-    const Tensor dx = ep.backward(dy, lw);
+    const index_t T = tokens_of(r, uneven);
+    const sy::ForwardResult got = ep.forward(input_of(r, T, d, 3), {});
+    const Tensor dx = ep.backward(input_of(r, T, d, 4), lw);
 
     index_t total = 0, offset = 0;
     for (int q = 0; q < ranks(); ++q) {
@@ -300,15 +294,16 @@ TEST(MoEExpertParallel, SwitchLossUsesGlobalCounts) {
     }
     const sy::ForwardResult want = ref.forward(X, {});
     const Tensor want_dx = ref.backward(DY, lw);
-    const index_t T = tokens_of(r, uneven);
     EXPECT_TRUE(
         sy_ref::rel_l2_within(got.y.to_vector(), want.y.narrow(0, offset, T).to_vector(), kTol));
     EXPECT_TRUE(
         sy_ref::rel_l2_within(dx.to_vector(), want_dx.narrow(0, offset, T).to_vector(), kTol));
-    const double aux_sum =
-        world()->all_reduce(std::vector<double>{got.losses.aux}, sy::ReduceOp::kSum)[0];
-    EXPECT_NEAR(aux_sum, want.losses.aux, kTol);
-    EXPECT_GT(want.losses.aux, 0.0);
+    if (sum_aux) {
+      const double aux_sum =
+          world()->all_reduce(std::vector<double>{got.losses.aux}, sy::ReduceOp::kSum)[0];
+      EXPECT_NEAR(aux_sum, want.losses.aux, kTol);
+      EXPECT_GT(want.losses.aux, 0.0);
+    }
     for (sy::Parameter* p : ep.parameters()) {
       SCOPED_TRACE(p->name);
       sy::Parameter& q = ref.parameter(p->name);
@@ -320,6 +315,26 @@ TEST(MoEExpertParallel, SwitchLossUsesGlobalCounts) {
             q.grad.narrow(0, ep.first_local_expert(), ep.num_local_experts()).to_vector(), kTol));
     }
   }
+}
+
+}  // namespace
+
+// The Switch loss counts tokens(e) and T over all ranks: the ranks' losses sum to the loss of one
+// process routing every token at once, and so do the gate gradients.
+TEST(MoEExpertParallel, SwitchLossUsesGlobalCounts) {
+  MoEConfig cfg = base_config();
+  cfg.aux_loss = sy::AuxLoss::kSwitch;
+  cfg.capacity_factor = 0.0;
+  check_against_all_tokens_at_once(cfg, {0.1, 0.0}, /*sum_aux=*/true);
+}
+
+// Gate noise and input jitter draw by global token index: the same numbers as one process.
+TEST(MoEExpertParallel, GateNoiseAndJitterFollowGlobalTokenIndices) {
+  MoEConfig cfg = base_config();
+  cfg.capacity_factor = 0.0;
+  cfg.gate_noise = 1.0;
+  cfg.input_jitter = 0.2;
+  check_against_all_tokens_at_once(cfg, {0.0, 0.0}, /*sum_aux=*/false);
 }
 
 TEST(MoEExpertParallel, ConfigDifferingAcrossRanksFailsOnEveryRank) {
