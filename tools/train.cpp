@@ -32,6 +32,7 @@ std::uint64_t layer_seed(std::uint64_t seed, std::uint64_t role, std::uint64_t l
 }
 constexpr std::uint64_t kStudent = 1;
 constexpr std::uint64_t kTeacher = 2;
+constexpr std::uint64_t kData = 3;
 
 std::vector<MoELayer> make_stack(const TrainOptions& o, std::uint64_t role) {
   std::vector<MoELayer> layers;
@@ -39,7 +40,10 @@ std::vector<MoELayer> make_stack(const TrainOptions& o, std::uint64_t role) {
   for (int l = 0; l < o.num_layers; ++l) {
     MoEConfig cfg = o.moe;
     cfg.seed = layer_seed(o.seed, role, static_cast<std::uint64_t>(l));
-    layers.emplace_back(cfg);
+    if (o.comm)
+      layers.emplace_back(cfg, o.comm);
+    else
+      layers.emplace_back(cfg);
   }
   return layers;
 }
@@ -54,10 +58,15 @@ struct StackForward {
 };
 
 // h <- h + moe_l(h) for every layer.
-StackForward forward_stack(std::vector<MoELayer>& layers, const Tensor& x, bool training) {
+StackForward forward_stack(const TrainOptions& o, std::vector<MoELayer>& layers, const Tensor& x,
+                           bool training) {
   StackForward out;
   ForwardOptions fo;
   fo.training = training;
+  if (o.comm) {
+    fo.adaptive_r = o.adaptive_r;
+    fo.a2a_algorithm = o.a2a_algorithm;
+  }
   Tensor h = x;
   for (MoELayer& layer : layers) {
     ForwardResult r = layer.forward(h, fo);
@@ -105,15 +114,20 @@ class Trainer {
 
   StepResult step(int step_idx) {
     const index_t num_rows = o_.batch_size * o_.num_tokens;
+    // Each rank its own batch (rank 0 draws what one process draws).
+    const std::uint64_t data_seed =
+        o_.comm && o_.comm->rank() > 0
+            ? layer_seed(o_.seed, kData, static_cast<std::uint64_t>(o_.comm->rank()))
+            : o_.seed;
     const Tensor x =
-        random_normal(num_rows, o_.moe.model_dim, o_.seed, static_cast<std::uint64_t>(step_idx),
+        random_normal(num_rows, o_.moe.model_dim, data_seed, static_cast<std::uint64_t>(step_idx),
                       o_.moe.dtype, o_.moe.device);
-    const Tensor target = forward_stack(teacher_, x, /*training=*/false).y;
+    const Tensor target = forward_stack(o_, teacher_, x, /*training=*/false).y;
 
     // Timed: what a training step of the student costs (the teacher and the data are not).
     StepResult r;
     const auto start = Clock::now();
-    r.fwd = forward_stack(student_, x, /*training=*/!o_.eval);
+    r.fwd = forward_stack(o_, student_, x, /*training=*/!o_.eval);
     if (o_.eval) {
       r.loss = mse_loss(r.fwd.y, target, nullptr);
     } else {
@@ -121,16 +135,41 @@ class Trainer {
       r.loss = mse_loss(r.fwd.y, target, &dy);
       for (MoELayer& layer : student_) layer.zero_grad();
       backward_stack(student_, dy, o_.loss_weights);
+      if (o_.comm) sum_replicated_grads();
       optimizer_->step();
       if (o_.moe.expert_bias) {
         for (MoELayer& layer : student_) layer.update_expert_bias(o_.bias_update_rate);
       }
     }
     r.ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+    if (o_.comm) {
+      // What rank 0 prints: the loss and losses averaged over ranks; dropped choices and useful
+      // FLOPs summed; the slowest rank's time.
+      const double n = static_cast<double>(o_.comm->size());
+      std::vector<double> sums = o_.comm->all_reduce(
+          std::vector<double>{r.loss / n, r.fwd.aux / n, r.fwd.z / n,
+                              static_cast<double>(r.fwd.dropped), r.fwd.useful_flops},
+          ReduceOp::kSum);
+      r.loss = sums[0];
+      r.fwd.aux = sums[1];
+      r.fwd.z = sums[2];
+      r.fwd.dropped = static_cast<index_t>(sums[3]);
+      r.fwd.useful_flops = sums[4];
+      r.ms = o_.comm->all_reduce(std::vector<double>{r.ms}, ReduceOp::kMax)[0];
+    }
     return r;
   }
 
  private:
+  // Gate and shared-expert gradients hold this rank's tokens' share: sum them over ranks.
+  void sum_replicated_grads() {
+    std::vector<CommWork> work;
+    for (MoELayer& layer : student_)
+      for (Parameter* p : layer.parameters())
+        if (p->replicated) work.push_back(o_.comm->start_all_reduce(p->grad));
+    for (CommWork& w : work) w.wait();
+  }
+
   TrainOptions o_;
   std::vector<MoELayer> student_;
   std::vector<MoELayer> teacher_;
@@ -140,15 +179,20 @@ class Trainer {
 std::string describe(const TrainOptions& o) {
   const MoEConfig& c = o.moe;
   return fmt::format(
-      "switchyard train: {} layer{}, T={} ({}x{}), d={}, h={}, E={}, k={}, {}, {} on {}, "
-      "capacity_factor {}, {}",
-      o.num_layers, o.num_layers == 1 ? "" : "s", o.batch_size * o.num_tokens, o.batch_size,
-      o.num_tokens, c.model_dim, c.hidden_size, c.num_experts, c.top_k, to_string(c.activation),
-      dtype_name(c.dtype), to_string(c.device), c.capacity_factor,
-      o.eval ? std::string("eval (forward only)")
-             : fmt::format("{} lr {}, {} steps",
-                           o.optimizer.kind == OptimizerKind::kAdam ? "adam" : "sgd",
-                           o.optimizer.lr, o.num_steps));
+             "switchyard train: {} layer{}, T={} ({}x{}), d={}, h={}, E={}, k={}, {}, {} on {}, "
+             "capacity_factor {}, {}",
+             o.num_layers, o.num_layers == 1 ? "" : "s", o.batch_size * o.num_tokens, o.batch_size,
+             o.num_tokens, c.model_dim, c.hidden_size, c.num_experts, c.top_k,
+             to_string(c.activation), dtype_name(c.dtype), to_string(c.device), c.capacity_factor,
+             o.eval ? std::string("eval (forward only)")
+                    : fmt::format("{} lr {}, {} steps",
+                                  o.optimizer.kind == OptimizerKind::kAdam ? "adam" : "sgd",
+                                  o.optimizer.lr, o.num_steps)) +
+         (o.comm ? fmt::format("; {} ranks, {} experts per rank, {}, overlap_degree {}, a2a {}",
+                               o.comm->size(), c.num_experts / o.comm->size(),
+                               o.adaptive_r == 0 ? "data parallel" : "expert parallel",
+                               c.overlap_degree, to_string(o.comm->resolve(o.a2a_algorithm)))
+                 : std::string());
 }
 
 void print_step(const TrainOptions& o, int step, const StepResult& r, double tflops) {
@@ -178,11 +222,12 @@ int run_train(const TrainOptions& o) {
   // Whatever the library rejects while building the layers or running the first step is a
   // configuration it cannot run: a usage error, reported as such.
   const auto run_start = Clock::now();
+  const bool prints = !o.comm || o.comm->rank() == 0;  // under mpirun, rank 0 prints
   std::unique_ptr<Trainer> trainer;
   StepResult first;
   try {
     trainer = std::make_unique<Trainer>(o);
-    if (!o.json) {
+    if (!o.json && prints) {
       fmt::print("{}\n", describe(o));
       std::fflush(stdout);
     }
@@ -208,6 +253,7 @@ int run_train(const TrainOptions& o) {
     last_loss = r.loss;
     loss_sum += r.loss;
     const double tflops = r.ms > 0 ? passes * r.fwd.useful_flops / (r.ms * 1e-3) / 1e12 : 0.0;
+    if (!prints) continue;
     if (step == 1 || step == o.num_steps || step % o.log_interval == 0) {
       progress.clear();
       print_step(o, step, r, tflops);
@@ -218,7 +264,7 @@ int run_train(const TrainOptions& o) {
   }
   progress.clear();
 
-  if (!o.json) {
+  if (!o.json && prints) {
     std::vector<double> sorted = step_ms;
     std::sort(sorted.begin(), sorted.end());
     const double median_ms = sorted[sorted.size() / 2];

@@ -5,9 +5,17 @@
 // MSE. Each step draws a fresh batch x [batch_size * num_tokens, model_dim] from (seed, step), so
 // runs are reproducible and every batch is new. Both stacks are residual:
 // h <- h + moe_l(h) for l = 1..num_layers.
+//
+// Under mpirun (a communicator in `comm`), both stacks are expert parallel: each rank draws its
+// own batch, holds moe.num_experts / ranks experts of every layer, and sums the gradients of the
+// replicated parameters (gate, shared experts) over ranks before the optimizer step, so the
+// objective is the sum of the ranks' losses (as Tutel's helloworld). Rank 0 prints the loss
+// averaged over ranks, the dropped choices and the TFLOPS summed over ranks.
 #pragma once
 
 #include <cstdint>
+#include <memory>
+#include <optional>
 
 #include "optim.h"
 #include "switchyard/switchyard.h"
@@ -29,6 +37,11 @@ struct TrainOptions {
   bool eval = false;
   bool json = false;     // one JSON object per step on stdout instead of a text line
   int log_interval = 1;  // print every n-th step (and always the first and the last)
+  // Expert parallelism: the communicator (null: one process), the parallel mode of every call
+  // (Tutel's adaptive_r: 1 expert parallel, 0 data parallel) and the all-to-all algorithm.
+  std::shared_ptr<Communicator> comm;
+  int adaptive_r = 1;
+  std::optional<A2AAlgorithm> a2a_algorithm;
 };
 
 // Runs the loop, printing to stdout; returns the exit code. Throws UsageError when the layers

@@ -2,6 +2,7 @@
 // per routing option of MoEConfig. Defaults (smaller than Tutel's GPU defaults) make a run take
 // a few seconds on a 2-core CPU while the loss falls well below half of its first value.
 #include <CLI/CLI.hpp>
+#include <cstdlib>
 #include <memory>
 #include <string>
 
@@ -27,7 +28,17 @@ struct TrainFlags {
   std::string activation = "relu";
   bool no_fc1_bias = false;
   bool no_fc2_bias = false;
+  index_t num_global_experts = 0;
+  std::string parallel = "ep";
+  std::string a2a = "";  // empty: the communicator's default (auto)
 };
+
+// Launched by mpirun (Open MPI, MPICH/PMI or PMIx set these in every rank's environment).
+bool launched_by_mpi() {
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
+    if (std::getenv(v)) return true;
+  return false;
+}
 
 // The model's defaults; the loop's are TrainOptions' own.
 TrainFlags default_flags() {
@@ -58,6 +69,32 @@ TrainOptions to_options(const TrainFlags& f) {
   c.has_fc2_bias = !f.no_fc2_bias;
   // Tokens are batch-major [batch_size, num_tokens]: a sequence is one batch row by default.
   if (c.seq_len == 0) c.seq_len = o.num_tokens;
+
+  // Expert parallelism: under mpirun (or with --num_global_experts) every layer gets the world
+  // communicator; E = --num_global_experts, else --num_local_experts per rank (Tutel's rule).
+  if (f.parallel == "ep" || f.parallel == "adaptive:1") {
+    o.adaptive_r = 1;
+  } else if (f.parallel == "dp" || f.parallel == "adaptive:0") {
+    o.adaptive_r = 0;
+  } else {
+    throw UsageError(
+        "--parallel must be ep|dp (or adaptive:1|adaptive:0; sharded experts, "
+        "adaptive:r > 1, are not supported yet), got '" +
+        f.parallel + "'");
+  }
+  if (!f.a2a.empty())
+    o.a2a_algorithm = parse_flag("--a2a", f.a2a, "flat|2dh|pipelined|auto", parse_a2a_algorithm);
+  if (launched_by_mpi() || f.num_global_experts > 0) {
+    CommOptions co;
+    if (o.a2a_algorithm) co.algorithm = *o.a2a_algorithm;
+    try {
+      o.comm = make_mpi_communicator(co);
+    } catch (const Error& e) {
+      throw UsageError(e.what());
+    }
+    c.num_experts =
+        f.num_global_experts > 0 ? f.num_global_experts : c.num_experts * o.comm->size();
+  }
   return o;
 }
 
@@ -97,7 +134,8 @@ Command add_train_command(CLI::App& app) {
   sub->add_option("--hidden_size", c.hidden_size, "Hidden width h of each expert")
       ->check(at_least(1))
       ->group(kModel);
-  sub->add_option("--num_local_experts", c.num_experts, "Experts E")
+  sub->add_option("--num_local_experts", c.num_experts,
+                  "Experts per rank (E in one process; E = this x ranks under mpirun)")
       ->check(at_least(1))
       ->group(kModel);
   sub->add_option("--top", c.top_k, "Experts per token k (clamped to E)")
@@ -176,7 +214,8 @@ Command add_train_command(CLI::App& app) {
       ->group(kRouting);
   sub->add_option("--layout", f.layout, "auto|padded|packed")->group(kRouting);
   sub->add_option("--overlap_degree,--a2a_ffn_overlap_degree", c.overlap_degree,
-                  "Capacity alignment (chunks of the expert computation)")
+                  "Capacity alignment; under mpirun also the chunks of the padded buffer whose "
+                  "all-to-all overlaps the expert computation")
       ->check(at_least(1))
       ->group(kRouting);
   sub->add_option("--is_postscore", c.is_postscore,
@@ -197,6 +236,19 @@ Command add_train_command(CLI::App& app) {
                   "Hidden width of a shared expert on every token (0: none)")
       ->check(at_least(0))
       ->group(kExperts);
+
+  const char* kParallel = "Parallelism (under mpirun -np N; see docs/parallelism.md)";
+  sub->add_option("--num_global_experts", f.num_global_experts,
+                  "Experts E over all ranks (0: --num_local_experts x ranks); must be a multiple "
+                  "of the ranks")
+      ->check(at_least(0))
+      ->group(kParallel);
+  sub->add_option("--parallel", f.parallel,
+                  "ep (expert parallel, adaptive_r 1) | dp (data parallel: weights gathered per "
+                  "call, adaptive_r 0)")
+      ->group(kParallel);
+  sub->add_option("--a2a", f.a2a, "All-to-all algorithm: flat|2dh|pipelined|auto (default auto)")
+      ->group(kParallel);
 
   const char* kOutput = "Output";
   sub->add_flag("--json", o.json, "One JSON object per step instead of a text line")

@@ -6,6 +6,7 @@
 #include <optional>
 #include <string>
 
+#include "switchyard/comm.h"
 #include "switchyard/device.h"
 #include "switchyard/dtype.h"
 #include "switchyard/index.h"
@@ -90,7 +91,8 @@ struct MoEConfig {
   index_t shared_expert_hidden = 0;  // hidden size of one shared expert on every token; 0: none
 };
 
-// Per-call overrides; none of them moves or re-shards weights.
+// Per-call overrides; none of them moves or re-shards weights. Under expert parallelism every
+// rank must pass the same options (forward checks that and throws on every rank otherwise).
 struct ForwardOptions {
   std::optional<double> capacity_factor;
   std::optional<int> top_k;
@@ -102,6 +104,17 @@ struct ForwardOptions {
   // in a CUDA graph); NaN/Inf logits are then reported by the next forward that syncs. The CPU
   // backend always fills both.
   bool host_stats = true;
+  // Capacity alignment and, for a layer with a communicator, the number of chunks the padded
+  // expert buffer is split into along the capacity so that chunk i's all-to-all overlaps chunk
+  // i-1's expert computation. Default: cfg.overlap_degree.
+  std::optional<int> overlap_degree;
+  // Layers with a communicator only. The all-to-all algorithm (default: the communicator's).
+  std::optional<A2AAlgorithm> a2a_algorithm;
+  // Parallel mode (Tutel's adaptive_r), layers with a communicator only: 1 expert parallel
+  // (tokens travel to the rank holding their expert); 0 data parallel (every rank computes all
+  // experts on its own tokens, gathering the expert weights for the call and reducing their
+  // gradients back to the owning rank). r > 1 (sharded experts) is not supported yet.
+  int adaptive_r = 1;
 };
 
 // Weights of the losses in the objective whose gradient backward computes:

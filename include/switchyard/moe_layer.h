@@ -7,17 +7,33 @@
 //
 // Threading: one layer is used by one thread at a time. backward() refers to the most recent
 // forward() with training = true.
+//
+// Expert parallelism (CPU, MPI): build the layer with a Communicator on every rank,
+//   MoELayer layer(cfg, make_mpi_communicator());
+// cfg.num_experts is the GLOBAL expert count E; rank r holds the El = E / world_size experts
+// [r*El, (r+1)*El), initialised to the values those experts have in a one-process layer with the
+// same seed. Each rank routes its own tokens (capacity and slots per rank, ROUTING.md §3); the
+// padded buffer [E, C, d] travels by all_to_all to the experts' ranks and back; the packed
+// (dropless) buffer by all_to_all_v. forward, backward, update_expert_bias and the constructor
+// are collective: every rank calls them in the same order with the same options.
+// Gradients: expert parameters (Parameter::replicated == false) are complete on their rank; the
+// gate's and the shared experts' (replicated == true) hold this rank's tokens' share only: the
+// caller sums them over ranks (e.g. Communicator::all_reduce), as Tutel's users do.
+// Not supported yet: fewer experts than ranks (sharded experts) and adaptive_r > 1; CUDA
+// layers with a communicator.
 #pragma once
 
 #include <memory>
 #include <vector>
 
+#include "switchyard/comm.h"
 #include "switchyard/config.h"
 #include "switchyard/extension.h"
 #include "switchyard/tensor.h"
 
 namespace switchyard {
 
+// Under expert parallelism: this rank's tokens (its own routing), over the E global experts.
 struct RoutingStats {
   std::vector<index_t> tokens_per_expert;  // [E] rows kept per expert (after drops)
   index_t dropped_choices = 0;             // (token, choice) pairs beyond capacity
@@ -50,11 +66,23 @@ class MoELayer {
   // A custom gate and/or expert network; a null pointer keeps the built-in one.
   MoELayer(const MoEConfig& cfg, std::shared_ptr<Gate> gate,
            std::shared_ptr<ExpertNetwork> experts);
+  // Expert parallel over `comm`'s ranks (see above); a null communicator is one process.
+  // Collective: checks first that every rank passes the same configuration and throws
+  // switchyard::Error on every rank otherwise ("num_experts differs across ranks: ...").
+  // A custom expert network given with a communicator holds this rank's El local experts.
+  MoELayer(const MoEConfig& cfg, std::shared_ptr<Communicator> comm);
+  MoELayer(const MoEConfig& cfg, std::shared_ptr<Gate> gate, std::shared_ptr<ExpertNetwork> experts,
+           std::shared_ptr<Communicator> comm);
   ~MoELayer();
   MoELayer(MoELayer&&) noexcept;
   MoELayer& operator=(MoELayer&&) noexcept;
 
   const MoEConfig& config() const;
+  // The communicator (null in one process), and this rank's experts: [first_local_expert(),
+  // first_local_expert() + num_local_experts()) of cfg.num_experts.
+  const std::shared_ptr<Communicator>& communicator() const;
+  index_t num_local_experts() const;
+  index_t first_local_expert() const;
 
   // x [..., d] on the layer's device, any floating dtype (cast to the layer's dtype).
   // T = 0 gives an empty output. Throws switchyard::Error on bad input, NaN/Inf in x or the
@@ -72,7 +100,8 @@ class MoELayer {
   void zero_grad();
 
   // Aux-loss-free balancing: bias[e] += rate * sign(mean(count) - count[e]) over the token
-  // counts accumulated by training forwards since the last update; then resets the counts.
+  // counts accumulated by training forwards since the last update (summed over ranks under
+  // expert parallelism: then collective); then resets the counts.
   void update_expert_bias(double rate = 1e-3);
   Tensor expert_bias() const;  // [E] f32 on the layer's device; zeros unless cfg.expert_bias
 

@@ -26,13 +26,14 @@ void add_inplace(Tensor& dst, const Tensor& src_in, const Tensor* scale_in) {
 }
 
 Tensor uniform_factors(index_t rows, index_t cols, double eps, std::uint64_t seed,
-                       std::uint32_t stream, std::uint64_t step, DType dtype, Device device) {
+                       std::uint32_t stream, std::uint64_t step, index_t row_base, DType dtype,
+                       Device device) {
   require_backend("uniform_factors", device);
   Tensor out = Tensor::empty({rows, cols}, dtype, device);
   if (out.numel() == 0) return out;
   if (device.is_cuda()) {
 #ifdef SY_WITH_CUDA
-    uniform_factors_cuda(out, eps, seed, stream, step);
+    uniform_factors_cuda(out, eps, seed, stream, step, row_base);
 #endif
     return out;
   }
@@ -42,7 +43,7 @@ Tensor uniform_factors(index_t rows, index_t cols, double eps, std::uint64_t see
     for (index_t r = 0; r < rows; ++r)
       for (index_t c = 0; c < cols; ++c)
         o[offset_of(r, cols) + c] = store<T>(
-            1.0 + eps * (2.0 * philox::uniform(seed, stream, step, static_cast<std::uint64_t>(r),
+            1.0 + eps * (2.0 * philox::uniform(seed, stream, step, static_cast<std::uint64_t>(row_base + r),
                                                static_cast<std::uint64_t>(c)) -
                          1.0));
   });

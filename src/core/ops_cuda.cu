@@ -20,10 +20,11 @@ __global__ void add_kernel(T* __restrict__ dst, const T* __restrict__ src,
 template <class T>
 __global__ void uniform_factors_kernel(T* __restrict__ out, index_t rows, index_t cols, double eps,
                                        std::uint64_t seed, std::uint32_t stream,
-                                       std::uint64_t step) {
+                                       std::uint64_t step, index_t row_base) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < rows * cols;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
-    const double u = philox::uniform(seed, stream, step, static_cast<std::uint64_t>(i / cols),
+    const double u = philox::uniform(seed, stream, step,
+                                     static_cast<std::uint64_t>(row_base + i / cols),
                                      static_cast<std::uint64_t>(i % cols));
     out[i] = store<T>(__dadd_rn(1.0, __dmul_rn(eps, __dadd_rn(__dmul_rn(2.0, u), -1.0))));
   }
@@ -32,14 +33,14 @@ __global__ void uniform_factors_kernel(T* __restrict__ out, index_t rows, index_
 }  // namespace
 
 void uniform_factors_cuda(Tensor& out, double eps, std::uint64_t seed, std::uint32_t stream,
-                          std::uint64_t step) {
+                          std::uint64_t step, index_t row_base) {
   const index_t rows = out.size(0), cols = out.size(1);
   DeviceScope device(out.device().index);
   const cudaStream_t s = as_cuda_stream(current_stream(out.device()).handle);
   dispatch_float_cuda(out.dtype(), "uniform_factors", [&](auto tag) {
     using T = decltype(tag);
     uniform_factors_kernel<T><<<std::min(grid_size(rows * cols, 256), 65535u * 16), 256, 0, s>>>(
-        static_cast<T*>(out.data_ptr()), rows, cols, eps, seed, stream, step);
+        static_cast<T*>(out.data_ptr()), rows, cols, eps, seed, stream, step, row_base);
     SY_CUDA_CHECK_LAUNCH();
   });
 }

@@ -42,13 +42,17 @@ FfnExperts::FfnExperts(const FfnShape& s, const std::string& prefix, bool replic
   fc2_w_ = make_param(prefix + "batched_fc2_w", {E, h, d}, s, replicated);
   if (s.has_fc1_bias) fc1_b_ = make_param(prefix + "batched_fc1_bias", {E, h1}, s, replicated);
   if (s.has_fc2_bias) fc2_b_ = make_param(prefix + "batched_fc2_bias", {E, d}, s, replicated);
-  // Like nn.Linear(d, h1) and nn.Linear(h, d) per expert: U(±1/sqrt(fan_in)) for both.
-  fill_uniform(fc1_w_.value, 1.0 / std::sqrt(static_cast<double>(d)), seed, init_id + 0);
-  fill_uniform(fc2_w_.value, 1.0 / std::sqrt(static_cast<double>(h)), seed, init_id + 1);
+  SY_CHECK(s.first_expert >= 0, "experts: first_expert must be >= 0, got ", s.first_expert);
+  // Like nn.Linear(d, h1) and nn.Linear(h, d) per expert: U(±1/sqrt(fan_in)) for both. Draws are
+  // numbered over all experts, so local expert e gets global expert first_expert + e's values.
+  const index_t f = s.first_expert;
+  fill_uniform(fc1_w_.value, 1.0 / std::sqrt(static_cast<double>(d)), seed, init_id + 0,
+               f * h1 * d);
+  fill_uniform(fc2_w_.value, 1.0 / std::sqrt(static_cast<double>(h)), seed, init_id + 1, f * h * d);
   if (s.has_fc1_bias)
-    fill_uniform(fc1_b_.value, 1.0 / std::sqrt(static_cast<double>(d)), seed, init_id + 2);
+    fill_uniform(fc1_b_.value, 1.0 / std::sqrt(static_cast<double>(d)), seed, init_id + 2, f * h1);
   if (s.has_fc2_bias)
-    fill_uniform(fc2_b_.value, 1.0 / std::sqrt(static_cast<double>(h)), seed, init_id + 3);
+    fill_uniform(fc2_b_.value, 1.0 / std::sqrt(static_cast<double>(h)), seed, init_id + 3, f * d);
 }
 
 std::vector<Parameter*> FfnExperts::parameters() {
@@ -59,6 +63,16 @@ std::vector<Parameter*> FfnExperts::parameters() {
 }
 
 Tensor FfnExperts::forward(const Tensor& rows, const Tensor& offsets, bool training) {
+  Saved saved;
+  Tensor y = forward_into(rows, offsets, training ? &saved : nullptr);
+  if (training) {
+    saved_ = std::move(saved);
+    has_saved_ = true;
+  }
+  return y;
+}
+
+Tensor FfnExperts::forward_into(const Tensor& rows, const Tensor& offsets, Saved* saved_out) {
   SY_CHECK(rows.dim() == 2 && rows.size(1) == shape_.model_dim, "experts: rows must be [R, ",
            shape_.model_dim, "], got a ", rows.dim(), "-d tensor",
            rows.dim() == 2 ? detail::str_cat(" with ", rows.size(1), " columns") : "");
@@ -87,24 +101,26 @@ Tensor FfnExperts::forward(const Tensor& rows, const Tensor& offsets, bool train
     y = ffn_forward_cpu(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, rows.to(shape_.dtype),
                         read_offsets(offsets, shape_.num_experts, rows.size(0)), saved);
   }
-  if (training) {
-    saved_ = std::move(saved);
-    has_saved_ = true;
-  }
+  if (saved_out) *saved_out = std::move(saved);
   return y;
 }
 
 Tensor FfnExperts::backward(const Tensor& dy) {
   SY_CHECK(has_saved_, "experts: backward called without a forward");
-  const index_t R = saved_.x.size(0);
-  SY_CHECK(dy.dim() == 2 && dy.size(0) == R && dy.size(1) == shape_.model_dim,
-           "experts: gradient must be [", R, ", ", shape_.model_dim, "]");
-  SY_CHECK(dy.device() == shape_.device, "experts: gradient is on ", to_string(dy.device()),
-           ", the experts on ", to_string(shape_.device));
   // One backward per forward: the saved activations are freed when it returns.
   const Saved saved = std::move(saved_);
   saved_ = Saved{};
   has_saved_ = false;
+  return backward_from(dy, saved);
+}
+
+Tensor FfnExperts::backward_from(const Tensor& dy, const Saved& saved) {
+  SY_CHECK(saved.x.defined(), "experts: backward called without a training forward");
+  const index_t R = saved.x.size(0);
+  SY_CHECK(dy.dim() == 2 && dy.size(0) == R && dy.size(1) == shape_.model_dim,
+           "experts: gradient must be [", R, ", ", shape_.model_dim, "]");
+  SY_CHECK(dy.device() == shape_.device, "experts: gradient is on ", to_string(dy.device()),
+           ", the experts on ", to_string(shape_.device));
 #ifdef SY_WITH_CUDA
   if (dy.device().is_cuda())
     return ffn_backward_cuda(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, dy, saved);

@@ -22,6 +22,10 @@ struct FfnShape {
   bool has_fc2_bias = true;
   DType dtype = DType::kF32;
   Device device;
+  // Global index of expert 0 (expert parallelism: a rank holds experts [first_expert,
+  // first_expert + num_experts) of the layer); initialisation draws the values those experts
+  // have in a layer holding all of them.
+  index_t first_expert = 0;
 };
 
 class FfnExperts final : public ExpertNetwork {
@@ -46,6 +50,12 @@ class FfnExperts final : public ExpertNetwork {
     Tensor device_offsets;         // CUDA: [E+1] i64 on the device
     bool grouped = false;          // CUDA: the GEMMs ran on the grouped kernel
   };
+
+  // The same computation with the saved tensors kept by the caller, for callers that keep
+  // several forwards alive at once (the expert-parallel overlap pipeline's chunks). forward_into
+  // fills `saved` (when not null); backward_from accumulates the parameter gradients.
+  Tensor forward_into(const Tensor& rows, const Tensor& offsets, Saved* saved);
+  Tensor backward_from(const Tensor& drows_out, const Saved& saved);
 
  private:
   FfnShape shape_;

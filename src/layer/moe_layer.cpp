@@ -10,6 +10,7 @@
 #include "core/ops.h"
 #include "dispatch/dispatch.h"
 #include "experts/ffn.h"
+#include "layer/expert_parallel.h"
 #include "layer/validate.h"
 #include "routing/gate.h"
 #include "routing/router.h"
@@ -28,9 +29,10 @@ std::string shape_str(const Shape& s) {
   return r + "]";
 }
 
-FfnShape ffn_shape(const MoEConfig& cfg, index_t num_experts, index_t hidden) {
-  return FfnShape{num_experts,      cfg.model_dim,    hidden,    cfg.activation,
-                  cfg.has_fc1_bias, cfg.has_fc2_bias, cfg.dtype, cfg.device};
+FfnShape ffn_shape(const MoEConfig& cfg, index_t num_experts, index_t hidden,
+                   index_t first_expert = 0) {
+  return FfnShape{num_experts,      cfg.model_dim, hidden,     cfg.activation, cfg.has_fc1_bias,
+                  cfg.has_fc2_bias, cfg.dtype,     cfg.device, first_expert};
 }
 
 
@@ -68,6 +70,9 @@ struct MoELayer::Impl {
   Tensor all_rows;           // [2] i64 {0, T}: the shared expert's offsets ...
   index_t all_rows_tokens = -1;  // ... for this T
   std::uint64_t step = 0;    // training forwards so far: the random streams' counter
+  std::shared_ptr<Communicator> comm;
+  ExpertShard shard;                   // this rank's experts (all of them in one process)
+  std::unique_ptr<ExpertParallel> ep;  // with a communicator: the token exchange
 
   // The last forward, for backward.
   bool saved = false;
@@ -90,11 +95,20 @@ struct MoELayer::Impl {
   }
 };
 
-MoELayer::MoELayer(const MoEConfig& cfg) : MoELayer(cfg, nullptr, nullptr) {}
+MoELayer::MoELayer(const MoEConfig& cfg) : MoELayer(cfg, nullptr, nullptr, nullptr) {}
+
+MoELayer::MoELayer(const MoEConfig& cfg, std::shared_ptr<Communicator> comm)
+    : MoELayer(cfg, nullptr, nullptr, std::move(comm)) {}
 
 MoELayer::MoELayer(const MoEConfig& cfg, std::shared_ptr<Gate> gate,
                    std::shared_ptr<ExpertNetwork> experts)
+    : MoELayer(cfg, std::move(gate), std::move(experts), nullptr) {}
+
+MoELayer::MoELayer(const MoEConfig& cfg, std::shared_ptr<Gate> gate,
+                   std::shared_ptr<ExpertNetwork> experts, std::shared_ptr<Communicator> comm)
     : impl_(std::make_unique<Impl>()) {
+  // Collective first, so that a configuration differing across ranks fails on every rank.
+  if (comm) check_config_on_all_ranks(cfg, *comm);
   validate_config(cfg);
   require_backend("MoELayer", cfg.device);
   SY_CHECK(!(cfg.device.is_cuda() && cfg.gate == GateType::kCosine),
@@ -108,11 +122,23 @@ MoELayer::MoELayer(const MoEConfig& cfg, std::shared_ptr<Gate> gate,
   } else {
     m.gate = std::make_shared<LinearGate>(cfg);
   }
+  m.shard = ExpertShard{cfg.num_experts, cfg.num_experts, 0};
+  if (comm) {
+    SY_CHECK(cfg.device.is_cpu(), "expert parallelism runs on CPU (MPI) for now; the layer is on ",
+             to_string(cfg.device));
+    m.shard = expert_shard(cfg.num_experts, *comm);
+  }
   if (experts) {
     m.experts = std::move(experts);
   } else {
-    m.experts = std::make_shared<FfnExperts>(ffn_shape(cfg, cfg.num_experts, cfg.hidden_size),
-                                             "experts.", false, cfg.seed, kExpertInitId);
+    m.experts =
+        std::make_shared<FfnExperts>(ffn_shape(cfg, m.shard.count, cfg.hidden_size, m.shard.first),
+                                     "experts.", false, cfg.seed, kExpertInitId);
+  }
+  if (comm) {
+    m.ep = std::make_unique<ExpertParallel>(cfg, comm, m.shard, *m.experts,
+                                            dynamic_cast<FfnExperts*>(m.experts.get()));
+    m.comm = std::move(comm);
   }
   if (cfg.shared_expert_hidden > 0)
     m.shared = std::make_unique<FfnExperts>(ffn_shape(cfg, 1, cfg.shared_expert_hidden),
@@ -127,6 +153,9 @@ MoELayer::MoELayer(MoELayer&&) noexcept = default;
 MoELayer& MoELayer::operator=(MoELayer&&) noexcept = default;
 
 const MoEConfig& MoELayer::config() const { return impl_->cfg; }
+const std::shared_ptr<Communicator>& MoELayer::communicator() const { return impl_->comm; }
+index_t MoELayer::num_local_experts() const { return impl_->shard.count; }
+index_t MoELayer::first_local_expert() const { return impl_->shard.first; }
 
 ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
   Impl& m = *impl_;
@@ -143,7 +172,15 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
   const int k = resolve_top_k(cfg, opt);
   const double cf = resolve_capacity_factor(cfg, opt);
   const Layout layout = resolve_layout(cfg, opt, cf);
+  const int overlap_degree = resolve_overlap_degree(cfg, opt);
   const index_t d = cfg.model_dim, T = x_in.numel() / d, E = cfg.num_experts;
+  // Expert parallel: every rank agrees on the call's options (collective); T_max over ranks.
+  ParallelCall call;
+  if (m.ep) call = m.ep->begin(opt, T, k, cf, layout, overlap_degree);
+  SY_CHECK(m.ep || (opt.adaptive_r >= 0 && opt.adaptive_r <= 1),
+           "forward: adaptive_r=", opt.adaptive_r,
+           " needs a layer built with a communicator (0 and 1 are the same in "
+           "one process)");
   const DType rd = routing_dtype(cfg.dtype);
 
   const Device dev = cfg.device;
@@ -152,10 +189,11 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
   if (dev.is_cpu()) check_finite(x, "forward: x");
   Tensor jitter, xg = x;
   if (opt.training && cfg.input_jitter > 0) {
-    // Megatron's input jitter: the gate sees x * U(1 - eps, 1 + eps), per element.
+    // Megatron's input jitter: the gate sees x * U(1 - eps, 1 + eps), per element, drawn by
+    // global token index.
     jitter = uniform_factors(T, d, cfg.input_jitter, cfg.seed,
-                             static_cast<std::uint32_t>(RngStream::kInputJitter), m.step, cfg.dtype,
-                             dev);
+                             static_cast<std::uint32_t>(RngStream::kInputJitter), m.step,
+                             call.token_base, cfg.dtype, dev);
     xg = Tensor::zeros({T, d}, cfg.dtype, dev);
     add_inplace(xg, x, &jitter);  // xg = x * jitter
   }
@@ -170,11 +208,21 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
   args.training = opt.training;
   args.step = m.step;
   args.expert_bias = cfg.expert_bias ? &m.expert_bias : nullptr;
+  args.alignment = overlap_degree;
+  if (m.ep) {
+    args.max_tokens = call.max_tokens;
+    args.token_base = call.token_base;
+    m.ep->set_route_hooks(args);
+  }
   ForwardResult result;
   RouterState router;
   RoutingPlan host_plan, plan;  // plan: on the layer's device
   LossTensors losses;
+#ifdef SY_WITH_CUDA
   const bool on_host = dev.is_cpu() || !route_cuda_supports(cfg, args, T);
+#else
+  const bool on_host = true;
+#endif
   if (on_host) {
     // The CPU router; for a CUDA layer with an option the CUDA router lacks (see
     // route_cuda_supports) the logits come to the host (a sync) and the plan goes back.
@@ -185,12 +233,16 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
     losses.aux = Tensor::from_vector({result.losses.aux}, {}, DType::kF64).to(dev);
     losses.z = Tensor::from_vector({result.losses.z}, {}, DType::kF64).to(dev);
   } else {
+#ifdef SY_WITH_CUDA
     plan = route_cuda(cfg, args, logits.to(rd), router, losses, m.nonfinite);
+#endif
   }
 
   const Tensor buffer = encode(plan, x, !cfg.is_postscore);
-  Tensor expert_out = m.experts->forward(buffer, expert_offsets(plan, on_host ? &host_plan : nullptr),
-                                         opt.training);
+  Tensor expert_out =
+      m.ep ? m.ep->forward(call, plan, buffer, opt.training)
+           : m.experts->forward(buffer, expert_offsets(plan, on_host ? &host_plan : nullptr),
+                                opt.training);
   SY_CHECK(expert_out.dim() == 2 && expert_out.size(0) == plan.num_rows && expert_out.size(1) == d,
            "experts: output must be [", plan.num_rows, ", ", d, "], got ",
            shape_str(expert_out.sizes()));
@@ -270,14 +322,18 @@ Tensor MoELayer::backward(const Tensor& dy_in, const LossWeights& weights) {
   const Device dev = cfg.device;
   Tensor dweight = Tensor::zeros({T, m.plan.top_k}, routing_dtype(cfg.dtype), dev);
   const Tensor dout = decode_backward(m.plan, dy, m.expert_out, cfg.is_postscore, dweight);
-  const Tensor dbuffer = m.experts->backward(dout).to(cfg.dtype);
+  const Tensor dbuffer = (m.ep ? m.ep->backward(dout) : m.experts->backward(dout)).to(cfg.dtype);
   Tensor dx = encode_backward(m.plan, dbuffer, m.x, !cfg.is_postscore, dweight);
-  const Tensor dlogits =
-      m.routed_on_host
-          ? route_backward_cpu(cfg, dev.is_cpu() ? m.plan : m.host_plan, m.router,
-                               dweight.to(Device::cpu()), weights)
-                .to(dev)
-          : route_backward_cuda(cfg, m.plan, m.router, dweight, weights);
+  Tensor dlogits;
+  if (m.routed_on_host) {
+    dlogits = route_backward_cpu(cfg, dev.is_cpu() ? m.plan : m.host_plan, m.router,
+                                 dweight.to(Device::cpu()), weights)
+                  .to(dev);
+  } else {
+#ifdef SY_WITH_CUDA
+    dlogits = route_backward_cuda(cfg, m.plan, m.router, dweight, weights);
+#endif
+  }
   const Tensor dx_gate = m.gate->backward(dlogits).to(cfg.dtype);
   add_inplace(dx, dx_gate, m.jitter.defined() ? &m.jitter : nullptr);
   if (m.shared) add_inplace(dx, m.shared->backward(dy));
@@ -316,7 +372,8 @@ void MoELayer::update_expert_bias(double rate) {
   SY_CHECK(std::isfinite(rate) && rate >= 0, "update_expert_bias: rate must be >= 0, got ", rate);
   const index_t E = m.cfg.num_experts;
   // On CUDA the counts come to the host (a sync): this runs once per optimizer step at most.
-  const std::vector<double> counts = m.bias_counts.to_vector();
+  std::vector<double> counts = m.bias_counts.to_vector();
+  if (m.ep) m.ep->sum_over_ranks(counts);  // the counts of every rank's tokens
   double mean = 0;
   for (double c : counts) mean += c;
   mean /= static_cast<double>(E);

@@ -82,6 +82,12 @@ double resolve_capacity_factor(const MoEConfig& cfg, const ForwardOptions& opt) 
   return cf;
 }
 
+int resolve_overlap_degree(const MoEConfig& cfg, const ForwardOptions& opt) {
+  const int n = opt.overlap_degree.value_or(cfg.overlap_degree);
+  SY_CHECK(n >= 1, "overlap_degree must be >= 1, got ", n);
+  return n;
+}
+
 Layout resolve_layout(const MoEConfig& cfg, const ForwardOptions& opt, double cf) {
   const Layout l = opt.layout.value_or(cfg.layout);
   if (l != Layout::kAuto) return l;

@@ -6,6 +6,8 @@
 // capacity keeps the earliest (position) or the largest weights (probs).
 #pragma once
 
+#include <functional>
+
 #include "routing/plan.h"
 
 namespace switchyard {
@@ -17,6 +19,9 @@ struct SlotRules {
   index_t alignment = 1;            // capacity rounded up to a multiple of this
   DropPolicy drop_policy = DropPolicy::kProbs;
   index_t max_tokens = 0;  // T_max for the Tutel capacity (T, or the max over ranks)
+  // Expert parallelism: maxes max_e needed(e) over ranks (collective), so every rank's padded
+  // buffer has the same capacity. Empty in one process.
+  std::function<index_t(index_t)> max_needed_over_ranks;
 };
 
 // The capacity C for T tokens given the per-expert need (choices routed to each expert).

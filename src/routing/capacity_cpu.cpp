@@ -14,7 +14,8 @@ index_t round_up(index_t v, index_t a) { return a <= 1 ? v : (v + a - 1) / a * a
 }  // namespace
 
 index_t compute_capacity(const SlotRules& r, index_t T, index_t E, int k, index_t max_needed) {
-  if (T == 0) return 0;
+  // A rank with no tokens still takes the capacity of the others (T_max) under expert parallelism.
+  if (std::max(T, r.max_tokens) == 0) return 0;
   const double cf = r.capacity_factor;
   index_t cap;  // the capacity_factor's capacity, before dropless rules
   if (r.rules == RuleSet::kTutel) {
@@ -32,6 +33,14 @@ index_t compute_capacity(const SlotRules& r, index_t T, index_t E, int k, index_
   if (a > 256) a = round_up(a, 128);
   return round_up(c, a);
 }
+
+namespace {
+// max_e needed(e), over ranks under expert parallelism.
+index_t max_needed(const SlotRules& r, const std::vector<index_t>& needed) {
+  const index_t m = needed.empty() ? 0 : *std::max_element(needed.begin(), needed.end());
+  return r.max_needed_over_ranks ? r.max_needed_over_ranks(m) : m;
+}
+}  // namespace
 
 template <class A>
 void assign_slots_cpu(const SlotRules& r, const A* priority, const A* weight, RoutingPlan& plan) {
@@ -51,14 +60,14 @@ void assign_slots_cpu(const SlotRules& r, const A* priority, const A* weight, Ro
                        [&](index_t a, index_t b) { return priority[a] > priority[b]; });
     for (int j = 0; j < k; ++j)  // choice-major: every first choice before any second
       for (index_t t : order) slot[t * k + j] = needed[idx[t * k + j]]++;
-    capacity = compute_capacity(r, T, E, k, *std::max_element(needed.begin(), needed.end()));
+    capacity = compute_capacity(r, T, E, k, max_needed(r, needed));
     for (index_t c = 0; c < T * k; ++c)
       if (slot[c] >= capacity) slot[c] = -1;
   } else {
     std::vector<std::vector<index_t>> choices(static_cast<std::size_t>(E));
     for (index_t c = 0; c < T * k; ++c) choices[idx[c]].push_back(c);  // token order
     for (index_t e = 0; e < E; ++e) needed[e] = static_cast<index_t>(choices[e].size());
-    capacity = compute_capacity(r, T, E, k, *std::max_element(needed.begin(), needed.end()));
+    capacity = compute_capacity(r, T, E, k, max_needed(r, needed));
     for (index_t e = 0; e < E; ++e) {
       std::vector<index_t>& list = choices[e];
       if (static_cast<index_t>(list.size()) > capacity) {

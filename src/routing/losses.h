@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "switchyard/config.h"
 
@@ -20,10 +21,17 @@ double load_importance_loss(index_t T, index_t E, int k, const A* logits, const 
                             const std::int32_t* idx, double gate_noise, A* grad, double weight);
 
 // Switch / Megatron: E / (k T^2) * sum_e (sum_t prob[t,e]) * tokens(e), tokens from a plain
-// top-k of prob; per sequence of seq_len tokens (averaged) when seq_len > 0.
+// top-k of prob; per sequence of seq_len tokens (averaged) when seq_len > 0. With
+// `global_tokens` [E] (seq_len == 0 only), tokens(e) and T are those counts and
+// `global_num_tokens` (summed over ranks under expert parallelism); prob stays local.
 template <class A>
 double switch_loss(index_t T, index_t E, int k, const A* logits, ScoreFn score_fn, index_t seq_len,
-                   A* grad, double weight);
+                   A* grad, double weight, const double* global_tokens = nullptr,
+                   double global_num_tokens = 0);
+// The Switch loss's tokens(e) [E] for all T tokens: choices of a plain top-k of prob.
+template <class A>
+std::vector<double> switch_token_counts(index_t T, index_t E, int k, const A* logits,
+                                        ScoreFn score_fn);
 
 // ST-MoE z-loss: mean_t (logsumexp_e logits[t,e])^2.
 template <class A>

@@ -112,15 +112,10 @@ double load_importance_loss(index_t T, index_t E, int k, const A* logits, const 
   return l;
 }
 
+namespace {
+// prob: softmax(logits), or sigmoid(logits) normalised over E.
 template <class A>
-double switch_loss(index_t T, index_t E, int k, const A* logits, ScoreFn score_fn, index_t seq_len,
-                   A* grad, double weight) {
-  if (T == 0) return 0.0;
-  const index_t L = seq_len > 0 ? seq_len : T;
-  SY_CHECK(T % L == 0, "the sequence-level aux loss needs whole sequences: ", T,
-           " tokens are not a multiple of seq_len=", L);
-  const index_t num_seq = T / L;
-  // prob: softmax(logits), or sigmoid(logits) normalised over E.
+std::vector<A> switch_probs(index_t T, index_t E, const A* logits, ScoreFn score_fn) {
   std::vector<A> prob(static_cast<std::size_t>(T * E));
   for (index_t t = 0; t < T; ++t) {
     if (score_fn == ScoreFn::kSoftmax) {
@@ -132,7 +127,35 @@ double switch_loss(index_t T, index_t E, int k, const A* logits, ScoreFn score_f
       for (index_t e = 0; e < E; ++e) prob[t * E + e] /= s;
     }
   }
-  const double scale = static_cast<double>(E) / (static_cast<double>(k) * L * L) / num_seq;
+  return prob;
+}
+}  // namespace
+
+template <class A>
+std::vector<double> switch_token_counts(index_t T, index_t E, int k, const A* logits,
+                                        ScoreFn score_fn) {
+  const std::vector<A> prob = switch_probs(T, E, logits, score_fn);
+  std::vector<double> tokens(static_cast<std::size_t>(E), 0.0);
+  std::vector<std::int32_t> top(static_cast<std::size_t>(k));
+  for (index_t t = 0; t < T; ++t) {
+    top_k_row(prob.data() + t * E, E, k, top.data());
+    for (int j = 0; j < k; ++j) tokens[top[j]] += 1;
+  }
+  return tokens;
+}
+
+template <class A>
+double switch_loss(index_t T, index_t E, int k, const A* logits, ScoreFn score_fn, index_t seq_len,
+                   A* grad, double weight, const double* global_tokens, double global_num_tokens) {
+  if (T == 0) return 0.0;
+  const index_t L = seq_len > 0 ? seq_len : T;
+  SY_CHECK(T % L == 0, "the sequence-level aux loss needs whole sequences: ", T,
+           " tokens are not a multiple of seq_len=", L);
+  SY_ASSERT(!global_tokens || seq_len == 0, "global Switch counts need seq_len == 0");
+  const index_t num_seq = T / L;
+  const std::vector<A> prob = switch_probs(T, E, logits, score_fn);
+  const double len = global_tokens ? global_num_tokens : static_cast<double>(L);
+  const double scale = static_cast<double>(E) / (static_cast<double>(k) * len * len) / num_seq;
   double l = 0;
   std::vector<std::int32_t> top(static_cast<std::size_t>(k));
   std::vector<double> tokens(static_cast<std::size_t>(E)), mass(static_cast<std::size_t>(E));
@@ -141,10 +164,13 @@ double switch_loss(index_t T, index_t E, int k, const A* logits, ScoreFn score_f
     std::fill(tokens.begin(), tokens.end(), 0.0);
     std::fill(mass.begin(), mass.end(), 0.0);
     for (index_t t = s * L; t < (s + 1) * L; ++t) {
-      top_k_row(prob.data() + t * E, E, k, top.data());
-      for (int j = 0; j < k; ++j) tokens[top[j]] += 1;
+      if (!global_tokens) {
+        top_k_row(prob.data() + t * E, E, k, top.data());
+        for (int j = 0; j < k; ++j) tokens[top[j]] += 1;
+      }
       for (index_t e = 0; e < E; ++e) mass[e] += prob[t * E + e];
     }
+    if (global_tokens) tokens.assign(global_tokens, global_tokens + E);
     for (index_t e = 0; e < E; ++e) l += scale * mass[e] * tokens[e];
     if (!grad) continue;
     for (index_t t = s * L; t < (s + 1) * L; ++t) {
@@ -198,7 +224,9 @@ double z_loss(index_t T, index_t E, const A* logits, A* grad, double weight) {
                                  double);                                                        \
   template double load_importance_loss<A>(index_t, index_t, int, const A*, const A*,             \
                                           const std::int32_t*, double, A*, double);              \
-  template double switch_loss<A>(index_t, index_t, int, const A*, ScoreFn, index_t, A*, double); \
+  template double switch_loss<A>(index_t, index_t, int, const A*, ScoreFn, index_t, A*, double,  \
+                                 const double*, double);                                         \
+  template std::vector<double> switch_token_counts<A>(index_t, index_t, int, const A*, ScoreFn); \
   template double z_loss<A>(index_t, index_t, const A*, A*, double);
 SY_INSTANTIATE_LOSSES(float)
 SY_INSTANTIATE_LOSSES(double)

@@ -2,6 +2,9 @@
 // balancing losses; and the backward from weight gradients and loss weights to dlogits.
 #pragma once
 
+#include <functional>
+#include <vector>
+
 #include "routing/capacity.h"
 #include "routing/plan.h"
 #include "switchyard/config.h"
@@ -18,6 +21,13 @@ struct RouteArgs {
   index_t token_base = 0;               // global index of token 0, for the random draws
   index_t max_tokens = 0;               // T_max for Tutel's capacity (0: this call's T)
   const Tensor* expert_bias = nullptr;  // [E] f32, or null
+  int alignment = 0;                    // capacity alignment (0: cfg.overlap_degree)
+  // Expert parallelism (ROUTING.md §3, §5); empty in one process. Collective: every rank's
+  // router calls them in the same order.
+  //  max_needed_over_ranks: the padded capacity's max_e needed(e), maxed over ranks.
+  //  sum_over_ranks: sums the Switch loss's tokens(e) (and T, the last entry) over ranks.
+  std::function<index_t(index_t)> max_needed_over_ranks;
+  std::function<void(std::vector<double>&)> sum_over_ranks;
 };
 
 // How choices and weights are derived from the logits (ROUTING.md §2).
@@ -37,6 +47,9 @@ struct RouterState {
   WeightRule rule = WeightRule::kScores;
   Tensor loss_count;  // CUDA router: i32 choice-0 counts [1, E] (GShard) or top-k counts per
                       // sequence [S, E] (Switch), for the losses' gradients
+  // The Switch loss's tokens(e) [E] and T summed over ranks (expert parallelism), else empty.
+  std::vector<double> switch_tokens;
+  double switch_num_tokens = 0;
 };
 
 // The unweighted losses as 0-dim f64 tensors on the router's device (no host sync).

@@ -178,13 +178,24 @@ RoutingPlan route_impl(const MoEConfig& cfg, const RouteArgs& args, const Tensor
   rules.rules = cfg.rules;
   rules.capacity_factor = args.capacity_factor;
   rules.layout = args.layout;
-  rules.alignment = cfg.overlap_degree;
+  rules.alignment = args.alignment > 0 ? args.alignment : cfg.overlap_degree;
   rules.drop_policy = cfg.drop_policy;
   rules.max_tokens = args.max_tokens;
+  if (args.layout == Layout::kPadded) rules.max_needed_over_ranks = args.max_needed_over_ranks;
   assign_slots_cpu<A>(rules, priority.empty() ? nullptr : priority.data(), w, plan);
 
-  // 5. Losses (unweighted). Sinkhorn balances by itself: no aux loss, as Megatron.
+  // 5. Losses (unweighted). Sinkhorn balances by itself: no aux loss, as Megatron. Under expert
+  // parallelism the Switch loss counts tokens(e) and T over all ranks (Megatron's global batch).
   losses = Losses{};
+  std::vector<double> switch_tokens;
+  double switch_num_tokens = 0;
+  if (rule != WeightRule::kSinkhorn && cfg.aux_loss == AuxLoss::kSwitch && args.sum_over_ranks) {
+    switch_tokens = switch_token_counts<A>(T, E, k, z, cfg.score_fn);
+    switch_tokens.push_back(static_cast<double>(T));
+    args.sum_over_ranks(switch_tokens);
+    switch_num_tokens = switch_tokens.back();
+    switch_tokens.pop_back();
+  }
   if (rule != WeightRule::kSinkhorn) {
     switch (cfg.aux_loss) {
       case AuxLoss::kNone:
@@ -196,7 +207,9 @@ RoutingPlan route_impl(const MoEConfig& cfg, const RouteArgs& args, const Tensor
         losses.aux = load_importance_loss<A>(T, E, k, z, zn, idx, cfg.gate_noise, nullptr, 0);
         break;
       case AuxLoss::kSwitch:
-        losses.aux = switch_loss<A>(T, E, k, z, cfg.score_fn, 0, nullptr, 0);
+        losses.aux = switch_loss<A>(T, E, k, z, cfg.score_fn, 0, nullptr, 0,
+                                    switch_tokens.empty() ? nullptr : switch_tokens.data(),
+                                    switch_num_tokens);
         break;
       case AuxLoss::kSwitchSequence:
         losses.aux = switch_loss<A>(T, E, k, z, cfg.score_fn, cfg.seq_len, nullptr, 0);
@@ -205,7 +218,8 @@ RoutingPlan route_impl(const MoEConfig& cfg, const RouteArgs& args, const Tensor
   }
   losses.z = z_loss<A>(T, E, z, nullptr, 0);
 
-  st = RouterState{logits, noisy, probs, gates, rule, {}};
+  st = RouterState{logits, noisy,      probs, gates, rule, {}, std::move(switch_tokens),
+                   switch_num_tokens};
   return plan;
 }
 
@@ -280,7 +294,9 @@ Tensor route_backward_impl(const MoEConfig& cfg, const RoutingPlan& plan, const 
     if (cfg.aux_loss == AuxLoss::kLoadImportance)
       load_importance_loss<A>(T, E, k, z, zn, idx, cfg.gate_noise, dz, lw.aux);
     else if (cfg.aux_loss == AuxLoss::kSwitch)
-      switch_loss<A>(T, E, k, z, cfg.score_fn, 0, dz, lw.aux);
+      switch_loss<A>(T, E, k, z, cfg.score_fn, 0, dz, lw.aux,
+                     st.switch_tokens.empty() ? nullptr : st.switch_tokens.data(),
+                     st.switch_num_tokens);
     else if (cfg.aux_loss == AuxLoss::kSwitchSequence)
       switch_loss<A>(T, E, k, z, cfg.score_fn, cfg.seq_len, dz, lw.aux);
   }

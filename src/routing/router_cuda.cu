@@ -537,6 +537,7 @@ void dispatch_route_dtype(DType dtype, const char* op, F&& f) {
 bool route_cuda_supports(const MoEConfig& cfg, const RouteArgs& args, index_t num_tokens) {
   const std::size_t per_warp = cfg.num_experts * (2 * sizeof(double) + 1);
   return !cfg.sinkhorn && cfg.aux_loss != AuxLoss::kLoadImportance &&
+         !args.max_needed_over_ranks && !args.sum_over_ranks &&
          !(cfg.rules == RuleSet::kMegatron && cfg.drop_policy == DropPolicy::kProbs &&
            args.capacity_factor != 0) &&
          per_warp <= 48 * 1024 && num_tokens > 0 &&
@@ -673,7 +674,7 @@ RoutingPlan route_cuda(const MoEConfig& cfg, const RouteArgs& args, const Tensor
   rules.rules = cfg.rules;
   rules.capacity_factor = args.capacity_factor;
   rules.layout = args.layout;
-  rules.alignment = cfg.overlap_degree;
+  rules.alignment = args.alignment > 0 ? args.alignment : cfg.overlap_degree;
   rules.max_tokens = args.max_tokens;
   const bool padded = args.layout == Layout::kPadded;
   const Tensor start = Tensor::empty({E}, DType::kI64, dev);

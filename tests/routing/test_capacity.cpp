@@ -36,7 +36,10 @@ TEST(Capacity, TutelFixedDroplessAndCappedRules) {
   r.capacity_factor = 1.0;
   r.max_tokens = 40;  // inequivalent tokens: T_max over ranks
   EXPECT_EQ(compute_capacity(r, 13, 4, 2, 99), 20);
-  EXPECT_EQ(compute_capacity(r, 0, 4, 2, 0), 0);  // no tokens, no rows
+  // A rank with no tokens takes the others' capacity: the padded all-to-all needs equal buffers.
+  EXPECT_EQ(compute_capacity(r, 0, 4, 2, 0), 20);
+  r.max_tokens = 0;
+  EXPECT_EQ(compute_capacity(r, 0, 4, 2, 0), 0);  // no tokens anywhere, no rows
 }
 
 TEST(Capacity, AlignmentRoundsUpAndLargeAlignmentsGoTo128) {
