@@ -92,18 +92,40 @@ __global__ void activation_backward(const T* __restrict__ da, const T* __restric
   }
 }
 
-// grad[e, j] += sum over rows of expert e (in row order) of m[r, j]: one thread per (e, j).
+// grad[e, j] += sum over the rows of expert e of m[r, j]. Block (32, kBiasRows) per (32 columns,
+// expert): thread (x, y) sums rows y, y + kBiasRows, ... of its column, then row y = 0 adds the
+// partial sums in order (a fixed order: deterministic).
+constexpr int kBiasRows = 16;
 template <class T>
 __global__ void bias_grad(const T* __restrict__ m, const index_t* __restrict__ off,
-                          T* __restrict__ grad, index_t E, index_t n) {
+                          T* __restrict__ grad, index_t n) {
   using A = cuda_acc_t<T>;
-  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < E * n;
-       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
-    const index_t e = i / n, j = i % n;
-    A acc = 0;
-    for (index_t r = off[e]; r < off[e + 1]; ++r) acc += load(m[offset_of(r, n) + j]);
-    grad[i] = store<T>(load(grad[i]) + acc);
+  __shared__ A part[kBiasRows][33];
+  const index_t e = blockIdx.y, j = static_cast<index_t>(blockIdx.x) * 32 + threadIdx.x;
+  A acc = 0;
+  if (j < n)
+    for (index_t r = off[e] + threadIdx.y; r < off[e + 1]; r += kBiasRows)
+      acc += load(m[offset_of(r, n) + j]);
+  part[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < n) {
+    A sum = 0;
+    for (int y = 0; y < kBiasRows; ++y) sum += part[y][threadIdx.x];
+    grad[offset_of(e, n) + j] = store<T>(load(grad[offset_of(e, n) + j]) + sum);
   }
+}
+
+void launch_bias_grad(const void* m, const index_t* off, void* grad, index_t E, index_t n,
+                      DType dtype, cudaStream_t stream) {
+  if (E == 0 || n == 0) return;
+  SY_CHECK(E <= 65535, "experts: at most 65535 experts per layer on CUDA, got ", E);
+  dispatch_float_cuda(dtype, "bias_grad", [&](auto tag) {
+    using T = decltype(tag);
+    const dim3 blocks(static_cast<unsigned>((n + 31) / 32), static_cast<unsigned>(E));
+    bias_grad<T><<<blocks, dim3(32, kBiasRows), 0, stream>>>(static_cast<const T*>(m), off,
+                                                             static_cast<T*>(grad), n);
+    SY_CUDA_CHECK_LAUNCH();
+  });
 }
 
 // Whether the unequal-rows GEMMs of a bf16/f16 layer run on the grouped kernel: sizes that are
@@ -303,16 +325,10 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
                 w1 + offset_of(e, h1 * d), d, h1 * d, 0.0, dxp + offset_of(r0, d), d, n * d, batch);
       });
     }
-    if (fc1_b.value.defined()) {
-      bias_grad<T><<<grid(E * h1), 256, 0, stream>>>(dhp, off_dev.data<index_t>(),
-                                                     static_cast<T*>(fc1_b.grad.data_ptr()), E, h1);
-      SY_CUDA_CHECK_LAUNCH();
-    }
-    if (fc2_b.value.defined()) {
-      bias_grad<T><<<grid(E * d), 256, 0, stream>>>(dyp, off_dev.data<index_t>(),
-                                                    static_cast<T*>(fc2_b.grad.data_ptr()), E, d);
-      SY_CUDA_CHECK_LAUNCH();
-    }
+    if (fc1_b.value.defined())
+      launch_bias_grad(dhp, offp, fc1_b.grad.data_ptr(), E, h1, s.dtype, stream);
+    if (fc2_b.value.defined())
+      launch_bias_grad(dyp, offp, fc2_b.grad.data_ptr(), E, d, s.dtype, stream);
   });
   return dx;
 }
