@@ -1,4 +1,8 @@
 // CUDA launchers for dispatch (kernels in dispatch_kernels.cuh), on the current stream.
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
+
 #include "core/cuda_check.cuh"
 #include "dispatch/dispatch.h"
 #include "dispatch/dispatch_kernels.cuh"
@@ -16,9 +20,22 @@ unsigned blocks(index_t n) {
   return static_cast<unsigned>(n);
 }
 
+// Calls f(T{}, A{}, std::integral_constant<int, V>{}): V elements per access, 16 bytes when the
+// row length and every row pointer allow it, else 1.
 template <class F>
-void for_types(const Tensor& data, const char* op, F&& f) {
-  dispatch_float_cuda(data.dtype(), op, [&](auto tag) { f(tag, cuda_acc_t<decltype(tag)>{}); });
+void for_types(const Tensor& data, index_t d, std::initializer_list<const void*> ptrs,
+               const char* op, F&& f) {
+  dispatch_float_cuda(data.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    using A = cuda_acc_t<T>;
+    constexpr int kV = 16 / sizeof(T);
+    bool aligned = d % kV == 0;
+    for (const void* p : ptrs) aligned = aligned && reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
+    if (aligned)
+      f(tag, A{}, std::integral_constant<int, kV>{});
+    else
+      f(tag, A{}, std::integral_constant<int, 1>{});
+  });
 }
 
 }  // namespace
@@ -28,10 +45,10 @@ Tensor encode_cuda(const RoutingPlan& plan, const Tensor& x, bool prescore) {
   Tensor buf = Tensor::empty({R, d}, x.dtype(), x.device());
   if (R == 0 || d == 0) return buf;
   DeviceScope scope(x.device().index);
-  for_types(x, "encode", [&](auto t_tag, auto a_tag) {
+  for_types(x, d, {x.data_ptr(), buf.data_ptr()}, "encode", [&](auto t_tag, auto a_tag, auto v) {
     using T = decltype(t_tag);
     using A = decltype(a_tag);
-    kernels::encode<T, A><<<blocks(R), kernels::kDispatchThreads, 0, stream_of(x)>>>(
+    kernels::encode<T, A, v()><<<blocks(R), kernels::kDispatchThreads, 0, stream_of(x)>>>(
         static_cast<const T*>(x.data_ptr()), plan.row_choice.data<index_t>(),
         static_cast<const A*>(plan.weight.data_ptr()), static_cast<T*>(buf.data_ptr()), d,
         plan.top_k, prescore);
@@ -45,10 +62,10 @@ Tensor decode_cuda(const RoutingPlan& plan, const Tensor& buf, bool postscore) {
   Tensor y = Tensor::empty({T, d}, buf.dtype(), buf.device());
   if (T == 0 || d == 0) return y;
   DeviceScope scope(buf.device().index);
-  for_types(buf, "decode", [&](auto t_tag, auto a_tag) {
+  for_types(buf, d, {buf.data_ptr(), y.data_ptr()}, "decode", [&](auto t_tag, auto a_tag, auto v) {
     using T_ = decltype(t_tag);
     using A = decltype(a_tag);
-    kernels::decode<T_, A><<<blocks(T), kernels::kDispatchThreads, 0, stream_of(buf)>>>(
+    kernels::decode<T_, A, v()><<<blocks(T), kernels::kDispatchThreads, 0, stream_of(buf)>>>(
         static_cast<const T_*>(buf.data_ptr()), plan.row.data<index_t>(),
         static_cast<const A*>(plan.weight.data_ptr()), static_cast<T_*>(y.data_ptr()), d,
         plan.top_k, postscore);
@@ -63,10 +80,11 @@ Tensor decode_backward_cuda(const RoutingPlan& plan, const Tensor& dy, const Ten
   Tensor dbuf = Tensor::empty({R, d}, dy.dtype(), dy.device());
   if (R == 0 || d == 0) return dbuf;
   DeviceScope scope(dy.device().index);
-  for_types(dy, "decode_backward", [&](auto t_tag, auto a_tag) {
+  for_types(dy, d, {dy.data_ptr(), buf.data_ptr(), dbuf.data_ptr()}, "decode_backward",
+            [&](auto t_tag, auto a_tag, auto v) {
     using T = decltype(t_tag);
     using A = decltype(a_tag);
-    kernels::decode_backward<T, A><<<blocks(R), kernels::kDispatchThreads, 0, stream_of(dy)>>>(
+    kernels::decode_backward<T, A, v()><<<blocks(R), kernels::kDispatchThreads, 0, stream_of(dy)>>>(
         static_cast<const T*>(dy.data_ptr()), static_cast<const T*>(buf.data_ptr()),
         plan.row_choice.data<index_t>(), static_cast<const A*>(plan.weight.data_ptr()),
         static_cast<T*>(dbuf.data_ptr()), static_cast<A*>(dweight.data_ptr()), d, plan.top_k,
@@ -82,10 +100,11 @@ Tensor encode_backward_cuda(const RoutingPlan& plan, const Tensor& dbuf, const T
   Tensor dx = Tensor::empty({T, d}, x.dtype(), x.device());
   if (T == 0 || d == 0) return dx;
   DeviceScope scope(x.device().index);
-  for_types(x, "encode_backward", [&](auto t_tag, auto a_tag) {
+  for_types(x, d, {dbuf.data_ptr(), x.data_ptr(), dx.data_ptr()}, "encode_backward",
+            [&](auto t_tag, auto a_tag, auto v) {
     using T_ = decltype(t_tag);
     using A = decltype(a_tag);
-    kernels::encode_backward<T_, A><<<blocks(T), kernels::kDispatchThreads, 0, stream_of(x)>>>(
+    kernels::encode_backward<T_, A, v()><<<blocks(T), kernels::kDispatchThreads, 0, stream_of(x)>>>(
         static_cast<const T_*>(dbuf.data_ptr()), static_cast<const T_*>(x.data_ptr()),
         plan.row.data<index_t>(), static_cast<const A*>(plan.weight.data_ptr()),
         static_cast<T_*>(dx.data_ptr()), static_cast<A*>(dweight.data_ptr()), d, plan.top_k,

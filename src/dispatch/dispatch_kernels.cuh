@@ -12,46 +12,77 @@ namespace switchyard::kernels {
 
 constexpr int kDispatchThreads = 256;
 
+// V consecutive elements moved as one access (16 bytes when the launcher finds the row length
+// and the pointers aligned; V = 1 otherwise). Column loops step over packs: thread i handles
+// elements [i*V, i*V + V) of each stride.
+template <class T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+template <int V, class T>
+__device__ inline Pack<T, V> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+template <int V, class T>
+__device__ inline void store_pack(T* p, const Pack<T, V>& v) {
+  *reinterpret_cast<Pack<T, V>*>(p) = v;
+}
+template <int V, class T>
+__device__ inline Pack<T, V> zero_pack() {
+  Pack<T, V> z;
+#pragma unroll
+  for (int i = 0; i < V; ++i) z.v[i] = store<T>(0.0f);
+  return z;
+}
+
 // buf[r] = x[t] * (prescore ? w[c] : 1) with c = row_choice[r], t = c / k; zeros for padding.
-template <class T, class A>
+template <class T, class A, int V>
 __global__ void encode(const T* __restrict__ x, const index_t* __restrict__ row_choice,
                        const A* __restrict__ w, T* __restrict__ buf, index_t d, int k,
                        bool prescore) {
   const index_t r = blockIdx.x;
   const index_t c = row_choice[r];
   T* dst = buf + offset_of(r, d);
-  if (c < 0) {
-    for (index_t j = threadIdx.x; j < d; j += blockDim.x) dst[j] = store<T>(A(0));
-    return;
+  const A s = c >= 0 && prescore ? w[c] : A(1);
+  const T* src = c >= 0 ? x + offset_of(c / k, d) : nullptr;
+  for (index_t j = threadIdx.x * V; j < d; j += blockDim.x * V) {
+    Pack<T, V> out;
+    if (src && !prescore) {
+      out = load_pack<V>(src + j);
+    } else {
+      const Pack<T, V> in = src ? load_pack<V>(src + j) : zero_pack<V, T>();
+#pragma unroll
+      for (int i = 0; i < V; ++i) out.v[i] = store<T>(src ? s * load(in.v[i]) : A(0));
+    }
+    store_pack<V>(dst + j, out);
   }
-  const T* src = x + offset_of(c / k, d);
-  if (!prescore) {
-    for (index_t j = threadIdx.x; j < d; j += blockDim.x) dst[j] = src[j];
-    return;
-  }
-  const A s = w[c];
-  for (index_t j = threadIdx.x; j < d; j += blockDim.x) dst[j] = store<T>(s * load(src[j]));
 }
 
 // y[t] = sum over kept choices j (in order) of (postscore ? w[t,j] : 1) * buf[row[t,j]].
-template <class T, class A>
+template <class T, class A, int V>
 __global__ void decode(const T* __restrict__ buf, const index_t* __restrict__ row,
                        const A* __restrict__ w, T* __restrict__ y, index_t d, int k,
                        bool postscore) {
   const index_t t = blockIdx.x;
-  for (index_t j = threadIdx.x; j < d; j += blockDim.x) {
-    A acc = 0;
+  for (index_t j = threadIdx.x * V; j < d; j += blockDim.x * V) {
+    A acc[V] = {};
     for (int c = 0; c < k; ++c) {
       const index_t r = row[t * k + c];
       if (r < 0) continue;
-      acc += (postscore ? w[t * k + c] : A(1)) * load(buf[offset_of(r, d) + j]);
+      const A s = postscore ? w[t * k + c] : A(1);
+      const Pack<T, V> in = load_pack<V>(buf + offset_of(r, d) + j);
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[i] += s * load(in.v[i]);
     }
-    y[offset_of(t, d) + j] = store<T>(acc);
+    Pack<T, V> out;
+#pragma unroll
+    for (int i = 0; i < V; ++i) out.v[i] = store<T>(acc[i]);
+    store_pack<V>(y + offset_of(t, d) + j, out);
   }
 }
 
 // dbuf[r] = (postscore ? w[c] : 1) * dy[t]; with postscore dw[c] += dot(dy[t], out[r]).
-template <class T, class A>
+template <class T, class A, int V>
 __global__ void decode_backward(const T* __restrict__ dy, const T* __restrict__ out,
                                 const index_t* __restrict__ row_choice, const A* __restrict__ w,
                                 T* __restrict__ dbuf, A* __restrict__ dw, index_t d, int k,
@@ -62,17 +93,25 @@ __global__ void decode_backward(const T* __restrict__ dy, const T* __restrict__ 
   const index_t c = row_choice[r];
   T* dst = dbuf + offset_of(r, d);
   if (c < 0) {
-    for (index_t j = threadIdx.x; j < d; j += blockDim.x) dst[j] = store<T>(A(0));
+    for (index_t j = threadIdx.x * V; j < d; j += blockDim.x * V)
+      store_pack<V>(dst + j, zero_pack<V, T>());
     return;
   }
   const T* g = dy + offset_of(c / k, d);
   const T* o = out + offset_of(r, d);
   const A s = postscore ? w[c] : A(1);
   A dot = 0;
-  for (index_t j = threadIdx.x; j < d; j += blockDim.x) {
-    const A gj = load(g[j]);
-    dst[j] = store<T>(s * gj);
-    dot += gj * load(o[j]);
+  for (index_t j = threadIdx.x * V; j < d; j += blockDim.x * V) {
+    const Pack<T, V> gj = load_pack<V>(g + j);
+    Pack<T, V> res;
+#pragma unroll
+    for (int i = 0; i < V; ++i) res.v[i] = store<T>(s * load(gj.v[i]));
+    store_pack<V>(dst + j, res);
+    if (postscore) {
+      const Pack<T, V> oj = load_pack<V>(o + j);
+#pragma unroll
+      for (int i = 0; i < V; ++i) dot += load(gj.v[i]) * load(oj.v[i]);
+    }
   }
   if (!postscore) return;
   const A total = Reduce(tmp).Sum(dot);
@@ -81,7 +120,7 @@ __global__ void decode_backward(const T* __restrict__ dy, const T* __restrict__ 
 
 // dx[t] = sum over kept choices j of (prescore ? w[t,j] : 1) * dbuf[row[t,j]]; with prescore
 // dw[t,j] += dot(dbuf[row[t,j]], x[t]).
-template <class T, class A>
+template <class T, class A, int V>
 __global__ void encode_backward(const T* __restrict__ dbuf, const T* __restrict__ x,
                                 const index_t* __restrict__ row, const A* __restrict__ w,
                                 T* __restrict__ dx, A* __restrict__ dw, index_t d, int k,
@@ -89,22 +128,32 @@ __global__ void encode_backward(const T* __restrict__ dbuf, const T* __restrict_
   using Reduce = cub::BlockReduce<A, kDispatchThreads>;
   __shared__ typename Reduce::TempStorage tmp;
   const index_t t = blockIdx.x;
-  for (index_t j = threadIdx.x; j < d; j += blockDim.x) {
-    A acc = 0;
+  for (index_t j = threadIdx.x * V; j < d; j += blockDim.x * V) {
+    A acc[V] = {};
     for (int c = 0; c < k; ++c) {
       const index_t r = row[t * k + c];
       if (r < 0) continue;
-      acc += (prescore ? w[t * k + c] : A(1)) * load(dbuf[offset_of(r, d) + j]);
+      const A s = prescore ? w[t * k + c] : A(1);
+      const Pack<T, V> in = load_pack<V>(dbuf + offset_of(r, d) + j);
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[i] += s * load(in.v[i]);
     }
-    dx[offset_of(t, d) + j] = store<T>(acc);
+    Pack<T, V> out;
+#pragma unroll
+    for (int i = 0; i < V; ++i) out.v[i] = store<T>(acc[i]);
+    store_pack<V>(dx + offset_of(t, d) + j, out);
   }
   if (!prescore) return;
   for (int c = 0; c < k; ++c) {
     const index_t r = row[t * k + c];
     if (r < 0) continue;  // uniform across the block: every thread reads the same r
     A dot = 0;
-    for (index_t j = threadIdx.x; j < d; j += blockDim.x)
-      dot += load(dbuf[offset_of(r, d) + j]) * load(x[offset_of(t, d) + j]);
+    for (index_t j = threadIdx.x * V; j < d; j += blockDim.x * V) {
+      const Pack<T, V> b = load_pack<V>(dbuf + offset_of(r, d) + j);
+      const Pack<T, V> xv = load_pack<V>(x + offset_of(t, d) + j);
+#pragma unroll
+      for (int i = 0; i < V; ++i) dot += load(b.v[i]) * load(xv.v[i]);
+    }
     const A total = Reduce(tmp).Sum(dot);
     if (threadIdx.x == 0) dw[t * k + c] += total;
     __syncthreads();  // tmp is reused by the next reduction

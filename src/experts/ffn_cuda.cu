@@ -36,38 +36,45 @@ bool equal_rows(const std::vector<index_t>& off) {
   return true;
 }
 
+// The elementwise kernels run one block per row (a grid-stride loop over rows, threads over the
+// columns): no index division per element, and each row's expert is read once.
 template <class T>
 __global__ void bias_activation(T* __restrict__ hpre, T* __restrict__ act,
                                 const T* __restrict__ bias, const index_t* __restrict__ row_expert,
                                 index_t rows, index_t h, bool gated, Activation kind) {
   using A = cuda_acc_t<T>;
   const index_t h1 = gated ? 2 * h : h;
-  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < rows * h;
-       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
-    const index_t r = i / h, j = i % h;
-    const index_t e = row_expert[r];
+  for (index_t r = blockIdx.x; r < rows; r += gridDim.x) {
     T* hr = hpre + offset_of(r, h1);
-    A g = load(hr[j]) + (bias ? load(bias[offset_of(e, h1) + j]) : A(0));
-    g = load(store<T>(g));
-    hr[j] = store<T>(g);
-    A a = activate(kind, g);
-    if (gated) {
-      A up = load(hr[h + j]) + (bias ? load(bias[offset_of(e, h1) + h + j]) : A(0));
-      up = load(store<T>(up));
-      hr[h + j] = store<T>(up);
-      a *= up;
+    T* ar = act + offset_of(r, h);
+    const T* br = bias ? bias + offset_of(row_expert[r], h1) : nullptr;
+    for (index_t j = threadIdx.x; j < h; j += blockDim.x) {
+      A g = load(hr[j]);
+      if (br) {  // the biased pre-activation, rounded to T, is what backward differentiates
+        g = load(store<T>(g + load(br[j])));
+        hr[j] = store<T>(g);
+      }
+      A a = activate(kind, g);
+      if (gated) {
+        A up = load(hr[h + j]);
+        if (br) {
+          up = load(store<T>(up + load(br[h + j])));
+          hr[h + j] = store<T>(up);
+        }
+        a *= up;
+      }
+      ar[j] = store<T>(a);
     }
-    act[offset_of(r, h) + j] = store<T>(a);
   }
 }
 
 template <class T>
 __global__ void add_bias(T* __restrict__ y, const T* __restrict__ bias,
                          const index_t* __restrict__ row_expert, index_t rows, index_t d) {
-  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < rows * d;
-       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
-    const index_t r = i / d, j = i % d;
-    y[i] = store<T>(load(y[i]) + load(bias[offset_of(row_expert[r], d) + j]));
+  for (index_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    T* yr = y + offset_of(r, d);
+    const T* br = bias + offset_of(row_expert[r], d);
+    for (index_t j = threadIdx.x; j < d; j += blockDim.x) yr[j] = store<T>(load(yr[j]) + load(br[j]));
   }
 }
 
@@ -77,19 +84,27 @@ __global__ void activation_backward(const T* __restrict__ da, const T* __restric
                                     Activation kind) {
   using A = cuda_acc_t<T>;
   const index_t h1 = gated ? 2 * h : h;
-  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < rows * h;
-       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
-    const index_t r = i / h, j = i % h;
-    const A g = load(hpre[offset_of(r, h1) + j]);
-    const A d = load(da[i]);
-    if (gated) {
-      const A up = load(hpre[offset_of(r, h1) + h + j]);
-      dh[offset_of(r, h1) + j] = store<T>(d * up * activate_grad(kind, g));
-      dh[offset_of(r, h1) + h + j] = store<T>(d * activate(kind, g));
-    } else {
-      dh[offset_of(r, h1) + j] = store<T>(d * activate_grad(kind, g));
+  for (index_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* hr = hpre + offset_of(r, h1);
+    const T* dar = da + offset_of(r, h);
+    T* dhr = dh + offset_of(r, h1);
+    for (index_t j = threadIdx.x; j < h; j += blockDim.x) {
+      const A g = load(hr[j]);
+      const A d = load(dar[j]);
+      if (gated) {
+        const A up = load(hr[h + j]);
+        dhr[j] = store<T>(d * up * activate_grad(kind, g));
+        dhr[h + j] = store<T>(d * activate(kind, g));
+      } else {
+        dhr[j] = store<T>(d * activate_grad(kind, g));
+      }
     }
   }
+}
+
+// Blocks for the row kernels above.
+unsigned row_blocks(index_t rows) {
+  return static_cast<unsigned>(std::min<index_t>(std::max<index_t>(rows, 1), 2147483647));
 }
 
 // grad[e, j] += sum over the rows of expert e of m[r, j]. Block (32, kBiasRows) per (32 columns,
@@ -241,7 +256,7 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
       });
     }
     if (R > 0) {
-      bias_activation<T><<<grid(R * hid), 256, 0, stream>>>(
+      bias_activation<T><<<row_blocks(R), 256, 0, stream>>>(
           hp, ap, fc1_b.value.defined() ? static_cast<const T*>(fc1_b.value.data_ptr()) : nullptr,
           row_expert.data<index_t>(), R, hid, gated, base_activation(s.activation));
       SY_CUDA_CHECK_LAUNCH();
@@ -256,7 +271,7 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
       });
     }
     if (fc2_b.value.defined() && R > 0) {
-      add_bias<T><<<grid(R * d), 256, 0, stream>>>(
+      add_bias<T><<<row_blocks(R), 256, 0, stream>>>(
           yp, static_cast<const T*>(fc2_b.value.data_ptr()), row_expert.data<index_t>(), R, d);
       SY_CUDA_CHECK_LAUNCH();
     }
@@ -309,7 +324,7 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
       });
     }
     if (R > 0) {
-      activation_backward<T><<<grid(R * hid), 256, 0, stream>>>(dap, hp, dhp, R, hid, gated,
+      activation_backward<T><<<row_blocks(R), 256, 0, stream>>>(dap, hp, dhp, R, hid, gated,
                                                                 base_activation(s.activation));
       SY_CUDA_CHECK_LAUNCH();
     }

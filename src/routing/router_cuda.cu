@@ -28,6 +28,8 @@ constexpr unsigned kFull = 0xffffffffu;
 
 cudaStream_t stream_of(Device dev) { return as_cuda_stream(current_stream(dev).handle); }
 
+unsigned blocks_for(index_t n) { return std::min(grid_size(n, 256), 4096u); }
+
 template <class A>
 __device__ A warp_max(A v) {
   for (int o = kWarp / 2; o > 0; o /= 2) v = max(v, __shfl_xor_sync(kFull, v, o));
@@ -244,36 +246,58 @@ __global__ void route_rows(RouteParams p, const A* __restrict__ z, A* __restrict
 }
 
 // out[s, e] = sum of x[t, e] over the rows t of segment s (seg_len rows each), in double, in a
-// fixed order: thread (x, y) sums rows y, y + 8, ... of column x, then the 8 partial sums add up
-// in order.
+// fixed order, in two passes: block (x, s, p) sums chunk p of the segment's rows for 32 columns
+// (thread (x, y) takes rows y, y + 8, ... of the chunk, then the 8 partials add up in order)
+// into part[p, s, e]; then the chunks' partials add up in order.
+constexpr int kSumRows = 8;
 template <class A>
-__global__ void column_sums(const A* __restrict__ x, index_t E, index_t seg_len,
-                            double* __restrict__ out) {
-  __shared__ double part[8][kWarp + 1];
+__global__ void column_sums_part(const A* __restrict__ x, index_t E, index_t seg_len,
+                                 index_t chunk, double* __restrict__ part) {
+  __shared__ double acc_y[kSumRows][kWarp + 1];
   const index_t e = static_cast<index_t>(blockIdx.x) * kWarp + threadIdx.x;
-  const index_t s = blockIdx.y;
+  const index_t s = blockIdx.y, p = blockIdx.z;
+  const index_t begin = s * seg_len + p * chunk;
+  const index_t end = min(begin + chunk, (s + 1) * seg_len);
   double acc = 0;
   if (e < E)
-    for (index_t t = s * seg_len + threadIdx.y; t < (s + 1) * seg_len; t += 8)
+    for (index_t t = begin + threadIdx.y; t < end; t += kSumRows)
       acc += static_cast<double>(x[offset_of(t, E) + e]);
-  part[threadIdx.y][threadIdx.x] = acc;
+  acc_y[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
   if (threadIdx.y == 0 && e < E) {
     double sum = 0;
-    for (int y = 0; y < 8; ++y) sum += part[y][threadIdx.x];
-    out[offset_of(s, E) + e] = sum;
+    for (int y = 0; y < kSumRows; ++y) sum += acc_y[y][threadIdx.x];
+    part[offset_of(p, gridDim.y * E) + offset_of(s, E) + e] = sum;
+  }
+}
+
+__global__ void sum_parts(const double* __restrict__ part, index_t chunks, index_t n,
+                          double* __restrict__ out) {
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    double sum = 0;
+    for (index_t p = 0; p < chunks; ++p) sum += part[offset_of(p, n) + i];
+    out[i] = sum;
   }
 }
 
 void launch_column_sums(const Tensor& x, index_t seg_len, Tensor& out, cudaStream_t stream) {
   const index_t E = x.size(1), S = x.size(0) / seg_len;
+  const index_t chunk = 256, chunks = (seg_len + chunk - 1) / chunk;
+  SY_CHECK(S <= 65535 && chunks <= 65535, "column_sums: ", S, " segments of ", seg_len,
+           " rows exceed one CUDA grid");
+  const Tensor part = Tensor::empty({chunks, S, E}, DType::kF64, x.device());
   dispatch_float_cuda(x.dtype(), "column_sums", [&](auto tag) {
     using A = decltype(tag);
-    const dim3 grid(static_cast<unsigned>((E + kWarp - 1) / kWarp), static_cast<unsigned>(S));
-    column_sums<A><<<grid, dim3(kWarp, 8), 0, stream>>>(static_cast<const A*>(x.data_ptr()), E,
-                                                         seg_len, out.data<double>());
+    const dim3 grid(static_cast<unsigned>((E + kWarp - 1) / kWarp), static_cast<unsigned>(S),
+                    static_cast<unsigned>(chunks));
+    column_sums_part<A><<<grid, dim3(kWarp, kSumRows), 0, stream>>>(
+        static_cast<const A*>(x.data_ptr()), E, seg_len, chunk, part.data<double>());
     SY_CUDA_CHECK_LAUNCH();
   });
+  sum_parts<<<blocks_for(S * E), 256, 0, stream>>>(part.data<double>(), chunks, S * E,
+                                                   out.data<double>());
+  SY_CUDA_CHECK_LAUNCH();
 }
 
 // Per-expert counts of choice 0 (GShard loss) or of all choices (slots): integer atomics.
@@ -398,7 +422,6 @@ void stable_sort_pairs(const K* key_in, K* key_out, const V* val_in, V* val_out,
   SY_CUDA_CHECK(sort(temp.data_ptr(), bytes));
 }
 
-unsigned blocks_for(index_t n) { return std::min(grid_size(n, 256), 4096u); }
 
 int bits_for(index_t v) {
   int b = 1;
