@@ -1,9 +1,11 @@
 // Checks the JSON lines a `switchyard` command printed, for the tool's ctest cases:
 //
 //   json_lines_check FILE [--min-lines N] [--keys a,b] [--positive a,b] [--loss-falls-by F]
+//                         [--loss-matches OTHER_FILE --rel-tol R]
 //
 // Every non-empty line must be a JSON object; --keys must be present in each; --positive must be
-// numbers > 0 in each; --loss-falls-by F: the last line's "loss" <= F * the first line's.
+// numbers > 0 in each; --loss-falls-by F: the last line's "loss" <= F * the first line's;
+// --loss-matches: OTHER_FILE has as many lines, each "loss" within R relative of this file's.
 // Prints what failed and exits 1; exits 0 when everything holds.
 #include <cmath>
 #include <cstdio>
@@ -37,7 +39,8 @@ int main(int argc, char** argv) {
   if (argc < 2) return fail("usage: json_lines_check FILE [options]");
   std::size_t min_lines = 1;
   std::vector<std::string> keys, positive;
-  double loss_factor = -1;
+  double loss_factor = -1, rel_tol = 0;
+  std::string other_file;
   for (int i = 2; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
     if (flag == "--min-lines")
@@ -48,6 +51,10 @@ int main(int argc, char** argv) {
       positive = split_commas(value);
     else if (flag == "--loss-falls-by")
       loss_factor = std::stod(value);
+    else if (flag == "--loss-matches")
+      other_file = value;
+    else if (flag == "--rel-tol")
+      rel_tol = std::stod(value);
     else
       return fail("unknown option " + flag);
   }
@@ -83,6 +90,25 @@ int main(int argc, char** argv) {
                   ", expected at most " + std::to_string(loss_factor) + "x the first");
     }
     std::printf("loss %g -> %g (%.3gx)\n", first, last, last / first);
+  }
+  if (!other_file.empty()) {
+    std::ifstream other(other_file);
+    if (!other) return fail("cannot read " + other_file);
+    std::size_t i = 0;
+    while (std::getline(other, line)) {
+      if (line.empty()) continue;
+      const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+      if (i >= lines.size()) return fail(other_file + " has more lines than " + argv[1]);
+      const double a = lines[i].value("loss", NAN), b = j.is_object() ? j.value("loss", NAN) : NAN;
+      if (!(std::fabs(a - b) <= rel_tol * std::fabs(a))) {
+        return fail("line " + std::to_string(i + 1) + ": loss " + std::to_string(a) + " vs " +
+                    std::to_string(b) + " differs by more than " + std::to_string(rel_tol) +
+                    " relative");
+      }
+      ++i;
+    }
+    if (i != lines.size()) return fail(other_file + " has fewer lines than " + argv[1]);
+    std::printf("%zu losses agree within %g relative\n", i, rel_tol);
   }
   std::printf("%zu JSON lines ok\n", lines.size());
   return 0;
