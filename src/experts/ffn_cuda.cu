@@ -293,7 +293,7 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
   const bool grouped = sv.grouped;
   const Tensor dy = dy_in.to(s.dtype).contiguous();
   Tensor da = Tensor::empty({R, hid}, s.dtype, dev), dh = Tensor::empty({R, h1}, s.dtype, dev);
-  Tensor dx = Tensor::empty({R, d}, s.dtype, dev);
+  Tensor dx;  // allocated once da is freed: the two are never alive together
   const Tensor& off_dev = sv.device_offsets;
   dispatch_float_cuda(s.dtype, "ffn_backward_cuda", [&](auto tag) {
     using T = decltype(tag);
@@ -307,7 +307,6 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
     T* g2 = static_cast<T*>(fc2_w.grad.data_ptr());
     T* dap = static_cast<T*>(da.data_ptr());
     T* dhp = static_cast<T*>(dh.data_ptr());
-    T* dxp = static_cast<T*>(dx.data_ptr());
     const index_t* offp = off_dev.data<index_t>();
     if (grouped) {  // da = dy · fc2_wᵀ ; d fc2_w += actᵀ · dy
       grouped_varying_m<T>(dyp, w2, true, dap, offp, E, R, hid, d, stream);
@@ -328,6 +327,9 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
                                                                 base_activation(s.activation));
       SY_CUDA_CHECK_LAUNCH();
     }
+    da = Tensor();  // stream-ordered: its memory is reused by dx
+    dx = Tensor::empty({R, d}, s.dtype, dev);
+    T* dxp = static_cast<T*>(dx.data_ptr());
     if (grouped) {  // d fc1_w += dhᵀ · x ; dx = dh · fc1_w
       grouped_varying_k<T>(dhp, xp, g1, offp, E, R, h1, d, 1.0, stream);
       grouped_varying_m<T>(dhp, w1, false, dxp, offp, E, R, d, h1, stream);

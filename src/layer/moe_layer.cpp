@@ -321,8 +321,10 @@ Tensor MoELayer::backward(const Tensor& dy_in, const LossWeights& weights) {
 
   const Device dev = cfg.device;
   Tensor dweight = Tensor::zeros({T, m.plan.top_k}, routing_dtype(cfg.dtype), dev);
-  const Tensor dout = decode_backward(m.plan, dy, m.expert_out, cfg.is_postscore, dweight);
+  Tensor dout = decode_backward(m.plan, dy, m.expert_out, cfg.is_postscore, dweight);
+  m.expert_out = Tensor();  // each buffer is freed once its last reader is queued
   const Tensor dbuffer = (m.ep ? m.ep->backward(dout) : m.experts->backward(dout)).to(cfg.dtype);
+  dout = Tensor();
   Tensor dx = encode_backward(m.plan, dbuffer, m.x, !cfg.is_postscore, dweight);
   Tensor dlogits;
   if (m.routed_on_host) {
