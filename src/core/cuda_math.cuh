@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 #include <utility>
 
@@ -61,6 +62,48 @@ decltype(auto) dispatch_any_cuda(DType dtype, const char* op, F&& f) {
   if (dtype == DType::kI32) return f(std::int32_t{});
   if (dtype == DType::kI64) return f(std::int64_t{});
   return dispatch_float_cuda(dtype, op, std::forward<F>(f));
+}
+
+// V consecutive elements moved as one access (16 bytes when the launcher finds the row length
+// and the pointers aligned, see pack_width; V = 1 otherwise). Column loops step over packs:
+// thread i handles elements [i*V, i*V + V) of each stride.
+template <class T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+template <int V, class T>
+__device__ inline Pack<T, V> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+template <int V, class T>
+__device__ inline void store_pack(T* p, const Pack<T, V>& v) {
+  *reinterpret_cast<Pack<T, V>*>(p) = v;
+}
+template <int V, class T>
+__device__ inline Pack<T, V> zero_pack() {
+  Pack<T, V> z;
+#pragma unroll
+  for (int i = 0; i < V; ++i) z.v[i] = store<T>(0.0f);
+  return z;
+}
+
+// 16 / sizeof(T) when n and every pointer allow 16-byte packs, else 1.
+template <class T>
+inline int pack_width(index_t n, std::initializer_list<const void*> ptrs) {
+  constexpr int kV = 16 / sizeof(T);
+  bool ok = n % kV == 0;
+  for (const void* p : ptrs) ok = ok && reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
+  return ok ? kV : 1;
+}
+
+// Calls f(std::integral_constant<int, V>{}) with V = pack_width<T>(n, ptrs).
+template <class T, class F>
+void with_pack_width(index_t n, std::initializer_list<const void*> ptrs, F&& f) {
+  constexpr int kV = 16 / sizeof(T);
+  if (pack_width<T>(n, ptrs) == kV)
+    f(std::integral_constant<int, kV>{});
+  else
+    f(std::integral_constant<int, 1>{});
 }
 
 // Blocks for a grid-stride loop over n items of `threads` each, capped at the grid limit.

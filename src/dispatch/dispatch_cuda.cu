@@ -20,21 +20,13 @@ unsigned blocks(index_t n) {
   return static_cast<unsigned>(n);
 }
 
-// Calls f(T{}, A{}, std::integral_constant<int, V>{}): V elements per access, 16 bytes when the
-// row length and every row pointer allow it, else 1.
+// Calls f(T{}, A{}, std::integral_constant<int, V>{}) with V from with_pack_width.
 template <class F>
 void for_types(const Tensor& data, index_t d, std::initializer_list<const void*> ptrs,
                const char* op, F&& f) {
   dispatch_float_cuda(data.dtype(), op, [&](auto tag) {
     using T = decltype(tag);
-    using A = cuda_acc_t<T>;
-    constexpr int kV = 16 / sizeof(T);
-    bool aligned = d % kV == 0;
-    for (const void* p : ptrs) aligned = aligned && reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
-    if (aligned)
-      f(tag, A{}, std::integral_constant<int, kV>{});
-    else
-      f(tag, A{}, std::integral_constant<int, 1>{});
+    with_pack_width<T>(d, ptrs, [&](auto v) { f(tag, cuda_acc_t<T>{}, v); });
   });
 }
 

@@ -12,29 +12,6 @@ namespace switchyard::kernels {
 
 constexpr int kDispatchThreads = 256;
 
-// V consecutive elements moved as one access (16 bytes when the launcher finds the row length
-// and the pointers aligned; V = 1 otherwise). Column loops step over packs: thread i handles
-// elements [i*V, i*V + V) of each stride.
-template <class T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-template <int V, class T>
-__device__ inline Pack<T, V> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, V>*>(p);
-}
-template <int V, class T>
-__device__ inline void store_pack(T* p, const Pack<T, V>& v) {
-  *reinterpret_cast<Pack<T, V>*>(p) = v;
-}
-template <int V, class T>
-__device__ inline Pack<T, V> zero_pack() {
-  Pack<T, V> z;
-#pragma unroll
-  for (int i = 0; i < V; ++i) z.v[i] = store<T>(0.0f);
-  return z;
-}
-
 // buf[r] = x[t] * (prescore ? w[c] : 1) with c = row_choice[r], t = c / k; zeros for padding.
 template <class T, class A, int V>
 __global__ void encode(const T* __restrict__ x, const index_t* __restrict__ row_choice,

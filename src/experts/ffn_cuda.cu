@@ -37,8 +37,8 @@ bool equal_rows(const std::vector<index_t>& off) {
 }
 
 // The elementwise kernels run one block per row (a grid-stride loop over rows, threads over the
-// columns): no index division per element, and each row's expert is read once.
-template <class T>
+// columns in packs of V elements): no index division per element, each row's expert read once.
+template <class T, int V>
 __global__ void bias_activation(T* __restrict__ hpre, T* __restrict__ act,
                                 const T* __restrict__ bias, const index_t* __restrict__ row_expert,
                                 index_t rows, index_t h, bool gated, Activation kind) {
@@ -48,37 +48,49 @@ __global__ void bias_activation(T* __restrict__ hpre, T* __restrict__ act,
     T* hr = hpre + offset_of(r, h1);
     T* ar = act + offset_of(r, h);
     const T* br = bias ? bias + offset_of(row_expert[r], h1) : nullptr;
-    for (index_t j = threadIdx.x; j < h; j += blockDim.x) {
-      A g = load(hr[j]);
+    for (index_t j = threadIdx.x * V; j < h; j += blockDim.x * V) {
+      Pack<T, V> g = load_pack<V>(hr + j), up, out;
+      if (gated) up = load_pack<V>(hr + h + j);
       if (br) {  // the biased pre-activation, rounded to T, is what backward differentiates
-        g = load(store<T>(g + load(br[j])));
-        hr[j] = store<T>(g);
-      }
-      A a = activate(kind, g);
-      if (gated) {
-        A up = load(hr[h + j]);
-        if (br) {
-          up = load(store<T>(up + load(br[h + j])));
-          hr[h + j] = store<T>(up);
+        const Pack<T, V> bg = load_pack<V>(br + j);
+#pragma unroll
+        for (int i = 0; i < V; ++i) g.v[i] = store<T>(load(g.v[i]) + load(bg.v[i]));
+        store_pack<V>(hr + j, g);
+        if (gated) {
+          const Pack<T, V> bu = load_pack<V>(br + h + j);
+#pragma unroll
+          for (int i = 0; i < V; ++i) up.v[i] = store<T>(load(up.v[i]) + load(bu.v[i]));
+          store_pack<V>(hr + h + j, up);
         }
-        a *= up;
       }
-      ar[j] = store<T>(a);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        A a = activate(kind, load(g.v[i]));
+        if (gated) a *= load(up.v[i]);
+        out.v[i] = store<T>(a);
+      }
+      store_pack<V>(ar + j, out);
     }
   }
 }
 
-template <class T>
+template <class T, int V>
 __global__ void add_bias(T* __restrict__ y, const T* __restrict__ bias,
                          const index_t* __restrict__ row_expert, index_t rows, index_t d) {
   for (index_t r = blockIdx.x; r < rows; r += gridDim.x) {
     T* yr = y + offset_of(r, d);
     const T* br = bias + offset_of(row_expert[r], d);
-    for (index_t j = threadIdx.x; j < d; j += blockDim.x) yr[j] = store<T>(load(yr[j]) + load(br[j]));
+    for (index_t j = threadIdx.x * V; j < d; j += blockDim.x * V) {
+      Pack<T, V> v = load_pack<V>(yr + j);
+      const Pack<T, V> b = load_pack<V>(br + j);
+#pragma unroll
+      for (int i = 0; i < V; ++i) v.v[i] = store<T>(load(v.v[i]) + load(b.v[i]));
+      store_pack<V>(yr + j, v);
+    }
   }
 }
 
-template <class T>
+template <class T, int V>
 __global__ void activation_backward(const T* __restrict__ da, const T* __restrict__ hpre,
                                     T* __restrict__ dh, index_t rows, index_t h, bool gated,
                                     Activation kind) {
@@ -88,16 +100,24 @@ __global__ void activation_backward(const T* __restrict__ da, const T* __restric
     const T* hr = hpre + offset_of(r, h1);
     const T* dar = da + offset_of(r, h);
     T* dhr = dh + offset_of(r, h1);
-    for (index_t j = threadIdx.x; j < h; j += blockDim.x) {
-      const A g = load(hr[j]);
-      const A d = load(dar[j]);
+    for (index_t j = threadIdx.x * V; j < h; j += blockDim.x * V) {
+      const Pack<T, V> g = load_pack<V>(hr + j), d = load_pack<V>(dar + j);
+      Pack<T, V> dg, du;
       if (gated) {
-        const A up = load(hr[h + j]);
-        dhr[j] = store<T>(d * up * activate_grad(kind, g));
-        dhr[h + j] = store<T>(d * activate(kind, g));
+        const Pack<T, V> up = load_pack<V>(hr + h + j);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const A gi = load(g.v[i]), di = load(d.v[i]);
+          dg.v[i] = store<T>(di * load(up.v[i]) * activate_grad(kind, gi));
+          du.v[i] = store<T>(di * activate(kind, gi));
+        }
+        store_pack<V>(dhr + h + j, du);
       } else {
-        dhr[j] = store<T>(d * activate_grad(kind, g));
+#pragma unroll
+        for (int i = 0; i < V; ++i)
+          dg.v[i] = store<T>(load(d.v[i]) * activate_grad(kind, load(g.v[i])));
       }
+      store_pack<V>(dhr + j, dg);
     }
   }
 }
@@ -256,9 +276,11 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
       });
     }
     if (R > 0) {
-      bias_activation<T><<<row_blocks(R), 256, 0, stream>>>(
-          hp, ap, fc1_b.value.defined() ? static_cast<const T*>(fc1_b.value.data_ptr()) : nullptr,
-          row_expert.data<index_t>(), R, hid, gated, base_activation(s.activation));
+      const T* b1 = fc1_b.value.defined() ? static_cast<const T*>(fc1_b.value.data_ptr()) : nullptr;
+      with_pack_width<T>(hid, {hp, ap, b1}, [&](auto v) {
+        bias_activation<T, v()><<<row_blocks(R), 256, 0, stream>>>(
+            hp, ap, b1, row_expert.data<index_t>(), R, hid, gated, base_activation(s.activation));
+      });
       SY_CUDA_CHECK_LAUNCH();
     }
     if (grouped) {  // y = act · fc2_w, fc2_w [E, hid, d]
@@ -271,8 +293,11 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
       });
     }
     if (fc2_b.value.defined() && R > 0) {
-      add_bias<T><<<row_blocks(R), 256, 0, stream>>>(
-          yp, static_cast<const T*>(fc2_b.value.data_ptr()), row_expert.data<index_t>(), R, d);
+      const T* b2 = static_cast<const T*>(fc2_b.value.data_ptr());
+      with_pack_width<T>(d, {yp, b2}, [&](auto v) {
+        add_bias<T, v()><<<row_blocks(R), 256, 0, stream>>>(yp, b2, row_expert.data<index_t>(), R,
+                                                            d);
+      });
       SY_CUDA_CHECK_LAUNCH();
     }
   });
@@ -323,8 +348,10 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
       });
     }
     if (R > 0) {
-      activation_backward<T><<<row_blocks(R), 256, 0, stream>>>(dap, hp, dhp, R, hid, gated,
-                                                                base_activation(s.activation));
+      with_pack_width<T>(hid, {dap, hp, dhp}, [&](auto v) {
+        activation_backward<T, v()><<<row_blocks(R), 256, 0, stream>>>(
+            dap, hp, dhp, R, hid, gated, base_activation(s.activation));
+      });
       SY_CUDA_CHECK_LAUNCH();
     }
     da = Tensor();  // stream-ordered: its memory is reused by dx
