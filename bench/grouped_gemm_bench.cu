@@ -1,7 +1,8 @@
-// Standalone correctness and speed harness for the grouped GEMM kernel (not part of the CMake
+// Standalone correctness and speed harness for the grouped GEMM kernels (not part of the CMake
 // build): checks both forms against a host reference in double and the bench shapes against
 // cuBLAS per expert, checks that a captured CUDA graph follows new device offsets, then times
-// tile configurations next to cuBLAS strided-batched and a dense GEMM of the same size.
+// the mma.sync kernel and (varying M, on an H100 with this sm_90a build) the wgmma/TMA kernel
+// next to cuBLAS strided-batched, one cuBLAS GEMM per expert and a dense GEMM of the same size.
 // Build and run on a GPU machine from the repository root:
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -I src -I include \
 //     bench/grouped_gemm_bench.cu src/core/error.cpp -lcublas -o grouped_gemm_bench
@@ -109,7 +110,8 @@ Err compare(const std::vector<float>& got, const std::vector<double>& ref) {
 }
 
 static int g_fail = 0;
-template <class T, class Cfg>
+static Kernel g_kernel = Kernel::kMma;  // the varying-M kernel the checks run
+template <class T, class Cfg, class Sm90Cfg = Sm90DefaultConfig>
 void check_rows(const char* name, const std::vector<index_t>& counts, index_t n, index_t k,
                 bool tb) {
   std::vector<index_t> off(counts.size() + 1, 0);
@@ -120,7 +122,7 @@ void check_rows(const char* name, const std::vector<index_t>& counts, index_t n,
   rnd(b, E * k * n, 2);
   CK(cudaMemset(c, 0xff, std::max<index_t>(R * n, 1) * sizeof(T)));  // NaN poison
   index_t* doff = upload_off(off);
-  run_varying_m<T, Cfg>(a, b, tb, c, doff, E, R, n, k, 0);
+  run_varying_m<T, Cfg, Sm90Cfg>(a, b, tb, c, doff, E, R, n, k, 0, g_kernel);
   CK(cudaDeviceSynchronize());
   auto ha = download(a, R * k), hb = download(b, E * k * n), hc = download(c, R * n);
   std::vector<double> ref(R * n, 0.0);
@@ -136,9 +138,11 @@ void check_rows(const char* name, const std::vector<index_t>& counts, index_t n,
   bool ok = er.max_rel < 2e-2;
   if (!ok) ++g_fail;
   printf(
-      "%-4s rows %-34s E=%-3ld R=%-6ld N=%-4ld K=%-4ld %s max_rel=%.2e max_err/max_ref=%.2e %s\n",
-      std::is_same_v<T, __half> ? "f16" : "bf16", name, (long)E, (long)R, (long)n, (long)k,
-      tb ? "B^T" : "B  ", er.max_rel, er.worst_ref, ok ? "OK" : "FAIL");
+      "%-4s %-4s rows %-34s E=%-3ld R=%-6ld N=%-4ld K=%-4ld %s max_rel=%.2e max_err/max_ref=%.2e "
+      "%s\n",
+      std::is_same_v<T, __half> ? "f16" : "bf16", g_kernel == Kernel::kSm90 ? "sm90" : "mma", name,
+      (long)E, (long)R, (long)n, (long)k, tb ? "B^T" : "B  ", er.max_rel, er.worst_ref,
+      ok ? "OK" : "FAIL");
   cudaFree(a);
   cudaFree(b);
   cudaFree(c);
@@ -183,6 +187,29 @@ void check_outer(const char* name, const std::vector<index_t>& counts, index_t m
   cudaFree(b);
   cudaFree(c);
   cudaFree(doff);
+}
+
+template <class T, class Cfg, class Sm90Cfg>
+void correctness_rows() {
+  check_rows<T, Cfg, Sm90Cfg>("mixed 0,1,127,200,0,300", {0, 1, 127, 200, 0, 300}, 136, 264, false);
+  check_rows<T, Cfg, Sm90Cfg>("mixed 0,1,127,200,0,300", {0, 1, 127, 200, 0, 300}, 136, 264, true);
+  check_rows<T, Cfg, Sm90Cfg>("K=40 N=8", {5, 129, 0, 64}, 8, 40, true);
+  check_rows<T, Cfg, Sm90Cfg>("K=40 N=8", {5, 129, 0, 64}, 8, 40, false);
+  check_rows<T, Cfg, Sm90Cfg>("K=8 N=264", {5, 129, 0, 64}, 264, 8, false);
+  check_rows<T, Cfg, Sm90Cfg>("K=8 N=264", {5, 129, 0, 64}, 264, 8, true);
+  check_rows<T, Cfg, Sm90Cfg>("all rows in one expert", {0, 0, 777, 0}, 256, 128, false);
+  check_rows<T, Cfg, Sm90Cfg>("all rows in one expert", {0, 0, 777, 0}, 256, 128, true);
+  check_rows<T, Cfg, Sm90Cfg>("all rows in the last expert", {0, 0, 0, 300}, 392, 200, true);
+  check_rows<T, Cfg, Sm90Cfg>("K=0", {3, 4}, 16, 0, false);
+  check_rows<T, Cfg, Sm90Cfg>("one row", {1}, 520, 72, false);
+  check_rows<T, Cfg, Sm90Cfg>("many experts",
+                              std::vector<index_t>{7, 0, 1, 33, 128, 129, 255, 256, 3, 0, 64, 17},
+                              392, 520, true);
+  check_rows<T, Cfg, Sm90Cfg>("many experts",
+                              std::vector<index_t>{7, 0, 1, 33, 128, 129, 255, 256, 3, 0, 64, 17},
+                              392, 520, false);
+  check_rows<T, Cfg, Sm90Cfg>("N=520 K=1000", {100, 0, 383, 129}, 520, 1000, false);
+  check_rows<T, Cfg, Sm90Cfg>("N=520 K=1000", {100, 0, 383, 129}, 520, 1000, true);
 }
 
 template <class T, class Cfg>
@@ -263,16 +290,19 @@ struct Shape {
   int M;
 };
 
-template <class Cfg>
+template <class Cfg, class Sm90Cfg = Sm90DefaultConfig>
 float run_ours(const Shape& s, const __nv_bfloat16* a, const __nv_bfloat16* b, __nv_bfloat16* c,
-               const index_t* off, index_t R) {
+               const index_t* off, index_t R, Kernel kern) {
   return time_ms([&] {
     if (s.outer)
       run_varying_k<__nv_bfloat16, Cfg>(a, b, c, off, s.E, R, s.M, s.N, 0.0, 0);
     else
-      run_varying_m<__nv_bfloat16, Cfg>(a, b, s.tb, c, off, s.E, R, s.N, s.K, 0);
+      run_varying_m<__nv_bfloat16, Cfg, Sm90Cfg>(a, b, s.tb, c, off, s.E, R, s.N, s.K, 0, kern);
   });
 }
+using Sm90N256Direct = Sm90Config<256, 4, false>;  // stores from registers, 4 stages
+using Sm90N256Bulk = Sm90Config<256, 3, true>;     // bulk-copy epilogue, 3 stages (default)
+using Sm90N128Bulk = Sm90Config<128, 5, true>;
 
 void bench(const Shape& s) {
   using T = __nv_bfloat16;
@@ -301,12 +331,8 @@ void bench(const Shape& s) {
   cref = dalloc<float>(nc);
   rnd(a, na, 11);
   rnd(b, nb, 12);
-  // 1. check against cuBLAS per expert (f32 output) before timing
-
-  if (!s.outer)
-    run_varying_m<T>(a, b, s.tb, c, doff, E, R, s.N, s.K, 0);
-  else
-    run_varying_k<T>(a, b, c, doff, E, R, s.M, s.N, 0.0, 0);
+  // 1. check against cuBLAS per expert (f32 output) before timing: the default mma.sync
+  // configuration and, for varying M, both sm_90a configurations
   for (index_t e = 0; e < E; ++e) {
     if (!s.outer)
       cublas_rm<T>(false, s.tb, s.rows, s.N, s.K, a + e * s.rows * (index_t)s.K, s.K,
@@ -318,18 +344,40 @@ void bench(const Shape& s) {
                    s.N);
   }
   CK(cudaDeviceSynchronize());
-  auto hc = download(c, nc);
   std::vector<float> hr(nc);
   CK(cudaMemcpy(hr.data(), cref, nc * 4, cudaMemcpyDeviceToHost));
   std::vector<double> hrd(hr.begin(), hr.end());
-  Err er = compare(hc, hrd);
-  if (er.max_rel > 2e-2) ++g_fail;
+  Err er;
+  for (int v = 0; v < (s.outer ? 1 : 4); ++v) {
+    CK(cudaMemset(c, 0xff, nc * sizeof(T)));
+    if (s.outer)
+      run_varying_k<T>(a, b, c, doff, E, R, s.M, s.N, 0.0, 0);
+    else if (v == 0)
+      run_varying_m<T>(a, b, s.tb, c, doff, E, R, s.N, s.K, 0, Kernel::kMma);
+    else if (v == 1)
+      run_varying_m<T, DefaultConfig, Sm90N256Direct>(a, b, s.tb, c, doff, E, R, s.N, s.K, 0,
+                                                      Kernel::kSm90);
+    else if (v == 2)
+      run_varying_m<T, DefaultConfig, Sm90N256Bulk>(a, b, s.tb, c, doff, E, R, s.N, s.K, 0,
+                                                    Kernel::kSm90);
+    else
+      run_varying_m<T, DefaultConfig, Sm90N128Bulk>(a, b, s.tb, c, doff, E, R, s.N, s.K, 0,
+                                                    Kernel::kSm90);
+    CK(cudaDeviceSynchronize());
+    Err ev = compare(download(c, nc), hrd);
+    if (ev.max_rel > 2e-2) ++g_fail;
+    er.max_rel = std::max(er.max_rel, ev.max_rel);
+  }
   // 2. timings
-  float t1 = run_ours<C128x128x32>(s, a, b, c, doff, R);
-  float t2 = run_ours<C128x128x64>(s, a, b, c, doff, R);
-  float t3 = run_ours<C128x256x64>(s, a, b, c, doff, R);
-  float t4 = run_ours<C256x128x64>(s, a, b, c, doff, R);
-  float tsb, tdense;
+  float t2 = run_ours<C128x128x64>(s, a, b, c, doff, R, Kernel::kMma);
+  auto sm90 = [&](auto cfg) {
+    using Cfg = decltype(cfg);
+    return s.outer ? NAN : run_ours<C128x128x64, Cfg>(s, a, b, c, doff, R, Kernel::kSm90);
+  };
+  float t4 = sm90(Sm90N256Direct{});
+  float t5 = sm90(Sm90N256Bulk{});
+  float t6 = sm90(Sm90N128Bulk{});
+  float tsb, tdense, tper = NAN;
   T* cd = dalloc<T>(s.outer ? (index_t)s.M * s.N * 1 : nc);
   if (!s.outer) {
     tsb = time_ms([&] {
@@ -338,6 +386,12 @@ void bench(const Shape& s) {
     });
     tdense = time_ms([&] {
       cublas_rm<T>(false, s.tb, R, s.N, s.K, a, s.K, b, s.tb ? s.K : s.N, c, cdt<T>(), s.N);
+    });
+    tper = time_ms([&] {
+      for (index_t e = 0; e < E; ++e)
+        cublas_rm<T>(false, s.tb, s.rows, s.N, s.K, a + e * s.rows * (index_t)s.K, s.K,
+                     b + e * (index_t)s.K * s.N, s.tb ? s.K : s.N, c + e * s.rows * (index_t)s.N,
+                     cdt<T>(), s.N);
     });
   } else {
     tsb = time_ms([&] {
@@ -349,8 +403,8 @@ void bench(const Shape& s) {
         time_ms([&] { cublas_rm<T>(false, false, R, s.N, s.M, a, s.M, b, s.N, c, cdt<T>(), s.N); });
   }
   auto tf = [&](float ms) { return flops / (ms * 1e-3) / 1e12; };
-  printf("| %-40s | %6.0f | %6.0f | %6.0f | %6.0f | %6.0f | %6.0f | %.1e |\n", s.name, tf(t1),
-         tf(t2), tf(t3), tf(t4), tf(tsb), tf(tdense), er.max_rel);
+  printf("| %-40s | %6.0f | %6.0f | %6.0f | %6.0f | %6.0f | %6.0f | %6.0f | %.1e |\n", s.name,
+         tf(t2), tf(t4), tf(t5), tf(t6), tf(tsb), tf(tper), tf(tdense), er.max_rel);
   cudaFree(a);
   cudaFree(b);
   cudaFree(c);
@@ -436,11 +490,16 @@ int main(int argc, char** argv) {
   CK(cudaGetDeviceProperties(&prop, 0));
   printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
   CB(cublasCreate(&g_h));
+  printf("sm_90a wgmma kernel available here: %s\n", sm90_available() ? "yes" : "no");
+  g_kernel = Kernel::kSm90;
+  correctness_rows<__nv_bfloat16, DefaultConfig, Sm90N256Bulk>();
+  correctness_rows<__nv_bfloat16, DefaultConfig, Sm90N256Direct>();
+  correctness_rows<__nv_bfloat16, DefaultConfig, Sm90N128Bulk>();
+  correctness_rows<__half, DefaultConfig, Sm90N256Bulk>();
+  correctness_rows<__half, DefaultConfig, Sm90N256Direct>();
+  g_kernel = Kernel::kMma;
   correctness<__nv_bfloat16, DefaultConfig>();
   correctness<__half, DefaultConfig>();
-  correctness<__nv_bfloat16, C128x128x64>();
-  correctness<__nv_bfloat16, C128x128x32>();
-  correctness<__nv_bfloat16, C128x256x64>();
   correctness<__nv_bfloat16, C256x128x64>();
   graph_follows_device_offsets();
   printf("correctness failures: %d\n", g_fail);
@@ -466,9 +525,10 @@ int main(int argc, char** argv) {
     cudaFree(c);
   }
   printf(
-      "| shape (E x rows, K -> N) | 128x128x32 s4 | 128x128x64 s3 (default) | 128x256x64 16 warps | "
-      "256x128x64 16 warps | cuBLAS strided-batched | dense same total | max rel err (vs "
-      "cuBLAS) |\n");
+      "| shape (E x rows, K -> N) | mma 128x128x64 s3 | wgmma 128x256 s4, direct stores | wgmma "
+      "128x256 s3, bulk-copy stores (default) | wgmma 128x128 s5, bulk-copy stores | cuBLAS "
+      "strided-batched | cuBLAS per expert | dense same total | max "
+      "rel err (vs cuBLAS) |\n");
   Shape shapes[] = {
       {"mixtral fc1 (8 x 2048, 4096 -> 14336) B^T", 8, 2048, 4096, 14336, true, false, 0},
       {"deepseek fc2 (32 x 1024, 2048 -> 7168)", 32, 1024, 2048, 7168, false, false, 0},

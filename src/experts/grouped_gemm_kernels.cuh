@@ -2,6 +2,8 @@
 // the output tiles of all groups, each group's size read from device-side offsets, so no host
 // sync is needed and the launch can be captured in a CUDA graph. bf16/f16 in, f32 accumulate,
 // tensor cores through mma.sync m16n8k16 (sm_80+), operands staged through a cp.async pipeline.
+// On compute capability 9.0 with an sm_90a build, the varying-M form runs the wgmma/TMA kernel
+// of experts/grouped_gemm_sm90.cuh instead (chosen at run time in run_varying_m).
 // All matrices row-major. Raw pointers only; run_varying_m / run_varying_k at the end check the
 // sizes and launch (experts/grouped_gemm_cuda.cu instantiates them for the library).
 #pragma once
@@ -417,9 +419,21 @@ inline void check_alignment(const void* a, const void* b, const void* c, const c
 // The default tile shape.
 using DefaultConfig = TileConfig<128, 128, 64, 3, 2, 4, 2>;
 
-template <class T, class Cfg = DefaultConfig>
+// Which kernel run_varying_m uses: kAuto takes the sm_90a wgmma kernel where it is available
+// (compute capability 9.0, sm_90a build, the groups' tile prefix fits in shared memory), else
+// mma.sync; the others force one (kSm90 falls back to mma.sync where unavailable).
+enum class Kernel { kAuto, kMma, kSm90 };
+
+}  // namespace switchyard::grouped_gemm_detail
+
+#include "experts/grouped_gemm_sm90.cuh"
+
+namespace switchyard::grouped_gemm_detail {
+
+template <class T, class Cfg = DefaultConfig, class Sm90Cfg = Sm90DefaultConfig>
 void run_varying_m(const T* a, const T* b, bool trans_b, T* c, const index_t* offsets,
-                   index_t num_groups, index_t rows, index_t n, index_t k, cudaStream_t stream) {
+                   index_t num_groups, index_t rows, index_t n, index_t k, cudaStream_t stream,
+                   Kernel kernel = Kernel::kAuto) {
   SY_CHECK(num_groups >= 1 && num_groups < (1 << 20), "grouped_gemm: ", num_groups,
            " groups, expected 1 to 2^20");
   SY_CHECK(n % 8 == 0 && k % 8 == 0, "grouped_gemm: N=", n, " and K=", k,
@@ -431,6 +445,10 @@ void run_varying_m(const T* a, const T* b, bool trans_b, T* c, const index_t* of
            "grouped_gemm: ", rows, " rows x N=", n, " exceed 2^31 tiles");
   if (rows == 0 || n == 0) return;
   check_alignment(a, b, c, "grouped_gemm");
+  if (kernel != Kernel::kMma && k > 0 && sm90_available() && sm90_fits<Sm90Cfg>(num_groups)) {
+    launch_sm90<T, Sm90Cfg>(a, b, trans_b, c, offsets, num_groups, rows, n, k, stream);
+    return;
+  }
   if (trans_b) {
     Params<T, Form::kRowsBt> p{a,
                                b,

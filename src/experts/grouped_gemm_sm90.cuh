@@ -1,0 +1,591 @@
+// Hopper (sm_90a) grouped GEMM for the varying-M form over the packed expert layout:
+// C[off[e]:off[e+1], :N] = A[rows of e, :K] · op(B[e]). Same contract as the mma.sync kernel in
+// experts/grouped_gemm_kernels.cuh (which includes this file and chooses between the two at run
+// time): persistent CTAs over the tiles of all groups, per-group tile counts from the device
+// offsets, no host sync.
+//
+// One CTA computes a 128 x BN tile with three warpgroups: warpgroup 0 is the producer (one
+// thread issues TMA tensor copies of the A and B k-tiles, 64 deep, 128-byte swizzle, into a
+// ring of shared-memory stages guarded by full/empty mbarriers), warpgroups 1 and 2 are the
+// consumers (each 64 rows of the tile: wgmma m64nBNk16 from shared memory, f32 accumulators in
+// registers, one wgmma group in flight). A tile's rows past its group's end (the next group's
+// rows, or zeros past R) are loaded and computed but masked at the store; B's columns past N
+// and the k-tail past K are zero-filled by the copy engine. B [E, N, K] (trans_b) is K-major in
+// shared memory; B [E, K, N] is N-major (64-column boxes) and read through wgmma's transpose bit.
+// The default epilogue stages the tile in shared memory and sends each valid row out with an
+// asynchronous bulk copy, so the stores drain while the next tile's MMAs run.
+//
+// The device code exists only in sm_90a compiles (__CUDA_ARCH_FEAT_SM90_ALL); in other passes
+// the kernels are empty, and sm90_available() tells the host whether the code loaded for the
+// current device is the sm_90a build. Tensor maps are encoded on the host with
+// cuTensorMapEncodeTiled, reached through cudaGetDriverEntryPointByVersion (no -lcuda).
+#pragma once
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <type_traits>
+
+#include "core/cuda_check.cuh"
+#include "switchyard/error.h"
+#include "switchyard/index.h"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SY_GG_SM90_DEVICE 1
+#endif
+
+namespace switchyard::grouped_gemm_detail {
+
+// kBulkStore: the epilogue writes the tile to shared memory and its valid rows leave through
+// asynchronous bulk copies (cp.async.bulk, one per row), so the next tile's MMAs start while
+// they drain; otherwise each thread stores its accumulators straight to global memory.
+template <int BN_, int kStages_, bool kBulkStore_>
+struct Sm90Config {
+  static constexpr int BM = 128, BN = BN_, BK = 64, kStages = kStages_;
+  static constexpr bool kBulkStore = kBulkStore_;
+  static constexpr int kThreads = 384;  // producer warpgroup + 2 consumer warpgroups
+  static constexpr int kABytes = BM * BK * 2;
+  static constexpr int kBBytes = BN * BK * 2;
+  static constexpr int kStageBytes = kABytes + kBBytes;
+  // Output staging rows: 16 bytes of padding put a warp's 8 fragment rows in distinct banks.
+  static constexpr int kCLd = BN + 8;
+  static constexpr int kCOffset = kStages * kStageBytes;
+  static constexpr int kCBytes = kBulkStore ? BM * kCLd * 2 : 0;
+  // Stages (1024-byte aligned for the 128-byte swizzle), the output staging tile, then
+  // 2 x kStages mbarriers, then the per-group tile prefix; 1024 bytes of slack to align the
+  // dynamic shared memory base.
+  static constexpr int kBarOffset = kCOffset + kCBytes;
+  static constexpr int kPrefixOffset = kBarOffset + 2 * kStages * 8;
+  static int smem_bytes(int num_groups) { return 1024 + kPrefixOffset + (num_groups + 1) * 4; }
+  static_assert(BN == 128 || BN == 256, "BN is 128 or 256");
+};
+
+struct Sm90Params {
+  void* c;
+  const index_t* offsets;
+  int num_groups;
+  index_t rows;
+  int n, k;
+};
+
+#if defined(SY_GG_SM90_DEVICE)
+namespace sm90 {
+
+__device__ __forceinline__ std::uint32_t smem_addr(const void* p) {
+  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(std::uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(std::uint32_t bar, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(std::uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(std::uint32_t bar, std::uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_2d(std::uint32_t dst, const CUtensorMap* map,
+                                            std::uint32_t bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, "
+      "%4}], [%2];\n" ::"r"(dst),
+      "l"(map), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_3d(std::uint32_t dst, const CUtensorMap* map,
+                                            std::uint32_t bar, int c0, int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, "
+      "%4, %5}], [%2];\n" ::"r"(dst),
+      "l"(map), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// Keeps the compiler from moving accumulator reads/writes across wgmma fences and waits.
+__device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+// Shared-memory matrix descriptor, 128-byte swizzle: start address, leading byte offset (the
+// N-major layout's stride between 64-column blocks; unused for K-major), stride byte offset (8
+// rows of 128 bytes).
+__device__ __forceinline__ std::uint64_t smem_desc(std::uint32_t addr, std::uint32_t lbo) {
+  std::uint64_t d = 0;
+  d |= static_cast<std::uint64_t>((addr & 0x3FFFF) >> 4);
+  d |= static_cast<std::uint64_t>((lbo >> 4) & 0x3FFF) << 16;
+  d |= static_cast<std::uint64_t>(1024 >> 4) << 32;
+  d |= static_cast<std::uint64_t>(1) << 62;
+  return d;
+}
+
+template <int kTransB>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], std::uint64_t da, std::uint64_t db,
+                                                 int scale_d, __nv_bfloat16) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %67, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
+      "}, %64, %65, p, 1, 1, 0, %66;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63])
+      : "l"(da), "l"(db), "n"(kTransB), "r"(scale_d));
+}
+template <int kTransB>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], std::uint64_t da, std::uint64_t db,
+                                                 int scale_d, __half) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %67, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+      "{"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
+      "}, %64, %65, p, 1, 1, 0, %66;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63])
+      : "l"(da), "l"(db), "n"(kTransB), "r"(scale_d));
+}
+template <int kTransB>
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], std::uint64_t da,
+                                                 std::uint64_t db, int scale_d, __nv_bfloat16) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %131, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,"
+      "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"
+      "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"
+      "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"
+      "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127"
+      "}, %128, %129, p, 1, 1, 0, %130;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]),
+        "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]),
+        "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]),
+        "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]),
+        "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]),
+        "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]),
+        "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]),
+        "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]),
+        "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(da), "l"(db), "n"(kTransB), "r"(scale_d));
+}
+template <int kTransB>
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], std::uint64_t da,
+                                                 std::uint64_t db, int scale_d, __half) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %131, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+      "{"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,"
+      "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"
+      "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"
+      "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"
+      "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127"
+      "}, %128, %129, p, 1, 1, 0, %130;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]),
+        "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]),
+        "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]),
+        "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]),
+        "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]),
+        "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]),
+        "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]),
+        "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]),
+        "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(da), "l"(db), "n"(kTransB), "r"(scale_d));
+}
+
+template <int BN, int kTransB, class T>
+__device__ __forceinline__ void wgmma_tile(float (&d)[BN / 2], std::uint64_t da, std::uint64_t db,
+                                           int scale_d) {
+  if constexpr (BN == 128)
+    wgmma_m64n128k16<kTransB>(d, da, db, scale_d, T{});
+  else
+    wgmma_m64n256k16<kTransB>(d, da, db, scale_d, T{});
+}
+
+}  // namespace sm90
+#endif  // SY_GG_SM90_DEVICE
+
+// Tile counts use tile_prefix (grouped_gemm_kernels.cuh) through this shape description.
+template <class Cfg>
+struct Sm90PrefixCfg {
+  static constexpr int BM = Cfg::BM, BN = Cfg::BN, kThreads = Cfg::kThreads;
+};
+
+template <class T, class Cfg, bool kTransB>
+__global__ void __launch_bounds__(384, 1)
+    grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tma_a,
+                             const __grid_constant__ CUtensorMap tma_b, const Sm90Params p) {
+#if defined(SY_GG_SM90_DEVICE)
+  using namespace sm90;
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, kStages = Cfg::kStages;
+  extern __shared__ unsigned char smem_raw[];
+  const std::uint32_t raw_u = smem_addr(smem_raw);
+  const std::uint32_t pad = ((raw_u + 1023) & ~1023u) - raw_u;
+  unsigned char* smem = smem_raw + pad;
+  const std::uint32_t smem_u = raw_u + pad;
+  const std::uint32_t full_bar = smem_u + Cfg::kBarOffset;  // kStages x 8 bytes
+  const std::uint32_t empty_bar = full_bar + kStages * 8;   // kStages x 8 bytes
+  int* tile_start = reinterpret_cast<int*>(smem + Cfg::kPrefixOffset);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full_bar + 8 * s, 1);   // the producer's expect_tx arrival
+      mbar_init(empty_bar + 8 * s, 8);  // one arrival per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  {
+    Params<T, kTransB ? Form::kRowsBt : Form::kRowsB> pp{
+        nullptr, nullptr, nullptr, p.offsets, p.num_groups, p.rows, 0, p.n, p.k, 0.0f};
+    tile_prefix<Sm90PrefixCfg<Cfg>>(pp, tile_start);  // ends with __syncthreads
+  }
+  const int total = tile_start[p.num_groups];
+  const int ktiles = (p.k + BK - 1) / BK;
+  auto clamp_lo_hi = [&](int e, index_t& lo, index_t& hi) {
+    lo = p.offsets[e];
+    hi = p.offsets[e + 1];
+    lo = lo < 0 ? 0 : lo > p.rows ? p.rows : lo;
+    hi = hi < lo ? lo : hi > p.rows ? p.rows : hi;
+  };
+
+  if (warp < 4) {
+    // Producer warpgroup: one thread issues every copy.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (warp == 0 && lane == 0) {
+      int stage = 0;
+      std::uint32_t phase = 0;
+      int e = 0;
+      for (int t = blockIdx.x; t < total; t += gridDim.x) {
+        while (tile_start[e + 1] <= t) ++e;
+        index_t lo, hi;
+        clamp_lo_hi(e, lo, hi);
+        const int tiles_m = static_cast<int>((hi - lo + BM - 1) / BM);
+        const int local = t - tile_start[e];
+        const int m0 = (local % tiles_m) * BM, n0 = (local / tiles_m) * BN;
+        const int row0 = static_cast<int>(lo) + m0;
+        for (int kt = 0; kt < ktiles; ++kt) {
+          mbar_wait(empty_bar + 8 * stage, phase ^ 1);
+          const std::uint32_t sa = smem_u + stage * Cfg::kStageBytes, sb = sa + Cfg::kABytes;
+          const std::uint32_t fb = full_bar + 8 * stage;
+          mbar_expect_tx(fb, Cfg::kStageBytes);
+          tma_load_2d(sa, &tma_a, fb, kt * BK, row0);
+          if constexpr (kTransB) {
+            tma_load_3d(sb, &tma_b, fb, kt * BK, n0, e);
+          } else {
+#pragma unroll
+            for (int j = 0; j < BN / 64; ++j)
+              tma_load_3d(sb + j * (64 * BK * 2), &tma_b, fb, n0 + j * 64, kt * BK, e);
+          }
+          if (++stage == kStages) {
+            stage = 0;
+            phase ^= 1;
+          }
+        }
+      }
+    }
+  } else {
+    // Consumer warpgroups: rows [64 wg, 64 wg + 64) of each tile.
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int wg = warp / 4 - 1, wtid = tid % 128;
+    int stage = 0;
+    std::uint32_t phase = 0;
+    int e = 0;
+    float acc[BN / 2];
+    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+      while (tile_start[e + 1] <= t) ++e;
+      index_t lo, hi;
+      clamp_lo_hi(e, lo, hi);
+      const int rows_e = static_cast<int>(hi - lo);
+      const int tiles_m = (rows_e + BM - 1) / BM;
+      const int local = t - tile_start[e];
+      const int m0 = (local % tiles_m) * BM, n0 = (local / tiles_m) * BN;
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
+      int prev = -1;
+      for (int kt = 0; kt < ktiles; ++kt) {
+        mbar_wait(full_bar + 8 * stage, phase);
+        const std::uint32_t sa = smem_u + stage * Cfg::kStageBytes + wg * (64 * 128);
+        const std::uint32_t sb = smem_u + stage * Cfg::kStageBytes + Cfg::kABytes;
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+          const std::uint64_t da = smem_desc(sa + kk * 32, 16);
+          const std::uint64_t db =
+              kTransB ? smem_desc(sb + kk * 32, 16) : smem_desc(sb + kk * 16 * 128, 64 * BK * 2);
+          wgmma_tile<BN, kTransB ? 0 : 1, T>(acc, da, db, 1);
+        }
+        wgmma_commit();
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+        wgmma_wait<1>();  // the k-tile before this one is done: release its stage
+        if (prev >= 0 && lane == 0) mbar_arrive(empty_bar + 8 * prev);
+        prev = stage;
+        if (++stage == kStages) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+      wgmma_wait<0>();
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+      if (prev >= 0 && lane == 0) mbar_arrive(empty_bar + 8 * prev);
+
+      // Epilogue (fragment of wgmma m64nN: warp w of the warpgroup holds rows 16w..16w+15,
+      // pairs of columns per thread): round to T, mask the rows past the group and the columns
+      // past N.
+      const int rows_valid = rows_e - m0 - wg * 64, cols_valid = p.n - n0;
+      T* gc = static_cast<T*>(p.c) + offset_of(lo + m0 + wg * 64, p.n) + n0;
+      const int r0 = (wtid / 32) * 16 + lane / 4, c0 = (lane % 4) * 2;
+      if constexpr (Cfg::kBulkStore) {
+        unsigned char* cbuf = smem + Cfg::kCOffset + wg * 64 * Cfg::kCLd * 2;
+        if (wtid < 64) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+        named_barrier(1 + wg, 128);  // the previous tile's copies have read the buffer
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            *reinterpret_cast<std::uint32_t*>(cbuf + ((r0 + h * 8) * Cfg::kCLd + j * 8 + c0) * 2) =
+                pack2<T>(acc[j * 4 + 2 * h], acc[j * 4 + 2 * h + 1]);
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        named_barrier(1 + wg, 128);
+        if (wtid < 64) {
+          if (wtid < rows_valid) {
+            const int bytes = (cols_valid < BN ? cols_valid : BN) * 2;
+            asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(
+                             gc + offset_of(wtid, p.n)),
+                         "r"(smem_addr(cbuf + wtid * Cfg::kCLd * 2)), "r"(bytes)
+                         : "memory");
+          }
+          asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+          const int col = j * 8 + c0;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int row = r0 + h * 8;
+            if (row < rows_valid && col < cols_valid)
+              *reinterpret_cast<std::uint32_t*>(gc + offset_of(row, p.n) + col) =
+                  pack2<T>(acc[j * 4 + 2 * h], acc[j * 4 + 2 * h + 1]);
+          }
+        }
+      }
+    }
+    if constexpr (Cfg::kBulkStore) {
+      if (wtid < 64) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+    }
+  }
+#endif  // SY_GG_SM90_DEVICE
+}
+
+// Marks the sm_90a build: static shared memory only where the sm_90a code was compiled, which
+// the host sees through cudaFuncGetAttributes.
+__global__ void grouped_gemm_sm90_probe_kernel(int* out) {
+#if defined(SY_GG_SM90_DEVICE)
+  __shared__ int s[64];
+  s[threadIdx.x % 64] = static_cast<int>(threadIdx.x);
+  __syncthreads();
+  if (out) out[threadIdx.x] = s[63 - threadIdx.x % 64];
+#endif
+}
+
+// True when the current device has compute capability 9.0 and runs the sm_90a build of these
+// kernels (cached per device; a host query, no sync, fine during graph capture).
+inline bool sm90_available() {
+  static std::atomic<int> cached[64] = {};  // 0 unknown, 1 no, 2 yes
+  int device = 0;
+  SY_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < 0 || device >= 64) return false;
+  int v = cached[device].load();
+  if (v == 0) {
+    int major = 0, minor = 0;
+    SY_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    SY_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    bool ok = major == 9 && minor == 0;
+    if (ok) {
+      cudaFuncAttributes attr{};
+      ok = cudaFuncGetAttributes(&attr, grouped_gemm_sm90_probe_kernel) == cudaSuccess &&
+           attr.sharedSizeBytes > 0 && attr.binaryVersion == 90;
+      (void)cudaGetLastError();
+    }
+    v = ok ? 2 : 1;
+    cached[device].store(v);
+  }
+  return v == 2;
+}
+
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    SY_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000,
+                                                   cudaEnableDefault, &q));
+    SY_CHECK(q == cudaDriverEntryPointSuccess && f != nullptr,
+             "grouped_gemm: cuTensorMapEncodeTiled is not available from the driver");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// Row-major tensor of `rank` dims (dims[0] innermost, elements), strides in bytes of dims 1...
+template <class T>
+CUtensorMap make_tensor_map(const void* base, int rank, const std::uint64_t* dims,
+                            const std::uint64_t* strides, const std::uint32_t* box) {
+  CUtensorMap map;
+  const std::uint32_t elem_strides[3] = {1, 1, 1};
+  const CUtensorMapDataType dt = std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                           : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const CUresult r = tensor_map_encoder()(
+      &map, dt, static_cast<cuuint32_t>(rank), const_cast<void*>(base),
+      reinterpret_cast<const cuuint64_t*>(dims), reinterpret_cast<const cuuint64_t*>(strides),
+      reinterpret_cast<const cuuint32_t*>(box), reinterpret_cast<const cuuint32_t*>(elem_strides),
+      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  SY_CHECK(r == CUDA_SUCCESS, "grouped_gemm: cuTensorMapEncodeTiled failed (", static_cast<int>(r),
+           ")");
+  return map;
+}
+
+// Whether the groups' tile prefix fits in shared memory next to the stages of Cfg.
+template <class Cfg>
+bool sm90_fits(index_t num_groups) {
+  int device = 0, max_smem = 0;
+  SY_CUDA_CHECK(cudaGetDevice(&device));
+  SY_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return Cfg::smem_bytes(static_cast<int>(num_groups)) <= max_smem;
+}
+
+template <class T, class Cfg>
+void launch_sm90(const T* a, const T* b, bool trans_b, T* c, const index_t* offsets,
+                 index_t num_groups, index_t rows, index_t n, index_t k, cudaStream_t stream) {
+  const std::uint64_t es = sizeof(T);
+  const std::uint64_t dims_a[2] = {static_cast<std::uint64_t>(k), static_cast<std::uint64_t>(rows)};
+  const std::uint64_t strides_a[1] = {static_cast<std::uint64_t>(k) * es};
+  const std::uint32_t box_a[2] = {Cfg::BK, Cfg::BM};
+  const CUtensorMap map_a = make_tensor_map<T>(a, 2, dims_a, strides_a, box_a);
+  CUtensorMap map_b;
+  if (trans_b) {  // [E, N, K]
+    const std::uint64_t dims[3] = {static_cast<std::uint64_t>(k), static_cast<std::uint64_t>(n),
+                                   static_cast<std::uint64_t>(num_groups)};
+    const std::uint64_t strides[2] = {static_cast<std::uint64_t>(k) * es,
+                                      static_cast<std::uint64_t>(n) * k * es};
+    const std::uint32_t box[3] = {Cfg::BK, Cfg::BN, 1};
+    map_b = make_tensor_map<T>(b, 3, dims, strides, box);
+  } else {  // [E, K, N], 64-column boxes
+    const std::uint64_t dims[3] = {static_cast<std::uint64_t>(n), static_cast<std::uint64_t>(k),
+                                   static_cast<std::uint64_t>(num_groups)};
+    const std::uint64_t strides[2] = {static_cast<std::uint64_t>(n) * es,
+                                      static_cast<std::uint64_t>(n) * k * es};
+    const std::uint32_t box[3] = {64, Cfg::BK, 1};
+    map_b = make_tensor_map<T>(b, 3, dims, strides, box);
+  }
+  const Sm90Params p{
+      c, offsets, static_cast<int>(num_groups), rows, static_cast<int>(n), static_cast<int>(k)};
+  const int smem = Cfg::smem_bytes(static_cast<int>(num_groups));
+  int device = 0, sms = 0;
+  SY_CUDA_CHECK(cudaGetDevice(&device));
+  SY_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  auto kernel =
+      trans_b ? grouped_gemm_sm90_kernel<T, Cfg, true> : grouped_gemm_sm90_kernel<T, Cfg, false>;
+  static std::atomic<int> cached_smem[64] = {};
+  SY_CHECK(device >= 0 && device < 64, "cuda:", device, " is out of range");
+  const int slot = device;  // one entry per device; both layouts raised together
+  if (cached_smem[slot].load() < smem) {
+    SY_CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_sm90_kernel<T, Cfg, true>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    SY_CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_sm90_kernel<T, Cfg, false>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    cached_smem[slot].store(smem);
+  }
+  const index_t bound = (rows / Cfg::BM + num_groups) * ((n + Cfg::BN - 1) / Cfg::BN);
+  const index_t grid = std::min<index_t>(sms, std::max<index_t>(bound, 1));
+  kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, smem, stream>>>(map_a, map_b, p);
+  SY_CUDA_CHECK_LAUNCH();
+}
+
+using Sm90DefaultConfig = Sm90Config<256, 3, true>;
+
+}  // namespace switchyard::grouped_gemm_detail
