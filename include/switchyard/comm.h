@@ -2,7 +2,8 @@
 // splits, all-gather with variable counts, all-reduce, barrier) over a group of ranks, with a
 // choice of all-to-all algorithm and a time limit on every collective.
 //
-// Backends: MPI (CPU tensors; this header needs no mpi.h). NCCL (GPU tensors) follows.
+// Backends: MPI (CPU tensors; this header needs no mpi.h) and NCCL (CUDA tensors of one GPU; this
+// header needs no CUDA or NCCL header either). See make_nccl_communicator below.
 //
 // Threading: a Communicator is used from one thread. Blocking calls return when the data is in
 // place. The start_* calls return a CommWork at once and run the collective on the
@@ -54,6 +55,10 @@ struct CommOptions {
   int local_size = 0;
   // Chunks per peer of kPipelined (>= 1).
   int pipeline_chunks = 4;
+  // NCCL backend: the GPU this rank's communicator (and its tensors) use. -1: from MPI
+  // (make_nccl_communicator(options)) the rank's index among the ranks on its machine modulo the
+  // GPU count; otherwise the calling thread's current CUDA device (an ncclComm_t: its own).
+  int cuda_device = -1;
 };
 
 // A caller's MPI communicator, passed without mpi.h: the address and size of an MPI_Comm
@@ -99,7 +104,8 @@ class Communicator {
   int rank() const;
   int size() const;
   int local_size() const;            // ranks per node (see CommOptions::local_size)
-  const char* backend_name() const;  // "mpi"
+  const char* backend_name() const;  // "mpi" or "nccl"
+  Device device() const;             // where its tensors live: cpu (MPI) or cuda:i (NCCL)
   A2AAlgorithm default_algorithm() const { return options_.algorithm; }
   // The algorithm a call with `algorithm` (or, with none, the default) runs: never kAuto.
   A2AAlgorithm resolve(std::optional<A2AAlgorithm> algorithm = std::nullopt) const;
@@ -175,5 +181,42 @@ std::shared_ptr<Communicator> make_mpi_communicator(const CommOptions& options =
 // less than MPI_THREAD_MULTIPLE, start_* calls run to completion before they return.
 std::shared_ptr<Communicator> make_mpi_communicator(MpiCommHandle comm,
                                                     const CommOptions& options = {});
+
+// ---- NCCL ----------------------------------------------------------------------------------
+//
+// The NCCL backend: tensors on the communicator's GPU (device()), collectives through NCCL
+// (grouped ncclSend/ncclRecv for all_to_all(_v) and variable all_gather_v, ncclAllGather for
+// equal counts, ncclAllReduce for all_reduce and barrier). Each collective is ordered after the
+// work already queued on the calling thread's current stream (current_stream(device())) and the
+// stream's later work after it; the call returns when the data is in place. Small host arrays
+// (exchange_counts, the vector all_reduce overloads) are staged through the GPU. start_* calls
+// run to completion on the calling thread before they return (GPU overlap comes from queueing
+// compute on another stream first). Only kFlat is available over NCCL for now: kAuto resolves
+// to it, k2DH and kPipelined throw (the hierarchical layer is MPI's own, comm_mpi_a2a.cpp).
+//
+// Time limit: the communicator is non-blocking (ncclCommInitRankConfig, blocking = 0) and every
+// collective is polled (its completion event and ncclCommGetAsyncError); one not complete after
+// SWITCHYARD_COMM_TIMEOUT_SEC prints the same "switchyard: error: rank R: <collective> timed out
+// ..." line as the MPI backend, aborts the communicator (ncclCommAbort) and exits the process
+// with status 1 (mpirun then ends the job). An error NCCL reports (a peer failed) aborts the
+// communicator and throws Error. Not available in builds without CUDA and NCCL (throws Error).
+
+// From MPI (initialised when the caller has not, as make_mpi_communicator()): rank 0 makes an
+// ncclUniqueId and broadcasts it over MPI_COMM_WORLD; ranks and size are MPI's.
+std::shared_ptr<Communicator> make_nccl_communicator(const CommOptions& options = {});
+// From an id made by nccl_unique_id() on one rank and sent to the others by the caller (e.g.
+// over torch.distributed): every rank passes the same bytes, its rank and the world size.
+std::shared_ptr<Communicator> make_nccl_communicator(const std::string& unique_id, int rank,
+                                                     int size, const CommOptions& options = {});
+// A new ncclUniqueId as its NCCL_UNIQUE_ID_BYTES (128) bytes.
+std::string nccl_unique_id();
+// An existing ncclComm_t (passed as void*), which the caller keeps owning: it must outlive the
+// Communicator. Its own GPU is used; CommOptions::cuda_device must be -1 or that GPU. A blocking
+// communicator is polled all the same, but a stalled peer may then block inside NCCL calls.
+struct NcclCommHandle {
+  void* comm = nullptr;  // ncclComm_t
+};
+std::shared_ptr<Communicator> make_nccl_communicator(NcclCommHandle comm,
+                                                     const CommOptions& options = {});
 
 }  // namespace switchyard
