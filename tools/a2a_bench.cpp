@@ -5,6 +5,7 @@
 //   ms          median over --iters timed calls after --warmup; each call's time is the slowest
 //               rank's, each call starts after a barrier
 //   algbw_GBps  bytes / time;  busbw_GBps = algbw * (n - 1) / n
+// --backend nccl moves CUDA tensors through the NCCL communicator (one rank per GPU).
 // Every (algorithm, size) is checked element by element before it is timed.
 #include <fmt/core.h>
 
@@ -36,6 +37,7 @@ struct A2ABenchFlags {
   int iters = 10;
   int warmup = 2;
   int pipeline_chunks = 4;
+  std::string backend = "mpi";
   std::string out;
 };
 
@@ -50,17 +52,21 @@ float code(int src, int dst, int n, index_t i) {
   return static_cast<float>((src * n + dst) * 4096 + i % 4096);
 }
 
-void fill_send(const Tensor& send, int me, int n, index_t per_peer) {
-  float* s = send.data<float>();
+// send: on the communicator's device, filled through a host copy.
+void fill_send(Tensor send, int me, int n, index_t per_peer) {
+  const Tensor host = Tensor::empty(send.sizes(), DType::kF32);
+  float* s = host.data<float>();
   for (int p = 0; p < n; ++p) {
     for (index_t i = 0; i < per_peer; ++i) s[p * per_peer + i] = code(me, p, n, i);
   }
+  send.copy_from(host);
 }
 
 // Whether every rank received what its peers sent (collective: all ranks agree).
 bool received_right(Communicator& comm, const Tensor& recv, index_t per_peer) {
   const int n = comm.size(), me = comm.rank();
-  const float* r = recv.data<float>();
+  const Tensor host = recv.to(Device::cpu());
+  const float* r = host.data<float>();
   std::int64_t bad = 0;
   for (int p = 0; p < n; ++p) {
     for (index_t i = 0; i < per_peer; ++i) bad += r[p * per_peer + i] != code(p, me, n, i);
@@ -82,7 +88,13 @@ int run_a2a_bench(const A2ABenchFlags& f) {
   options.pipeline_chunks = f.pipeline_chunks;
   std::shared_ptr<Communicator> comm;
   try {
-    comm = make_mpi_communicator(options);
+    if (f.backend == "nccl") {
+      comm = make_nccl_communicator(options);
+    } else if (f.backend == "mpi") {
+      comm = make_mpi_communicator(options);
+    } else {
+      throw UsageError(fmt::format("--backend: expected mpi or nccl, got '{}'", f.backend));
+    }
     for (A2AAlgorithm a : algorithms) comm->resolve(a);  // throws for an impossible one
   } catch (const Error& e) {
     throw UsageError(e.what());
@@ -98,7 +110,7 @@ int run_a2a_bench(const A2ABenchFlags& f) {
     out.open(path, std::ios::app);
     if (!out) throw UsageError(fmt::format("--out: cannot open '{}' for appending", f.out));
   }
-  const std::string device = device_description(Device::cpu());
+  const std::string device = device_description(comm->device());
   const std::string date = iso_date_utc();
   const std::string commit = root ? git_commit() : "";
 
@@ -107,8 +119,8 @@ int run_a2a_bench(const A2ABenchFlags& f) {
   for (std::int64_t bytes = f.min_bytes; bytes <= f.max_bytes; bytes *= 2) {
     const index_t per_peer = bytes / (4 * n);
     if (per_peer == 0) continue;
-    const Tensor send = Tensor::empty({per_peer * n}, DType::kF32);
-    Tensor recv = Tensor::empty({per_peer * n}, DType::kF32);
+    const Tensor send = Tensor::empty({per_peer * n}, DType::kF32, comm->device());
+    Tensor recv = Tensor::empty({per_peer * n}, DType::kF32, comm->device());
     fill_send(send, me, n, per_peer);
     const std::int64_t sent_bytes = per_peer * n * 4;
     for (A2AAlgorithm a : algorithms) {
@@ -182,6 +194,8 @@ Command add_a2a_bench_command(CLI::App& app) {
   sub->add_option("--warmup", f.warmup, "Untimed calls first")->check(at_least(0));
   sub->add_option("--pipeline_chunks", f.pipeline_chunks, "Chunks per peer of 'pipelined'")
       ->check(at_least(1));
+  sub->add_option("--backend", f.backend,
+                  "mpi (CPU tensors) or nccl (CUDA tensors, one GPU a rank)");
   sub->add_option("--out", f.out, "Also append the JSON lines to this file (rank 0)");
   return [flags] { return run_a2a_bench(*flags); };
 }
