@@ -63,7 +63,7 @@ std::string nccl_message(ncclResult_t result, ncclComm_t comm) {
 }
 
 // Prints the time-limit error, aborts the communicator and ends the process. ncclCommAbort may
-// itself wait for the stuck kernels: it gets a few seconds on another thread, then the process
+// itself wait for the stuck kernels: it gets 3 seconds on another thread, then the process
 // exits regardless (mpirun ends the other ranks when one exits non-zero).
 [[noreturn]] void abort_timed_out(ncclComm_t comm, int rank, const char* what, double seconds) {
   std::fprintf(stderr,
@@ -79,7 +79,7 @@ std::string nccl_message(ncclResult_t result, ncclComm_t comm) {
       aborted = true;
     }).detach();
     const auto start = Clock::now();
-    while (!aborted && seconds_since(start) < 5) {
+    while (!aborted && seconds_since(start) < 3) {
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
   }
