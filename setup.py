@@ -29,10 +29,11 @@ def core_sources():
     srcs = []
     for stage in stages:
         srcs += sorted(glob.glob(os.path.join(ROOT, "src", stage, "*.cpp")))
-    # The communication stage without MPI: its backend-neutral files and the no-MPI stub.
+    # The communication stage without MPI and NCCL: its backend-neutral files, the no-MPI stub
+    # and the NCCL factories (which then throw a clear error).
     for path in sorted(glob.glob(os.path.join(ROOT, "src", "comm", "*.cpp"))):
         name = os.path.basename(path)
-        if "_mpi" in name and "no_mpi" not in name:
+        if ("_mpi" in name and "no_mpi" not in name) or name == "comm_nccl.cpp":
             continue
         srcs.append(path)
     return [rel(s) for s in srcs]

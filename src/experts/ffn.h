@@ -55,7 +55,7 @@ class FfnExperts final : public ExpertNetwork {
   // several forwards alive at once (the expert-parallel overlap pipeline's chunks). forward_into
   // fills `saved` (when not null); backward_from accumulates the parameter gradients.
   Tensor forward_into(const Tensor& rows, const Tensor& offsets, Saved* saved);
-  Tensor backward_from(const Tensor& drows_out, const Saved& saved);
+  Tensor backward_from(const Tensor& drows_out, Saved saved);  // frees what it no longer needs
 
  private:
   FfnShape shape_;
@@ -79,6 +79,6 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
                         const Tensor& offsets, std::vector<index_t> host_offsets,
                         FfnExperts::Saved& saved);
 Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Parameter& fc1_b,
-                         Parameter& fc2_b, const Tensor& dy, const FfnExperts::Saved& saved);
+                         Parameter& fc2_b, const Tensor& dy, FfnExperts::Saved saved);
 
 }  // namespace switchyard

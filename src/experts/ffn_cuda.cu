@@ -306,7 +306,7 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
 }
 
 Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Parameter& fc1_b,
-                         Parameter& fc2_b, const Tensor& dy_in, const FfnExperts::Saved& sv) {
+                         Parameter& fc2_b, const Tensor& dy_in, FfnExperts::Saved sv) {
   const Device dev = dy_in.device();
   DeviceScope scope(dev.index);
   const cudaStream_t stream = as_cuda_stream(current_stream(dev).handle);
@@ -317,9 +317,10 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
   const std::vector<index_t>& off = sv.offsets;
   const bool grouped = sv.grouped;
   const Tensor dy = dy_in.to(s.dtype).contiguous();
-  Tensor da = Tensor::empty({R, hid}, s.dtype, dev), dh = Tensor::empty({R, h1}, s.dtype, dev);
-  Tensor dx;  // allocated once da is freed: the two are never alive together
-  const Tensor& off_dev = sv.device_offsets;
+  // Each buffer is freed once its last reader is queued (stream-ordered), so that at most x, h,
+  // dy and two gradient buffers are alive at once.
+  Tensor da = Tensor::empty({R, hid}, s.dtype, dev), dh, dx;
+  const Tensor off_dev = sv.device_offsets;
   dispatch_float_cuda(s.dtype, "ffn_backward_cuda", [&](auto tag) {
     using T = decltype(tag);
     const T* dyp = static_cast<const T*>(dy.data_ptr());
@@ -331,7 +332,6 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
     T* g1 = static_cast<T*>(fc1_w.grad.data_ptr());
     T* g2 = static_cast<T*>(fc2_w.grad.data_ptr());
     T* dap = static_cast<T*>(da.data_ptr());
-    T* dhp = static_cast<T*>(dh.data_ptr());
     const index_t* offp = off_dev.data<index_t>();
     if (grouped) {  // da = dy · fc2_wᵀ ; d fc2_w += actᵀ · dy
       grouped_varying_m<T>(dyp, w2, true, dap, offp, E, R, hid, d, stream);
@@ -347,6 +347,9 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
                 batch);
       });
     }
+    sv.a = Tensor();
+    dh = Tensor::empty({R, h1}, s.dtype, dev);
+    T* dhp = static_cast<T*>(dh.data_ptr());
     if (R > 0) {
       with_pack_width<T>(hid, {dap, hp, dhp}, [&](auto v) {
         activation_backward<T, v()><<<row_blocks(R), 256, 0, stream>>>(
@@ -354,7 +357,8 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
       });
       SY_CUDA_CHECK_LAUNCH();
     }
-    da = Tensor();  // stream-ordered: its memory is reused by dx
+    da = Tensor();
+    sv.h = Tensor();
     dx = Tensor::empty({R, d}, s.dtype, dev);
     T* dxp = static_cast<T*>(dx.data_ptr());
     if (grouped) {  // d fc1_w += dhᵀ · x ; dx = dh · fc1_w
