@@ -495,7 +495,11 @@ void Communicator::check_same_on_all_ranks(const std::string& name,
   const Tensor mine = Tensor::from_blob(const_cast<std::int64_t*>(values.data()),
                                         {static_cast<index_t>(values.size())}, {}, DType::kI64);
   std::vector<index_t> counts;
-  const Tensor all = all_gather_v(values.empty() ? Tensor::empty({0}, DType::kI64) : mine, &counts);
+  // Gathered on the backend's device (NCCL: the GPU), compared on the host.
+  const Tensor all =
+      all_gather_v(values.empty() ? Tensor::empty({0}, DType::kI64, device()) : mine.to(device()),
+                   &counts)
+          .to(Device::cpu());
   const std::int64_t* v = all.numel() > 0 ? all.data<std::int64_t>() : nullptr;
   std::vector<std::vector<std::int64_t>> per_rank(n);
   index_t offset = 0;
