@@ -26,6 +26,27 @@ __global__ void fill_kernel(D* dst, D value, index_t n) {
     dst[i] = value;
 }
 
+// Row-major walk over `sizes` with element strides for both sides.
+struct StridedLayout {
+  int ndim;
+  index_t sizes[kMaxStridedDims], src_strides[kMaxStridedDims], dst_strides[kMaxStridedDims];
+};
+
+template <class S, class D>
+__global__ void strided_convert_kernel(const S* src, D* dst, StridedLayout l, index_t n) {
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    index_t rest = i, so = 0, dof = 0;
+    for (int k = l.ndim - 1; k >= 0; --k) {
+      const index_t c = rest % l.sizes[k];
+      rest /= l.sizes[k];
+      so += c * l.src_strides[k];
+      dof += c * l.dst_strides[k];
+    }
+    dst[dof] = store<D>(load(src[so]));
+  }
+}
+
 unsigned grid_for(index_t n) { return std::min(grid_size(n, 256), 65535u); }
 
 // Keep freed memory in the pool instead of returning it to the driver at each sync.
@@ -86,6 +107,33 @@ void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, index
       using D = decltype(d);
       convert_kernel<S, D><<<grid_for(n), 256, 0, as_cuda_stream(stream)>>>(
           static_cast<const S*>(src), static_cast<D*>(dst), n);
+      SY_CUDA_CHECK_LAUNCH();
+    });
+  });
+}
+
+void convert_strided(const void* src, DType src_dtype, const index_t* src_strides, void* dst,
+                     DType dst_dtype, const index_t* dst_strides, const index_t* sizes, int ndim,
+                     int device, void* stream) {
+  SY_CHECK(ndim <= kMaxStridedDims, "copy_from: strided CUDA copies support up to ",
+           kMaxStridedDims, " dimensions, got ", ndim);
+  StridedLayout l{};
+  l.ndim = ndim;
+  index_t n = 1;
+  for (int k = 0; k < ndim; ++k) {
+    l.sizes[k] = sizes[k];
+    l.src_strides[k] = src_strides[k];
+    l.dst_strides[k] = dst_strides[k];
+    n *= sizes[k];
+  }
+  if (n == 0) return;
+  DeviceScope scope(device);
+  dispatch_any_cuda(src_dtype, "convert_strided", [&](auto s) {
+    dispatch_any_cuda(dst_dtype, "convert_strided", [&](auto d) {
+      using S = decltype(s);
+      using D = decltype(d);
+      strided_convert_kernel<S, D><<<grid_for(n), 256, 0, as_cuda_stream(stream)>>>(
+          static_cast<const S*>(src), static_cast<D*>(dst), l, n);
       SY_CUDA_CHECK_LAUNCH();
     });
   });

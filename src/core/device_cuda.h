@@ -26,6 +26,11 @@ void copy(void* dst, const void* src, std::size_t bytes, CopyKind kind, int devi
 // dst[i] = convert(src[i]) for i < n on the stream (contiguous, any two dtypes).
 void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, index_t n, int device,
              void* stream);
+// The same over `sizes` (ndim <= kMaxStridedDims) with element strides on both sides (views).
+constexpr int kMaxStridedDims = 8;
+void convert_strided(const void* src, DType src_dtype, const index_t* src_strides, void* dst,
+                     DType dst_dtype, const index_t* dst_strides, const index_t* sizes, int ndim,
+                     int device, void* stream);
 // dst[i] = value for i < n (contiguous) on the stream.
 void fill(void* dst, DType dtype, double value, index_t n, int device, void* stream);
 

@@ -212,9 +212,11 @@ void copy_with_cuda(Tensor& dst, const Tensor& src) {
   if (dst.device().is_cuda() && src.device().is_cuda()) {
     SY_CHECK(dst.device() == src.device(), "copy_from: ", to_string(src.device()), " to ",
              to_string(dst.device()), " is not supported; copy through the host");
-    SY_CHECK(dst.is_contiguous() && src.is_contiguous(),
-             "copy_from: strided CUDA tensors are not supported yet; expected contiguous");
-    if (dst.dtype() == src.dtype()) {
+    if (!dst.is_contiguous() || !src.is_contiguous()) {
+      cuda::convert_strided(src.data_ptr(), src.dtype(), src.strides().data(), dst.data_ptr(),
+                            dst.dtype(), dst.strides().data(), dst.sizes().data(), dst.dim(),
+                            dev.index, stream);
+    } else if (dst.dtype() == src.dtype()) {
       cuda::copy(dst.data_ptr(), src.data_ptr(), bytes, cuda::CopyKind::kDeviceToDevice, dev.index,
                  stream);
     } else {
@@ -222,12 +224,18 @@ void copy_with_cuda(Tensor& dst, const Tensor& src) {
                     dev.index, stream);
     }
   } else if (dst.device().is_cuda()) {
-    SY_CHECK(dst.is_contiguous(), "copy_from: the CUDA destination must be contiguous");
+    if (!dst.is_contiguous()) {  // through a contiguous device copy
+      dst.copy_from(src.to(dst.dtype()).to(dst.device()));
+      return;
+    }
     const Tensor host = src.to(dst.dtype()).contiguous();
     cuda::copy(dst.data_ptr(), host.data_ptr(), bytes, cuda::CopyKind::kHostToDevice, dev.index,
                stream);
   } else {
-    SY_CHECK(src.is_contiguous(), "copy_from: the CUDA source must be contiguous");
+    if (!src.is_contiguous()) {  // through a contiguous device copy
+      dst.copy_from(src.contiguous());
+      return;
+    }
     Tensor host = Tensor::empty(src.sizes(), src.dtype());
     cuda::copy(host.data_ptr(), src.data_ptr(),
                static_cast<std::size_t>(src.numel()) * dtype_size(src.dtype()),
