@@ -88,7 +88,7 @@ TrainOptions to_options(const TrainFlags& f) {
     CommOptions co;
     if (o.a2a_algorithm) co.algorithm = *o.a2a_algorithm;
     try {
-      o.comm = make_mpi_communicator(co);
+      o.comm = c.device.is_cuda() ? make_nccl_communicator(co) : make_mpi_communicator(co);
     } catch (const Error& e) {
       throw UsageError(e.what());
     }

@@ -1,7 +1,6 @@
 #include "layer/expert_parallel.h"
 
 #include <bit>
-#include <cstring>
 #include <string>
 #include <utility>
 
@@ -14,25 +13,20 @@ namespace {
 constexpr std::uint64_t kExpertInitId = 2000;  // as MoELayer's (the values are replaced anyway)
 
 // src [rows, d] holds A*B blocks ordered (a, b) a-major, block (a, b) having count[a*B + b] rows;
-// returns the same blocks ordered (b, a) b-major. CPU.
+// returns the same blocks ordered (b, a) b-major, on src's device.
 Tensor transpose_blocks(const Tensor& src_in, index_t A, index_t B,
                         const std::vector<index_t>& count) {
   const Tensor src = src_in.contiguous();
   const index_t rows = src.size(0), d = src.size(1);
   Tensor dst = Tensor::empty({rows, d}, src.dtype(), src.device());
-  const std::size_t row_bytes = static_cast<std::size_t>(d) * dtype_size(src.dtype());
   std::vector<index_t> src_offset(static_cast<std::size_t>(A * B + 1), 0);
   for (index_t i = 0; i < A * B; ++i) src_offset[i + 1] = src_offset[i] + count[i];
   SY_ASSERT(src_offset[A * B] == rows, "transpose_blocks: counts do not cover the rows");
-  const auto* from = static_cast<const char*>(src.data_ptr());
-  auto* to = static_cast<char*>(dst.data_ptr());
   index_t pos = 0;
   for (index_t b = 0; b < B; ++b) {
     for (index_t a = 0; a < A; ++a) {
       const index_t n = count[a * B + b];
-      if (n > 0)
-        std::memcpy(to + pos * row_bytes, from + src_offset[a * B + b] * row_bytes,
-                    static_cast<std::size_t>(n) * row_bytes);
+      if (n > 0) dst.narrow(0, pos, n).copy_from(src.narrow(0, src_offset[a * B + b], n));
       pos += n;
     }
   }
@@ -349,9 +343,10 @@ Tensor ExpertParallel::forward_packed(const RoutingPlan& plan, const Tensor& buf
   s.send_count.resize(static_cast<std::size_t>(E));
   for (index_t e = 0; e < E; ++e) s.send_count[e] = off[e + 1] - off[e];
   std::vector<double> sc(s.send_count.begin(), s.send_count.end());
-  const Tensor send_count = Tensor::from_vector(sc, {E}, DType::kI64);
-  Tensor recv_count = Tensor::empty({E}, DType::kI64);
+  const Tensor send_count = Tensor::from_vector(sc, {E}, DType::kI64).to(comm_->device());
+  Tensor recv_count = Tensor::empty({E}, DType::kI64, comm_->device());
   comm_->all_to_all(send_count, recv_count, s.call.algorithm);
+  recv_count = recv_count.to(Device::cpu());
   const index_t* rc = recv_count.data<index_t>();
   s.recv_count.assign(rc, rc + E);  // [W, El]
 

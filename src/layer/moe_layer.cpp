@@ -124,7 +124,8 @@ MoELayer::MoELayer(const MoEConfig& cfg, std::shared_ptr<Gate> gate,
   }
   m.shard = ExpertShard{cfg.num_experts, cfg.num_experts, 0};
   if (comm) {
-    SY_CHECK(cfg.device.is_cpu(), "expert parallelism runs on CPU (MPI) for now; the layer is on ",
+    SY_CHECK(comm->device() == cfg.device, "the communicator works on ",
+             to_string(comm->device()), " (MPI: cpu, NCCL: its GPU), the layer on ",
              to_string(cfg.device));
     m.shard = expert_shard(cfg.num_experts, *comm);
   }
