@@ -329,4 +329,21 @@ Tensor route_backward_cpu(const MoEConfig& cfg, const RoutingPlan& plan, const R
   });
 }
 
+#ifndef SY_WITH_CUDA
+// Builds without the CUDA backend: nothing routes on a GPU.
+bool route_cuda_supports(const MoEConfig&, const RouteArgs&, index_t) { return false; }
+
+RoutingPlan route_cuda(const MoEConfig&, const RouteArgs&, const Tensor&, RouterState&,
+                       LossTensors&, Tensor&) {
+  SY_CHECK(false, "route_cuda: this build has no CUDA backend");
+  return {};
+}
+
+Tensor route_backward_cuda(const MoEConfig&, const RoutingPlan&, const RouterState&, const Tensor&,
+                           const LossWeights&) {
+  SY_CHECK(false, "route_backward_cuda: this build has no CUDA backend");
+  return {};
+}
+#endif
+
 }  // namespace switchyard
