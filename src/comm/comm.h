@@ -3,6 +3,7 @@
 // orders started work. Backends: comm_mpi*.cpp (CPU, MPI), later comm_nccl.cpp.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -19,6 +20,10 @@ namespace switchyard::comm {
 // default 300). LOCAL_SIZE: ranks per node (0 when unset).
 double timeout_seconds();
 int env_local_size();
+
+// One pause of a polling wait that began at `wait_start`: a yield for the first millisecond (ranks
+// may share cores), then short sleeps, then 1 ms sleeps after 100 ms (comm_env.cpp).
+void poll_backoff(std::chrono::steady_clock::time_point wait_start);
 
 // Counts and displacements are in elements of `elem_size` bytes; pointers are host (MPI) or
 // device (NCCL) memory of the backend's device. send and recv never overlap. Every call is

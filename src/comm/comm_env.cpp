@@ -1,7 +1,10 @@
 // The communication stage's environment knobs, each read once here (docs/environment.md).
+#include <sched.h>
+
 #include <cerrno>
 #include <cstdlib>
 #include <string>
+#include <thread>
 
 #include "comm/comm.h"
 #include "switchyard/error.h"
@@ -43,6 +46,17 @@ double timeout_seconds() {
 int env_local_size() {
   static const int n = read_local_size();
   return n;
+}
+
+void poll_backoff(std::chrono::steady_clock::time_point wait_start) {
+  const auto waited = std::chrono::steady_clock::now() - wait_start;
+  if (waited < std::chrono::milliseconds(1)) {
+    sched_yield();
+  } else if (waited < std::chrono::milliseconds(100)) {
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  } else {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
 }
 
 }  // namespace switchyard::comm

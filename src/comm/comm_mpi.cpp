@@ -3,13 +3,11 @@
 // (MPI_I*) and polled against the time limit. The hierarchical all-to-alls: comm_mpi_a2a.cpp.
 #include "comm/comm_mpi.h"
 
-#include <sched.h>
 
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <thread>
 #include <vector>
 
 namespace switchyard::comm {
@@ -179,15 +177,7 @@ void MpiBackend::wait(MPI_Request* requests, int count, const char* what, Clock:
     const auto now = Clock::now();
     const double seconds = std::chrono::duration<double>(now - start).count();
     if (seconds > timeout_seconds()) abort_timed_out(what, seconds);
-    // Spin (yielding: ranks may share cores) for a millisecond, then poll less often.
-    const auto waited = now - wait_start;
-    if (waited < std::chrono::milliseconds(1)) {
-      sched_yield();
-    } else if (waited < std::chrono::milliseconds(100)) {
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
-    } else {
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
+    poll_backoff(wait_start);
   }
 }
 

@@ -15,7 +15,6 @@
 
 #include <cuda_runtime.h>
 #include <nccl.h>
-#include <sched.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -41,18 +40,6 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
-}
-
-// Spin (yielding) for a millisecond, then poll less often, as the MPI backend's wait.
-void backoff(Clock::time_point wait_start) {
-  const auto waited = Clock::now() - wait_start;
-  if (waited < std::chrono::milliseconds(1)) {
-    sched_yield();
-  } else if (waited < std::chrono::milliseconds(100)) {
-    std::this_thread::sleep_for(std::chrono::microseconds(20));
-  } else {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
 }
 
 std::string nccl_message(ncclResult_t result, ncclComm_t comm) {
@@ -235,7 +222,7 @@ NcclBackend::~NcclBackend() {
           break;
         }
         if (state != ncclInProgress || seconds_since(start) > timeout_seconds()) break;
-        backoff(start);
+        poll_backoff(start);
       }
     }
     if (finalized) {
@@ -298,7 +285,7 @@ void NcclBackend::wait_ready(const char* what, Clock::time_point start) {
     if (state != ncclInProgress) fail(state, "(asynchronous)", what);
     const double seconds = seconds_since(start);
     if (seconds > timeout_seconds()) abort_timed_out(comm_, rank_, what, seconds);
-    backoff(wait_start);
+    poll_backoff(wait_start);
   }
 }
 
@@ -340,7 +327,7 @@ void NcclBackend::run(const char* what, const std::function<void(Clock::time_poi
     if (state != ncclSuccess && state != ncclInProgress) fail(state, "(asynchronous)", what);
     const double seconds = seconds_since(start);
     if (seconds > timeout_seconds()) abort_timed_out(comm_, rank_, what, seconds);
-    backoff(wait_start);
+    poll_backoff(wait_start);
   }
 }
 
