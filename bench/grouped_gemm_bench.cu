@@ -149,7 +149,7 @@ void check_rows(const char* name, const std::vector<index_t>& counts, index_t n,
   cudaFree(doff);
 }
 
-template <class T, class Cfg>
+template <class T, class Cfg, class Sm90Cfg = Sm90DefaultConfig>
 void check_outer(const char* name, const std::vector<index_t>& counts, index_t m, index_t n,
                  double beta) {
   std::vector<index_t> off(counts.size() + 1, 0);
@@ -164,7 +164,7 @@ void check_outer(const char* name, const std::vector<index_t>& counts, index_t m
     CK(cudaMemset(c, 0xff, E * m * n * sizeof(T)));
   auto c0 = download(c, E * m * n);
   index_t* doff = upload_off(off);
-  run_varying_k<T, Cfg>(a, b, c, doff, E, R, m, n, beta, 0);
+  run_varying_k<T, Cfg, Sm90Cfg>(a, b, c, doff, E, R, m, n, beta, 0, g_kernel);
   CK(cudaDeviceSynchronize());
   auto ha = download(a, R * m), hb = download(b, R * n), hc = download(c, E * m * n);
   std::vector<double> ref(E * m * n, 0.0);
@@ -179,9 +179,9 @@ void check_outer(const char* name, const std::vector<index_t>& counts, index_t m
   bool ok = er.max_rel < 2e-2;
   if (!ok) ++g_fail;
   printf(
-      "%-4s outer %-33s E=%-3ld R=%-6ld M=%-4ld N=%-4ld beta=%g max_rel=%.2e max_err/max_ref=%.2e "
-      "%s\n",
-      std::is_same_v<T, __half> ? "f16" : "bf16", name, (long)E, (long)R, (long)m, (long)n, beta,
+      "%-4s %-4s outer %-33s E=%-3ld R=%-6ld M=%-4ld N=%-4ld beta=%g max_rel=%.2e "
+      "max_err/max_ref=%.2e %s\n",
+      std::is_same_v<T, __half> ? "f16" : "bf16", g_kernel == Kernel::kSm90 ? "sm90" : "mma", name, (long)E, (long)R, (long)m, (long)n, beta,
       er.max_rel, er.worst_ref, ok ? "OK" : "FAIL");
   cudaFree(a);
   cudaFree(b);
@@ -210,6 +210,24 @@ void correctness_rows() {
                               392, 520, false);
   check_rows<T, Cfg, Sm90Cfg>("N=520 K=1000", {100, 0, 383, 129}, 520, 1000, false);
   check_rows<T, Cfg, Sm90Cfg>("N=520 K=1000", {100, 0, 383, 129}, 520, 1000, true);
+}
+
+template <class T, class Cfg, class Sm90Cfg>
+void correctness_outer() {
+  check_outer<T, Cfg, Sm90Cfg>("mixed 0,1,127,200,0,300", {0, 1, 127, 200, 0, 300}, 136, 264, 0.0);
+  check_outer<T, Cfg, Sm90Cfg>("mixed 0,1,127,200,0,300", {0, 1, 127, 200, 0, 300}, 136, 264, 1.0);
+  check_outer<T, Cfg, Sm90Cfg>("all rows in one", {0, 555, 0}, 8, 136, 0.0);
+  check_outer<T, Cfg, Sm90Cfg>("all rows in one", {0, 555, 0}, 264, 40, 1.0);
+  check_outer<T, Cfg, Sm90Cfg>("all rows in the last", {0, 0, 300}, 392, 520, 0.0);
+  check_outer<T, Cfg, Sm90Cfg>("no rows", {0, 0}, 64, 64, 0.0);
+  check_outer<T, Cfg, Sm90Cfg>("one row", {1}, 128, 256, 1.0);
+  check_outer<T, Cfg, Sm90Cfg>("many experts",
+                               std::vector<index_t>{7, 0, 1, 33, 128, 129, 255, 256, 3, 0, 64, 17},
+                               392, 520, 0.0);
+  check_outer<T, Cfg, Sm90Cfg>("many experts",
+                               std::vector<index_t>{7, 0, 1, 33, 128, 129, 255, 256, 3, 0, 64, 17},
+                               256, 768, 1.0);
+  check_outer<T, Cfg, Sm90Cfg>("long groups", {1000, 63, 2049}, 200, 136, 1.0);
 }
 
 template <class T, class Cfg>
@@ -295,7 +313,7 @@ float run_ours(const Shape& s, const __nv_bfloat16* a, const __nv_bfloat16* b, _
                const index_t* off, index_t R, Kernel kern) {
   return time_ms([&] {
     if (s.outer)
-      run_varying_k<__nv_bfloat16, Cfg>(a, b, c, off, s.E, R, s.M, s.N, 0.0, 0);
+      run_varying_k<__nv_bfloat16, Cfg, Sm90Cfg>(a, b, c, off, s.E, R, s.M, s.N, 0.0, 0, kern);
     else
       run_varying_m<__nv_bfloat16, Cfg, Sm90Cfg>(a, b, s.tb, c, off, s.E, R, s.N, s.K, 0, kern);
   });
@@ -348,10 +366,10 @@ void bench(const Shape& s) {
   CK(cudaMemcpy(hr.data(), cref, nc * 4, cudaMemcpyDeviceToHost));
   std::vector<double> hrd(hr.begin(), hr.end());
   Err er;
-  for (int v = 0; v < (s.outer ? 1 : 4); ++v) {
+  for (int v = 0; v < (s.outer ? 2 : 4); ++v) {
     CK(cudaMemset(c, 0xff, nc * sizeof(T)));
     if (s.outer)
-      run_varying_k<T>(a, b, c, doff, E, R, s.M, s.N, 0.0, 0);
+      run_varying_k<T>(a, b, c, doff, E, R, s.M, s.N, 0.0, 0, v == 0 ? Kernel::kMma : Kernel::kSm90);
     else if (v == 0)
       run_varying_m<T>(a, b, s.tb, c, doff, E, R, s.N, s.K, 0, Kernel::kMma);
     else if (v == 1)
@@ -372,7 +390,7 @@ void bench(const Shape& s) {
   float t2 = run_ours<C128x128x64>(s, a, b, c, doff, R, Kernel::kMma);
   auto sm90 = [&](auto cfg) {
     using Cfg = decltype(cfg);
-    return s.outer ? NAN : run_ours<C128x128x64, Cfg>(s, a, b, c, doff, R, Kernel::kSm90);
+    return run_ours<C128x128x64, Cfg>(s, a, b, c, doff, R, Kernel::kSm90);
   };
   float t4 = sm90(Sm90N256Direct{});
   float t5 = sm90(Sm90N256Bulk{});
@@ -492,6 +510,10 @@ int main(int argc, char** argv) {
   CB(cublasCreate(&g_h));
   printf("sm_90a wgmma kernel available here: %s\n", sm90_available() ? "yes" : "no");
   g_kernel = Kernel::kSm90;
+  correctness_outer<__nv_bfloat16, DefaultConfig, Sm90N256Bulk>();
+  correctness_outer<__half, DefaultConfig, Sm90N256Bulk>();
+  correctness_outer<__nv_bfloat16, DefaultConfig, Sm90N256Direct>();
+  correctness_outer<__nv_bfloat16, DefaultConfig, Sm90N128Bulk>();
   correctness_rows<__nv_bfloat16, DefaultConfig, Sm90N256Bulk>();
   correctness_rows<__nv_bfloat16, DefaultConfig, Sm90N256Direct>();
   correctness_rows<__nv_bfloat16, DefaultConfig, Sm90N128Bulk>();
@@ -532,10 +554,14 @@ int main(int argc, char** argv) {
   Shape shapes[] = {
       {"mixtral fc1 (8 x 2048, 4096 -> 14336) B^T", 8, 2048, 4096, 14336, true, false, 0},
       {"deepseek fc2 (32 x 1024, 2048 -> 7168)", 32, 1024, 2048, 7168, false, false, 0},
+      {"deepseek fc1 (32 x 1024, 7168 -> 2048) B^T", 32, 1024, 7168, 2048, true, false, 0},
       {"fine-grained fc1 (128 x 512, 2048 -> 768) B^T", 128, 512, 2048, 768, true, false, 0},
       {"fine-grained dX (128 x 512, 768 -> 2048)", 128, 512, 768, 2048, false, false, 0},
       {"sonic-fine fc2 (128 x 1536, 256 -> 1536)", 128, 1536, 256, 1536, false, false, 0},
       {"fine-grained dW1 (128 x 512 rows, M=768, N=2048)", 128, 512, 0, 2048, false, true, 768},
+      {"mixtral dW1 (8 x 2048 rows, M=14336, N=4096)", 8, 2048, 0, 4096, false, true, 14336},
+      {"deepseek dW2 (32 x 1024 rows, M=2048, N=7168)", 32, 1024, 0, 7168, false, true, 2048},
+      {"sonic-fine dW1 (128 x 1536 rows, M=512, N=1536)", 128, 1536, 0, 1536, false, true, 512},
   };
   for (auto& s : shapes) bench(s);
   printf("correctness failures: %d\n", g_fail);

@@ -24,10 +24,13 @@
 namespace switchyard {
 namespace {
 
-// Above this many flops per expert GEMM (2 x rows x d x h), cuBLAS per expert beats the
-// grouped kernel on an H100: 30 GFLOP (deepseek fc2) runs at 649 vs 302 TFLOPS, 1.6 GFLOP
-// (fine-grained fc1) at 166 vs 282.
+// Above this many flops per expert GEMM (2 x rows x d x h), one cuBLAS GEMM per expert beats the
+// grouped kernel on an H100 (bench/results/2026-11-24-h100-grouped-gemm.md). The portable
+// mma.sync kernel: 30 GFLOP (deepseek fc2) runs at 649 vs 302 TFLOPS, 1.6 GFLOP (fine-grained
+// fc1) at 166 vs 282. The sm_90a wgmma kernel: deepseek fc2 681 vs 546 and its weight gradient
+// 622, but 240 GFLOP (mixtral fc1) 644 vs 705 and its weight gradient 542 vs about 730.
 constexpr double kCoarseExpertFlops = 4e9;
+constexpr double kCoarseExpertFlopsWgmma = 5e10;
 
 // Whether every expert has the same number of rows (the padded layout): one batched GEMM.
 bool equal_rows(const std::vector<index_t>& off) {
@@ -91,9 +94,9 @@ __global__ void add_bias(T* __restrict__ y, const T* __restrict__ bias,
 }
 
 template <class T, int V>
-__global__ void activation_backward(const T* __restrict__ da, const T* __restrict__ hpre,
-                                    T* __restrict__ dh, index_t rows, index_t h, bool gated,
-                                    Activation kind) {
+// dh may alias da (not gated: same shape) or hpre (gated): each pack is read before it is written.
+__global__ void activation_backward(const T* da, const T* hpre, T* dh, index_t rows, index_t h,
+                                    bool gated, Activation kind) {
   using A = cuda_acc_t<T>;
   const index_t h1 = gated ? 2 * h : h;
   for (index_t r = blockIdx.x; r < rows; r += gridDim.x) {
@@ -111,7 +114,7 @@ __global__ void activation_backward(const T* __restrict__ da, const T* __restric
           dg.v[i] = store<T>(di * load(up.v[i]) * activate_grad(kind, gi));
           du.v[i] = store<T>(di * activate(kind, gi));
         }
-        store_pack<V>(dhr + h + j, du);
+        store_pack<V>(dhr + h + j, du);  // after every read of this pack's columns
       } else {
 #pragma unroll
         for (int i = 0; i < V; ++i)
@@ -164,16 +167,15 @@ void launch_bias_grad(const void* m, const index_t* off, void* grad, index_t E, 
 }
 
 // Whether the unequal-rows GEMMs of a bf16/f16 layer run on the grouped kernel: sizes that are
-// multiples of 8, and experts that are not coarse. The portable mma.sync kernel reaches about
-// 250-300 TFLOPS on an H100 where one cuBLAS GEMM per expert reaches 650-740 on coarse experts
-// (bench/results/2026-11-24-h100-grouped-gemm.md); it wins where per-expert GEMMs are small.
+// multiples of 8, and experts that are not coarse for the grouped kernel the device runs.
 // The rule reads only host-side sizes (the mean rows per expert), never the offsets.
 template <class T>
 bool use_grouped_gemm(index_t rows, index_t num_experts, index_t d, index_t h1) {
   if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
     if (d % 8 != 0 || h1 % 8 != 0 || num_experts < 2) return false;
     const double flops_per_expert = 2.0 * static_cast<double>(rows) / num_experts * d * h1;
-    return flops_per_expert < kCoarseExpertFlops;
+    return flops_per_expert <
+           (grouped_gemm_uses_wgmma() ? kCoarseExpertFlopsWgmma : kCoarseExpertFlops);
   } else {
     return false;
   }
@@ -301,7 +303,10 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
       SY_CUDA_CHECK_LAUNCH();
     }
   });
-  saved = FfnExperts::Saved{x, hpre, act, std::move(off), off_dev, grouped};
+  // relu's derivative reads off its output (act > 0 exactly where hpre > 0, both stored in T),
+  // so relu experts keep act alone and the pre-activation is freed here.
+  const bool relu = !gated && s.activation == Activation::kRelu;
+  saved = FfnExperts::Saved{x, relu ? act : hpre, act, std::move(off), off_dev, grouped};
   return y;
 }
 
@@ -317,8 +322,9 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
   const std::vector<index_t>& off = sv.offsets;
   const bool grouped = sv.grouped;
   const Tensor dy = dy_in.to(s.dtype).contiguous();
-  // Each buffer is freed once its last reader is queued (stream-ordered), so that at most x, h,
-  // dy and two gradient buffers are alive at once.
+  // Each buffer is freed once its last reader is queued (stream-ordered), and dh is computed in
+  // place (over da, or over the gated pre-activation, the same shape), so that at most x, h, a,
+  // dy and one gradient buffer are alive at once.
   Tensor da = Tensor::empty({R, hid}, s.dtype, dev), dh, dx;
   const Tensor off_dev = sv.device_offsets;
   dispatch_float_cuda(s.dtype, "ffn_backward_cuda", [&](auto tag) {
@@ -348,7 +354,7 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
       });
     }
     sv.a = Tensor();
-    dh = Tensor::empty({R, h1}, s.dtype, dev);
+    dh = gated ? sv.h : da;  // in place: sv.h and da have no other reader
     T* dhp = static_cast<T*>(dh.data_ptr());
     if (R > 0) {
       with_pack_width<T>(hid, {dap, hp, dhp}, [&](auto v) {

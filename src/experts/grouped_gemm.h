@@ -10,7 +10,7 @@
 // offsets: i64 [E+1] on the operands' device, non-decreasing from 0 to R.
 // CUDA (bf16, f16; f32 accumulation): one persistent kernel over the tiles of all groups that
 // reads the offsets on the device: no host sync, capturable in a CUDA graph, on the current
-// stream; on compute capability 9.0 with an sm_90a build the varying-M form runs a wgmma/TMA
+// stream; on compute capability 9.0 with an sm_90a build both forms run a wgmma/TMA
 // kernel (experts/grouped_gemm_sm90.cuh), elsewhere mma.sync. There the offsets are not validated
 // (that would need a sync); out-of-range values are clamped to [0, R], so bad offsets give wrong
 // results but no out-of-bounds access. N and K (varying_m) or M and N (varying_k) must be multiples

@@ -30,6 +30,8 @@ void grouped_gemm_varying_k_cuda(const __half* a, const __half* b, __half* c,
   grouped_gemm_detail::run_varying_k(a, b, c, offsets, num_groups, rows, m, n, beta, stream);
 }
 
+bool grouped_gemm_uses_wgmma() { return grouped_gemm_detail::sm90_available(); }
+
 namespace {
 
 // Calls f(T{}) for the 16-bit dtypes the kernel supports.

@@ -29,4 +29,8 @@ void grouped_gemm_varying_k_cuda(const __half* a, const __half* b, __half* c,
                                  const index_t* offsets, index_t num_groups, index_t rows,
                                  index_t m, index_t n, double beta, cudaStream_t stream);
 
+// Whether the current device runs the sm_90a wgmma/TMA kernels (compute capability 9.0 and an
+// sm_90a build) rather than the portable mma.sync ones. A cached host query, no sync.
+bool grouped_gemm_uses_wgmma();
+
 }  // namespace switchyard

@@ -2,8 +2,8 @@
 // the output tiles of all groups, each group's size read from device-side offsets, so no host
 // sync is needed and the launch can be captured in a CUDA graph. bf16/f16 in, f32 accumulate,
 // tensor cores through mma.sync m16n8k16 (sm_80+), operands staged through a cp.async pipeline.
-// On compute capability 9.0 with an sm_90a build, the varying-M form runs the wgmma/TMA kernel
-// of experts/grouped_gemm_sm90.cuh instead (chosen at run time in run_varying_m).
+// On compute capability 9.0 with an sm_90a build, both forms run the wgmma/TMA kernel of
+// experts/grouped_gemm_sm90.cuh instead (chosen at run time in run_varying_m / run_varying_k).
 // All matrices row-major. Raw pointers only; run_varying_m / run_varying_k at the end check the
 // sizes and launch (experts/grouped_gemm_cuda.cu instantiates them for the library).
 #pragma once
@@ -419,7 +419,7 @@ inline void check_alignment(const void* a, const void* b, const void* c, const c
 // The default tile shape.
 using DefaultConfig = TileConfig<128, 128, 64, 3, 2, 4, 2>;
 
-// Which kernel run_varying_m uses: kAuto takes the sm_90a wgmma kernel where it is available
+// Which kernel run_varying_m / run_varying_k use: kAuto takes the sm_90a wgmma kernel where it is available
 // (compute capability 9.0, sm_90a build, the groups' tile prefix fits in shared memory), else
 // mma.sync; the others force one (kSm90 falls back to mma.sync where unavailable).
 enum class Kernel { kAuto, kMma, kSm90 };
@@ -430,7 +430,29 @@ enum class Kernel { kAuto, kMma, kSm90 };
 
 namespace switchyard::grouped_gemm_detail {
 
-template <class T, class Cfg = DefaultConfig, class Sm90Cfg = Sm90DefaultConfig>
+// Runs f(Sm90Cfg{}) and returns true when the sm_90a kernel can run here (compute capability
+// 9.0, sm_90a build, the groups' tile prefix fits in shared memory); Sm90Cfg void chooses by the
+// reduction's depth: long ones (`long_k`: K >= 4096 for varying M, 2048 rows per group for
+// varying K) keep a fourth stage and store from registers, as a store's drain is small next to
+// such a tile's MMAs (mixtral fc1 690 vs 644 TFLOPS); short ones overlap the stores with the next
+// tile through the bulk-copy epilogue (sonic-fine fc2, K = 256: 392 vs 186).
+template <class Sm90Cfg, class F>
+bool with_sm90_config(bool long_k, index_t num_groups, F&& f) {
+  if (!sm90_available()) return false;
+  if constexpr (std::is_void_v<Sm90Cfg>) {
+    if (long_k && sm90_fits<Sm90LongKConfig>(num_groups)) {
+      f(Sm90LongKConfig{});
+      return true;
+    }
+    return with_sm90_config<Sm90DefaultConfig>(false, num_groups, f);
+  } else {
+    if (!sm90_fits<Sm90Cfg>(num_groups)) return false;
+    f(Sm90Cfg{});
+    return true;
+  }
+}
+
+template <class T, class Cfg = DefaultConfig, class Sm90Cfg = void>
 void run_varying_m(const T* a, const T* b, bool trans_b, T* c, const index_t* offsets,
                    index_t num_groups, index_t rows, index_t n, index_t k, cudaStream_t stream,
                    Kernel kernel = Kernel::kAuto) {
@@ -445,10 +467,11 @@ void run_varying_m(const T* a, const T* b, bool trans_b, T* c, const index_t* of
            "grouped_gemm: ", rows, " rows x N=", n, " exceed 2^31 tiles");
   if (rows == 0 || n == 0) return;
   check_alignment(a, b, c, "grouped_gemm");
-  if (kernel != Kernel::kMma && k > 0 && sm90_available() && sm90_fits<Sm90Cfg>(num_groups)) {
-    launch_sm90<T, Sm90Cfg>(a, b, trans_b, c, offsets, num_groups, rows, n, k, stream);
+  if (kernel != Kernel::kMma && k > 0 &&
+      with_sm90_config<Sm90Cfg>(k >= 4096, num_groups, [&](auto cfg) {
+        launch_sm90<T, decltype(cfg)>(a, b, trans_b, c, offsets, num_groups, rows, n, k, stream);
+      }))
     return;
-  }
   if (trans_b) {
     Params<T, Form::kRowsBt> p{a,
                                b,
@@ -476,9 +499,10 @@ void run_varying_m(const T* a, const T* b, bool trans_b, T* c, const index_t* of
   }
 }
 
-template <class T, class Cfg = DefaultConfig>
+template <class T, class Cfg = DefaultConfig, class Sm90Cfg = void>
 void run_varying_k(const T* a, const T* b, T* c, const index_t* offsets, index_t num_groups,
-                   index_t rows, index_t m, index_t n, double beta, cudaStream_t stream) {
+                   index_t rows, index_t m, index_t n, double beta, cudaStream_t stream,
+                   Kernel kernel = Kernel::kAuto) {
   SY_CHECK(num_groups >= 1 && num_groups < (1 << 20), "grouped_gemm: ", num_groups,
            " groups, expected 1 to 2^20");
   SY_CHECK(m % 8 == 0 && n % 8 == 0, "grouped_gemm: M=", m, " and N=", n,
@@ -492,6 +516,11 @@ void run_varying_k(const T* a, const T* b, T* c, const index_t* offsets, index_t
   SY_CHECK(beta == 0.0 || beta == 1.0, "grouped_gemm: beta must be 0 or 1, got ", beta);
   if (m == 0 || n == 0) return;
   check_alignment(a, b, c, "grouped_gemm");
+  if (kernel != Kernel::kMma && rows > 0 &&
+      with_sm90_config<Sm90Cfg>(rows >= 2048 * num_groups, num_groups, [&](auto cfg) {
+        launch_sm90_outer<T, decltype(cfg)>(a, b, c, offsets, num_groups, rows, m, n, beta, stream);
+      }))
+    return;
   Params<T, Form::kOuter> p{a,
                             b,
                             c,

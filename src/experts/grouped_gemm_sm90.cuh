@@ -1,17 +1,22 @@
-// Hopper (sm_90a) grouped GEMM for the varying-M form over the packed expert layout:
-// C[off[e]:off[e+1], :N] = A[rows of e, :K] · op(B[e]). Same contract as the mma.sync kernel in
-// experts/grouped_gemm_kernels.cuh (which includes this file and chooses between the two at run
-// time): persistent CTAs over the tiles of all groups, per-group tile counts from the device
-// offsets, no host sync.
+// Hopper (sm_90a) grouped GEMM over the packed expert layout, both forms of
+// experts/grouped_gemm.h: varying M, C[off[e]:off[e+1], :N] = A[rows of e, :K] · op(B[e]), and
+// varying K (weight gradients), C[e] = beta C[e] + A[rows of e, :M]ᵀ · B[rows of e, :N]. Same
+// contract as the mma.sync kernel in experts/grouped_gemm_kernels.cuh (which includes this file
+// and chooses between the two at run time): persistent CTAs over the tiles of all groups,
+// per-group tile counts from the device offsets, no host sync.
 //
 // One CTA computes a 128 x BN tile with three warpgroups: warpgroup 0 is the producer (one
 // thread issues TMA tensor copies of the A and B k-tiles, 64 deep, 128-byte swizzle, into a
 // ring of shared-memory stages guarded by full/empty mbarriers), warpgroups 1 and 2 are the
 // consumers (each 64 rows of the tile: wgmma m64nBNk16 from shared memory, f32 accumulators in
-// registers, one wgmma group in flight). A tile's rows past its group's end (the next group's
-// rows, or zeros past R) are loaded and computed but masked at the store; B's columns past N
-// and the k-tail past K are zero-filled by the copy engine. B [E, N, K] (trans_b) is K-major in
-// shared memory; B [E, K, N] is N-major (64-column boxes) and read through wgmma's transpose bit.
+// registers, one wgmma group in flight).
+// Varying M: a tile's rows past its group's end (the next group's rows, or zeros past R) are
+// loaded and computed but masked at the store; B's columns past N and the k-tail past K are
+// zero-filled by the copy engine. B [E, N, K] (trans_b) is K-major in shared memory; B [E, K, N]
+// is N-major (64-column boxes) and read through wgmma's transpose bit.
+// Varying K: the k dimension is the group's rows, so Aᵀ and B are both M/N-major (64-column
+// boxes of [R, M] and [R, N], through both transpose bits); the rows of a group's last k-tile
+// that belong to the next group are zeroed in shared memory by the consumers before the MMAs.
 // The default epilogue stages the tile in shared memory and sends each valid row out with an
 // asynchronous bulk copy, so the stores drain while the next tile's MMAs run.
 //
@@ -71,7 +76,8 @@ struct Sm90Params {
   const index_t* offsets;
   int num_groups;
   index_t rows;
-  int n, k;
+  int m, n, k;  // varying M: n, k; varying K (Form::kOuter): m, n
+  float beta;   // varying K: C = beta C + ..., beta 0 or 1
 };
 
 #if defined(SY_GG_SM90_DEVICE)
@@ -145,7 +151,7 @@ __device__ __forceinline__ std::uint64_t smem_desc(std::uint32_t addr, std::uint
   return d;
 }
 
-template <int kTransB>
+template <int kTransA, int kTransB>
 __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], std::uint64_t da, std::uint64_t db,
                                                  int scale_d, __nv_bfloat16) {
   asm volatile(
@@ -156,7 +162,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], std::uint64_t d
       "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
       "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
       "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
-      "}, %64, %65, p, 1, 1, 0, %66;\n"
+      "}, %64, %65, p, 1, 1, %68, %66;\n"
       "}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
         "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
@@ -168,9 +174,9 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], std::uint64_t d
         "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
         "+f"(d[63])
-      : "l"(da), "l"(db), "n"(kTransB), "r"(scale_d));
+      : "l"(da), "l"(db), "n"(kTransB), "r"(scale_d), "n"(kTransA));
 }
-template <int kTransB>
+template <int kTransA, int kTransB>
 __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], std::uint64_t da, std::uint64_t db,
                                                  int scale_d, __half) {
   asm volatile(
@@ -181,7 +187,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], std::uint64_t d
       "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
       "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
       "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
-      "}, %64, %65, p, 1, 1, 0, %66;\n"
+      "}, %64, %65, p, 1, 1, %68, %66;\n"
       "}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
         "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
@@ -193,9 +199,9 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], std::uint64_t d
         "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
         "+f"(d[63])
-      : "l"(da), "l"(db), "n"(kTransB), "r"(scale_d));
+      : "l"(da), "l"(db), "n"(kTransB), "r"(scale_d), "n"(kTransA));
 }
-template <int kTransB>
+template <int kTransA, int kTransB>
 __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], std::uint64_t da,
                                                  std::uint64_t db, int scale_d, __nv_bfloat16) {
   asm volatile(
@@ -210,7 +216,7 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], std::uint64_t 
       "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"
       "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"
       "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127"
-      "}, %128, %129, p, 1, 1, 0, %130;\n"
+      "}, %128, %129, p, 1, 1, %132, %130;\n"
       "}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
         "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
@@ -231,9 +237,9 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], std::uint64_t 
         "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]),
         "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]),
         "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(da), "l"(db), "n"(kTransB), "r"(scale_d));
+      : "l"(da), "l"(db), "n"(kTransB), "r"(scale_d), "n"(kTransA));
 }
-template <int kTransB>
+template <int kTransA, int kTransB>
 __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], std::uint64_t da,
                                                  std::uint64_t db, int scale_d, __half) {
   asm volatile(
@@ -248,7 +254,7 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], std::uint64_t 
       "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"
       "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"
       "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127"
-      "}, %128, %129, p, 1, 1, 0, %130;\n"
+      "}, %128, %129, p, 1, 1, %132, %130;\n"
       "}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
         "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
@@ -269,16 +275,16 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], std::uint64_t 
         "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]),
         "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]),
         "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(da), "l"(db), "n"(kTransB), "r"(scale_d));
+      : "l"(da), "l"(db), "n"(kTransB), "r"(scale_d), "n"(kTransA));
 }
 
-template <int BN, int kTransB, class T>
+template <int BN, int kTransA, int kTransB, class T>
 __device__ __forceinline__ void wgmma_tile(float (&d)[BN / 2], std::uint64_t da, std::uint64_t db,
                                            int scale_d) {
   if constexpr (BN == 128)
-    wgmma_m64n128k16<kTransB>(d, da, db, scale_d, T{});
+    wgmma_m64n128k16<kTransA, kTransB>(d, da, db, scale_d, T{});
   else
-    wgmma_m64n256k16<kTransB>(d, da, db, scale_d, T{});
+    wgmma_m64n256k16<kTransA, kTransB>(d, da, db, scale_d, T{});
 }
 
 }  // namespace sm90
@@ -290,13 +296,15 @@ struct Sm90PrefixCfg {
   static constexpr int BM = Cfg::BM, BN = Cfg::BN, kThreads = Cfg::kThreads;
 };
 
-template <class T, class Cfg, bool kTransB>
+template <class T, class Cfg, Form F>
 __global__ void __launch_bounds__(384, 1)
     grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tma_a,
                              const __grid_constant__ CUtensorMap tma_b, const Sm90Params p) {
 #if defined(SY_GG_SM90_DEVICE)
   using namespace sm90;
+  constexpr bool kOuter = F == Form::kOuter, kTransB = F == Form::kRowsBt;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, kStages = Cfg::kStages;
+  constexpr int kBox = 64 * BK * 2;  // one [BK][64] box of an M/N-major operand, in bytes
   extern __shared__ unsigned char smem_raw[];
   const std::uint32_t raw_u = smem_addr(smem_raw);
   const std::uint32_t pad = ((raw_u + 1023) & ~1023u) - raw_u;
@@ -315,17 +323,31 @@ __global__ void __launch_bounds__(384, 1)
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   {
-    Params<T, kTransB ? Form::kRowsBt : Form::kRowsB> pp{
-        nullptr, nullptr, nullptr, p.offsets, p.num_groups, p.rows, 0, p.n, p.k, 0.0f};
+    Params<T, F> pp{nullptr, nullptr, nullptr, p.offsets, p.num_groups, p.rows,
+                    p.m,     p.n,     p.k,     p.beta};
     tile_prefix<Sm90PrefixCfg<Cfg>>(pp, tile_start);  // ends with __syncthreads
   }
   const int total = tile_start[p.num_groups];
-  const int ktiles = (p.k + BK - 1) / BK;
-  auto clamp_lo_hi = [&](int e, index_t& lo, index_t& hi) {
-    lo = p.offsets[e];
-    hi = p.offsets[e + 1];
+  // Tile t (of group e, found by walking e forward: tiles are visited in increasing order):
+  // its group's rows [lo, lo + rows_e), output origin (m0, n0) and k-tile count.
+  struct TileAt {
+    index_t lo;
+    int rows_e, m0, n0, ktiles;
+  };
+  auto tile_at = [&](int t, int& e) {
+    while (tile_start[e + 1] <= t) ++e;
+    index_t lo = p.offsets[e], hi = p.offsets[e + 1];
     lo = lo < 0 ? 0 : lo > p.rows ? p.rows : lo;
     hi = hi < lo ? lo : hi > p.rows ? p.rows : hi;
+    TileAt ta;
+    ta.lo = lo;
+    ta.rows_e = static_cast<int>(hi - lo);
+    const int tiles_m = kOuter ? (p.m + BM - 1) / BM : (ta.rows_e + BM - 1) / BM;
+    const int local = t - tile_start[e];
+    ta.m0 = (local % tiles_m) * BM;
+    ta.n0 = (local / tiles_m) * BN;
+    ta.ktiles = ((kOuter ? ta.rows_e : p.k) + BK - 1) / BK;
+    return ta;
   };
 
   if (warp < 4) {
@@ -336,25 +358,28 @@ __global__ void __launch_bounds__(384, 1)
       std::uint32_t phase = 0;
       int e = 0;
       for (int t = blockIdx.x; t < total; t += gridDim.x) {
-        while (tile_start[e + 1] <= t) ++e;
-        index_t lo, hi;
-        clamp_lo_hi(e, lo, hi);
-        const int tiles_m = static_cast<int>((hi - lo + BM - 1) / BM);
-        const int local = t - tile_start[e];
-        const int m0 = (local % tiles_m) * BM, n0 = (local / tiles_m) * BN;
-        const int row0 = static_cast<int>(lo) + m0;
-        for (int kt = 0; kt < ktiles; ++kt) {
+        const TileAt ta = tile_at(t, e);
+        for (int kt = 0; kt < ta.ktiles; ++kt) {
           mbar_wait(empty_bar + 8 * stage, phase ^ 1);
           const std::uint32_t sa = smem_u + stage * Cfg::kStageBytes, sb = sa + Cfg::kABytes;
           const std::uint32_t fb = full_bar + 8 * stage;
           mbar_expect_tx(fb, Cfg::kStageBytes);
-          tma_load_2d(sa, &tma_a, fb, kt * BK, row0);
-          if constexpr (kTransB) {
-            tma_load_3d(sb, &tma_b, fb, kt * BK, n0, e);
-          } else {
+          if constexpr (kOuter) {
+            // Aᵀ and B k-tiles: rows [lo + kt BK, + BK) of [R, M] and [R, N], 64-column boxes.
+            const int r = static_cast<int>(ta.lo) + kt * BK;
 #pragma unroll
-            for (int j = 0; j < BN / 64; ++j)
-              tma_load_3d(sb + j * (64 * BK * 2), &tma_b, fb, n0 + j * 64, kt * BK, e);
+            for (int j = 0; j < BM / 64; ++j) tma_load_2d(sa + j * kBox, &tma_a, fb, ta.m0 + j * 64, r);
+#pragma unroll
+            for (int j = 0; j < BN / 64; ++j) tma_load_2d(sb + j * kBox, &tma_b, fb, ta.n0 + j * 64, r);
+          } else {
+            tma_load_2d(sa, &tma_a, fb, kt * BK, static_cast<int>(ta.lo) + ta.m0);
+            if constexpr (kTransB) {
+              tma_load_3d(sb, &tma_b, fb, kt * BK, ta.n0, e);
+            } else {
+#pragma unroll
+              for (int j = 0; j < BN / 64; ++j)
+                tma_load_3d(sb + j * kBox, &tma_b, fb, ta.n0 + j * 64, kt * BK, e);
+            }
           }
           if (++stage == kStages) {
             stage = 0;
@@ -372,29 +397,47 @@ __global__ void __launch_bounds__(384, 1)
     int e = 0;
     float acc[BN / 2];
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
-      while (tile_start[e + 1] <= t) ++e;
-      index_t lo, hi;
-      clamp_lo_hi(e, lo, hi);
-      const int rows_e = static_cast<int>(hi - lo);
-      const int tiles_m = (rows_e + BM - 1) / BM;
-      const int local = t - tile_start[e];
-      const int m0 = (local % tiles_m) * BM, n0 = (local / tiles_m) * BN;
+      const TileAt ta = tile_at(t, e);
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
       int prev = -1;
-      for (int kt = 0; kt < ktiles; ++kt) {
+      for (int kt = 0; kt < ta.ktiles; ++kt) {
         mbar_wait(full_bar + 8 * stage, phase);
-        const std::uint32_t sa = smem_u + stage * Cfg::kStageBytes + wg * (64 * 128);
-        const std::uint32_t sb = smem_u + stage * Cfg::kStageBytes + Cfg::kABytes;
+        const std::uint32_t stage_u = smem_u + stage * Cfg::kStageBytes;
+        if constexpr (kOuter) {
+          // The last k-tile of a group also holds the next group's rows (or the copy engine's
+          // zeros past R): zero them, as they would add to this group's sums. Every box of the
+          // stage is [BK][64] with 128-byte rows, so a k-row is 128 contiguous bytes whatever
+          // the swizzle.
+          const int valid = ta.rows_e - kt * BK;
+          if (valid < BK) {
+            constexpr int kBoxes = (BM + BN) / 64;
+            const int chunks = (BK - valid) * 8;  // 16-byte chunks per box
+            unsigned char* base = smem + stage * Cfg::kStageBytes + valid * 128;
+            for (int i = tid - 128; i < chunks * kBoxes; i += 256)
+              *reinterpret_cast<uint4*>(base + (i / chunks) * kBox + (i % chunks) * 16) =
+                  make_uint4(0, 0, 0, 0);
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            named_barrier(3, 256);
+          }
+        }
 #pragma unroll
         for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
-          const std::uint64_t da = smem_desc(sa + kk * 32, 16);
-          const std::uint64_t db =
-              kTransB ? smem_desc(sb + kk * 32, 16) : smem_desc(sb + kk * 16 * 128, 64 * BK * 2);
-          wgmma_tile<BN, kTransB ? 0 : 1, T>(acc, da, db, 1);
+          const std::uint32_t sb = stage_u + Cfg::kABytes;
+          if constexpr (kOuter) {
+            // Aᵀ: this warpgroup's 64 columns of M are box wg, read through the transpose bit.
+            const std::uint64_t da = smem_desc(stage_u + wg * kBox + kk * 16 * 128, kBox);
+            const std::uint64_t db = smem_desc(sb + kk * 16 * 128, kBox);
+            wgmma_tile<BN, 1, 1, T>(acc, da, db, 1);
+          } else {
+            const std::uint64_t da = smem_desc(stage_u + wg * (64 * 128) + kk * 32, 16);
+            const std::uint64_t db =
+                kTransB ? smem_desc(sb + kk * 32, 16) : smem_desc(sb + kk * 16 * 128, kBox);
+            wgmma_tile<BN, 0, kTransB ? 0 : 1, T>(acc, da, db, 1);
+          }
         }
         wgmma_commit();
 #pragma unroll
@@ -413,11 +456,29 @@ __global__ void __launch_bounds__(384, 1)
       if (prev >= 0 && lane == 0) mbar_arrive(empty_bar + 8 * prev);
 
       // Epilogue (fragment of wgmma m64nN: warp w of the warpgroup holds rows 16w..16w+15,
-      // pairs of columns per thread): round to T, mask the rows past the group and the columns
-      // past N.
-      const int rows_valid = rows_e - m0 - wg * 64, cols_valid = p.n - n0;
-      T* gc = static_cast<T*>(p.c) + offset_of(lo + m0 + wg * 64, p.n) + n0;
+      // pairs of columns per thread): round to T, mask the rows past the group (past M for
+      // kOuter) and the columns past N; kOuter with beta 1 adds C's old values.
+      const int cols_valid = p.n - ta.n0;
+      int rows_valid;
+      T* gc;
+      if constexpr (kOuter) {
+        rows_valid = p.m - ta.m0 - wg * 64;
+        gc = static_cast<T*>(p.c) + offset_of(e, offset_of(p.m, p.n)) +
+             offset_of(ta.m0 + wg * 64, p.n) + ta.n0;
+      } else {
+        rows_valid = ta.rows_e - ta.m0 - wg * 64;
+        gc = static_cast<T*>(p.c) + offset_of(ta.lo + ta.m0 + wg * 64, p.n) + ta.n0;
+      }
       const int r0 = (wtid / 32) * 16 + lane / 4, c0 = (lane % 4) * 2;
+      auto out = [&](int row, int col, float x, float y) {
+        if (kOuter && p.beta != 0.0f && row < rows_valid && col < cols_valid) {
+          const float2 old =
+              unpack2<T>(*reinterpret_cast<const std::uint32_t*>(gc + offset_of(row, p.n) + col));
+          x += old.x;
+          y += old.y;
+        }
+        return pack2<T>(x, y);
+      };
       if constexpr (Cfg::kBulkStore) {
         unsigned char* cbuf = smem + Cfg::kCOffset + wg * 64 * Cfg::kCLd * 2;
         if (wtid < 64) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
@@ -427,7 +488,7 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
           for (int h = 0; h < 2; ++h)
             *reinterpret_cast<std::uint32_t*>(cbuf + ((r0 + h * 8) * Cfg::kCLd + j * 8 + c0) * 2) =
-                pack2<T>(acc[j * 4 + 2 * h], acc[j * 4 + 2 * h + 1]);
+                out(r0 + h * 8, j * 8 + c0, acc[j * 4 + 2 * h], acc[j * 4 + 2 * h + 1]);
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         named_barrier(1 + wg, 128);
         if (wtid < 64) {
@@ -449,7 +510,7 @@ __global__ void __launch_bounds__(384, 1)
             const int row = r0 + h * 8;
             if (row < rows_valid && col < cols_valid)
               *reinterpret_cast<std::uint32_t*>(gc + offset_of(row, p.n) + col) =
-                  pack2<T>(acc[j * 4 + 2 * h], acc[j * 4 + 2 * h + 1]);
+                  out(row, col, acc[j * 4 + 2 * h], acc[j * 4 + 2 * h + 1]);
           }
         }
       }
@@ -538,6 +599,28 @@ bool sm90_fits(index_t num_groups) {
   return Cfg::smem_bytes(static_cast<int>(num_groups)) <= max_smem;
 }
 
+// Launches grouped_gemm_sm90_kernel<T, Cfg, F>: one CTA per multiprocessor, at most one per
+// tile (`tiles_bound`, from the host-side sizes).
+template <class T, class Cfg, Form F>
+void launch_sm90_kernel(const CUtensorMap& map_a, const CUtensorMap& map_b, const Sm90Params& p,
+                        index_t tiles_bound, cudaStream_t stream) {
+  const int smem = Cfg::smem_bytes(p.num_groups);
+  int device = 0, sms = 0;
+  SY_CUDA_CHECK(cudaGetDevice(&device));
+  SY_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  SY_CHECK(device >= 0 && device < 64, "cuda:", device, " is out of range");
+  auto kernel = grouped_gemm_sm90_kernel<T, Cfg, F>;
+  static std::atomic<int> cached_smem[64] = {};  // per device: the largest size raised so far
+  if (cached_smem[device].load() < smem) {
+    SY_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    cached_smem[device].store(smem);
+  }
+  const index_t grid = std::min<index_t>(sms, std::max<index_t>(tiles_bound, 1));
+  kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, smem, stream>>>(map_a, map_b, p);
+  SY_CUDA_CHECK_LAUNCH();
+}
+
+// Varying M: c [R, N] rows of group e = a [R, K] rows of e · op(b[e]).
 template <class T, class Cfg>
 void launch_sm90(const T* a, const T* b, bool trans_b, T* c, const index_t* offsets,
                  index_t num_groups, index_t rows, index_t n, index_t k, cudaStream_t stream) {
@@ -562,30 +645,48 @@ void launch_sm90(const T* a, const T* b, bool trans_b, T* c, const index_t* offs
     const std::uint32_t box[3] = {64, Cfg::BK, 1};
     map_b = make_tensor_map<T>(b, 3, dims, strides, box);
   }
-  const Sm90Params p{
-      c, offsets, static_cast<int>(num_groups), rows, static_cast<int>(n), static_cast<int>(k)};
-  const int smem = Cfg::smem_bytes(static_cast<int>(num_groups));
-  int device = 0, sms = 0;
-  SY_CUDA_CHECK(cudaGetDevice(&device));
-  SY_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  auto kernel =
-      trans_b ? grouped_gemm_sm90_kernel<T, Cfg, true> : grouped_gemm_sm90_kernel<T, Cfg, false>;
-  static std::atomic<int> cached_smem[64] = {};
-  SY_CHECK(device >= 0 && device < 64, "cuda:", device, " is out of range");
-  const int slot = device;  // one entry per device; both layouts raised together
-  if (cached_smem[slot].load() < smem) {
-    SY_CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_sm90_kernel<T, Cfg, true>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    SY_CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_sm90_kernel<T, Cfg, false>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    cached_smem[slot].store(smem);
-  }
+  const Sm90Params p{c,
+                     offsets,
+                     static_cast<int>(num_groups),
+                     rows,
+                     0,
+                     static_cast<int>(n),
+                     static_cast<int>(k),
+                     0.0f};
   const index_t bound = (rows / Cfg::BM + num_groups) * ((n + Cfg::BN - 1) / Cfg::BN);
-  const index_t grid = std::min<index_t>(sms, std::max<index_t>(bound, 1));
-  kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, smem, stream>>>(map_a, map_b, p);
-  SY_CUDA_CHECK_LAUNCH();
+  if (trans_b)
+    launch_sm90_kernel<T, Cfg, Form::kRowsBt>(map_a, map_b, p, bound, stream);
+  else
+    launch_sm90_kernel<T, Cfg, Form::kRowsB>(map_a, map_b, p, bound, stream);
+}
+
+// Varying K: c[e] [M, N] = beta c[e] + (a [R, M] rows of e)ᵀ · (b [R, N] rows of e); rows > 0
+// (the tensor maps need a non-empty extent).
+template <class T, class Cfg>
+void launch_sm90_outer(const T* a, const T* b, T* c, const index_t* offsets, index_t num_groups,
+                       index_t rows, index_t m, index_t n, double beta, cudaStream_t stream) {
+  const std::uint64_t es = sizeof(T);
+  auto rows_map = [&](const T* base, index_t cols) {  // [R, cols], [BK][64] boxes
+    const std::uint64_t dims[2] = {static_cast<std::uint64_t>(cols),
+                                   static_cast<std::uint64_t>(rows)};
+    const std::uint64_t strides[1] = {static_cast<std::uint64_t>(cols) * es};
+    const std::uint32_t box[2] = {64, Cfg::BK};
+    return make_tensor_map<T>(base, 2, dims, strides, box);
+  };
+  const Sm90Params p{c,
+                     offsets,
+                     static_cast<int>(num_groups),
+                     rows,
+                     static_cast<int>(m),
+                     static_cast<int>(n),
+                     0,
+                     static_cast<float>(beta)};
+  const index_t bound =
+      num_groups * ((m + Cfg::BM - 1) / Cfg::BM) * ((n + Cfg::BN - 1) / Cfg::BN);
+  launch_sm90_kernel<T, Cfg, Form::kOuter>(rows_map(a, m), rows_map(b, n), p, bound, stream);
 }
 
 using Sm90DefaultConfig = Sm90Config<256, 3, true>;
+using Sm90LongKConfig = Sm90Config<256, 4, false>;
 
 }  // namespace switchyard::grouped_gemm_detail

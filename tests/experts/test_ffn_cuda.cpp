@@ -63,7 +63,10 @@ INSTANTIATE_TEST_SUITE_P(Cases, FfnCuda,
                                            Case{Activation::kSwiGLU, DType::kF32, true},
                                            Case{Activation::kGeGLU, DType::kBF16, false},
                                            Case{Activation::kGeluTanh, DType::kF16, true},
-                                           Case{Activation::kRelu, DType::kBF16, true}),
+                                           Case{Activation::kRelu, DType::kBF16, true},
+                                           Case{Activation::kRelu, DType::kBF16, false},
+                                           Case{Activation::kRelu, DType::kF32, false},
+                                           Case{Activation::kSwiGLU, DType::kBF16, false}),
                          [](const auto& info) {
                            return std::string(to_string(info.param.act)) +
                                   dtype_name(info.param.dtype) +

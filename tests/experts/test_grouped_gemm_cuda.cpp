@@ -104,6 +104,15 @@ TEST_P(GroupedGemmCuda, VaryingKMatchesTheCpuAndHandlesEmptyGroups) {
   expect_varying_k_matches_cpu(GetParam(), {0, 0}, 64, 64, 1.0);
 }
 
+// Deep reductions take the kernels' long-reduction configuration on sm_90a (K >= 4096 for
+// varying M, 2048 rows per group on average for varying K).
+TEST_P(GroupedGemmCuda, DeepReductionsMatchTheCpu) {
+  expect_varying_m_matches_cpu(GetParam(), {0, 130, 300, 1}, 136, 4104, true);
+  expect_varying_m_matches_cpu(GetParam(), {0, 130, 300, 1}, 136, 4104, false);
+  expect_varying_k_matches_cpu(GetParam(), {2100, 0, 2500, 3700}, 136, 72, 0.0);
+  expect_varying_k_matches_cpu(GetParam(), {2100, 0, 2500, 3700}, 136, 72, 1.0);
+}
+
 INSTANTIATE_TEST_SUITE_P(Dtypes, GroupedGemmCuda, ::testing::Values(DType::kBF16, DType::kF16),
                          [](const auto& info) { return std::string(dtype_name(info.param)); });
 
