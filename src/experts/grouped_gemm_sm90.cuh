@@ -63,10 +63,10 @@ struct Sm90Config {
   static constexpr int kCOffset = kStages * kStageBytes;
   static constexpr int kCBytes = kBulkStore ? BM * kCLd * 2 : 0;
   // Stages (1024-byte aligned for the 128-byte swizzle), the output staging tile, then
-  // 2 x kStages mbarriers, then the per-group tile prefix; 1024 bytes of slack to align the
-  // dynamic shared memory base.
+  // 2 x kStages pipeline mbarriers and one per consumer warpgroup (the loads of C's old values),
+  // then the per-group tile prefix; 1024 bytes of slack to align the dynamic shared memory base.
   static constexpr int kBarOffset = kCOffset + kCBytes;
-  static constexpr int kPrefixOffset = kBarOffset + 2 * kStages * 8;
+  static constexpr int kPrefixOffset = kBarOffset + (2 * kStages + 2) * 8;
   static int smem_bytes(int num_groups) { return 1024 + kPrefixOffset + (num_groups + 1) * 4; }
   static_assert(BN == 128 || BN == 256, "BN is 128 or 256");
 };
@@ -312,6 +312,7 @@ __global__ void __launch_bounds__(384, 1)
   const std::uint32_t smem_u = raw_u + pad;
   const std::uint32_t full_bar = smem_u + Cfg::kBarOffset;  // kStages x 8 bytes
   const std::uint32_t empty_bar = full_bar + kStages * 8;   // kStages x 8 bytes
+  const std::uint32_t old_bar = empty_bar + kStages * 8;    // 2 x 8 bytes
   int* tile_start = reinterpret_cast<int*>(smem + Cfg::kPrefixOffset);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -320,6 +321,8 @@ __global__ void __launch_bounds__(384, 1)
       mbar_init(full_bar + 8 * s, 1);   // the producer's expect_tx arrival
       mbar_init(empty_bar + 8 * s, 8);  // one arrival per consumer warp
     }
+    mbar_init(old_bar, 1);
+    mbar_init(old_bar + 8, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   {
@@ -393,7 +396,7 @@ __global__ void __launch_bounds__(384, 1)
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
     const int wg = warp / 4 - 1, wtid = tid % 128;
     int stage = 0;
-    std::uint32_t phase = 0;
+    std::uint32_t phase = 0, old_phase = 0;
     int e = 0;
     float acc[BN / 2];
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
@@ -470,25 +473,43 @@ __global__ void __launch_bounds__(384, 1)
         gc = static_cast<T*>(p.c) + offset_of(ta.lo + ta.m0 + wg * 64, p.n) + ta.n0;
       }
       const int r0 = (wtid / 32) * 16 + lane / 4, c0 = (lane % 4) * 2;
-      auto out = [&](int row, int col, float x, float y) {
-        if (kOuter && p.beta != 0.0f && row < rows_valid && col < cols_valid) {
-          const float2 old =
-              unpack2<T>(*reinterpret_cast<const std::uint32_t*>(gc + offset_of(row, p.n) + col));
-          x += old.x;
-          y += old.y;
-        }
-        return pack2<T>(x, y);
-      };
       if constexpr (Cfg::kBulkStore) {
         unsigned char* cbuf = smem + Cfg::kCOffset + wg * 64 * Cfg::kCLd * 2;
         if (wtid < 64) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
         named_barrier(1 + wg, 128);  // the previous tile's copies have read the buffer
+        const bool add_old = kOuter && p.beta != 0.0f;
+        if (add_old) {
+          // C's old values come into the staging tile by bulk copies, one per valid row, rather
+          // than by each thread's scattered 4-byte loads, which left the tensor cores idle.
+          const int rows = rows_valid < 0 ? 0 : rows_valid < 64 ? rows_valid : 64;
+          const int bytes = (cols_valid < BN ? cols_valid : BN) * 2;
+          const std::uint32_t bar = old_bar + 8 * wg;
+          if (wtid == 0) {
+            mbar_expect_tx(bar, rows * bytes);
+            for (int r = 0; r < rows; ++r)
+              asm volatile(
+                  "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], "
+                  "%2, [%3];\n" ::"r"(smem_addr(cbuf + r * Cfg::kCLd * 2)),
+                  "l"(gc + offset_of(r, p.n)), "r"(bytes), "r"(bar)
+                  : "memory");
+          }
+          mbar_wait(bar, old_phase);
+          old_phase ^= 1;
+        }
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
-          for (int h = 0; h < 2; ++h)
-            *reinterpret_cast<std::uint32_t*>(cbuf + ((r0 + h * 8) * Cfg::kCLd + j * 8 + c0) * 2) =
-                out(r0 + h * 8, j * 8 + c0, acc[j * 4 + 2 * h], acc[j * 4 + 2 * h + 1]);
+          for (int h = 0; h < 2; ++h) {
+            auto* slot = reinterpret_cast<std::uint32_t*>(
+                cbuf + ((r0 + h * 8) * Cfg::kCLd + j * 8 + c0) * 2);
+            float x = acc[j * 4 + 2 * h], y = acc[j * 4 + 2 * h + 1];
+            if (add_old) {  // rows and columns past the valid ones hold stale values, never stored
+              const float2 old = unpack2<T>(*slot);
+              x += old.x;
+              y += old.y;
+            }
+            *slot = pack2<T>(x, y);
+          }
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         named_barrier(1 + wg, 128);
         if (wtid < 64) {
@@ -508,9 +529,16 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int row = r0 + h * 8;
-            if (row < rows_valid && col < cols_valid)
-              *reinterpret_cast<std::uint32_t*>(gc + offset_of(row, p.n) + col) =
-                  out(row, col, acc[j * 4 + 2 * h], acc[j * 4 + 2 * h + 1]);
+            if (row < rows_valid && col < cols_valid) {
+              auto* dst = reinterpret_cast<std::uint32_t*>(gc + offset_of(row, p.n) + col);
+              float x = acc[j * 4 + 2 * h], y = acc[j * 4 + 2 * h + 1];
+              if (kOuter && p.beta != 0.0f) {  // long reductions: these loads cost little
+                const float2 old = unpack2<T>(*dst);
+                x += old.x;
+                y += old.y;
+              }
+              *dst = pack2<T>(x, y);
+            }
           }
         }
       }
