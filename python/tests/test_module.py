@@ -476,6 +476,12 @@ def test_empty_input(device):
 
 # ---- CUDA -------------------------------------------------------------------------------------
 
+@pytest.mark.skipif(_C.built_with_cuda, reason="this build has the CUDA backend")
+def test_a_cuda_layer_needs_a_cuda_build():
+    with pytest.raises(NotImplementedError, match="no CUDA backend"):
+        small()._config(0, torch.float32, 1, torch.device("cuda", 0))
+
+
 @needs_cuda
 def test_zero_copy_crossing_on_cuda():
     t = torch.randn(5, 7, dtype=torch.float64, device="cuda")
