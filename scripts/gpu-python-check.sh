@@ -11,7 +11,8 @@ log_dir=${SY_LOG_DIR:-build-python/logs}
 target=${SY_PY_TARGET:-build-python/site}
 python=${PYTHON:-python3}
 mkdir -p "$log_dir"
-export SY_PY_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export SY_PY_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 "$python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
       "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'
 if ! "$python" -m pip install -v --no-build-isolation --no-deps --upgrade --target "$target" . \
@@ -21,5 +22,5 @@ if ! "$python" -m pip install -v --no-build-isolation --no-deps --upgrade --targ
   exit 1
 fi
 echo "built into $target"
-PYTHONPATH="$target:python/tests" "$python" -m pytest -q -p no:cacheprovider -rs "${@:-python/tests}" \
-  2>&1 | tee "$log_dir/pytest.log" | tail -n 60
+PYTHONPATH="$target:python/tests" "$python" -m pytest -q -p no:cacheprovider -rs \
+  "${@:-python/tests}" 2>&1 | tee "$log_dir/pytest.log" | tail -n 60

@@ -10,9 +10,10 @@ How it works: the layer's parameters are ordinary torch nn.Parameters with Tutel
 shapes. A forward hands them (no copy) with the input to the C++ layer, whose backward is wired
 into autograd by _MoEFunction. The C++ layer runs where the parameters are (CPU, or a GPU in a
 build with CUDA, on torch's current stream); module.to(device) moves them, and the next forward
-builds a C++ layer for the new device. Gates and experts that the C++ core does not implement (a custom
-gate or expert module, an activation given as an arbitrary callable) run in Python with torch
-autograd, called back from the C++ pipeline, which still does routing, dispatch and combine.
+builds a C++ layer for the new device. Gates and experts that the C++ core does not implement (a
+custom gate or expert module, an activation given as an arbitrary callable, the cosine gate on
+CUDA) run in Python with torch autograd, called back from the C++ pipeline, which still does
+routing, dispatch and combine.
 """
 
 import copy

@@ -85,7 +85,8 @@ sy::Device to_sy_device(const c10::Device& d, const char* what) {
   if (d.is_cpu()) return sy::Device::cpu();
   if (d.is_cuda() && kBuiltWithCuda) return sy::Device::cuda(d.index());
   throw sy::Error(std::string(what) + ": tensor is on " + d.str() + "; this build of the " +
-                  "switchyard binding runs on " + (kBuiltWithCuda ? "cpu and cuda" : "the CPU only"));
+                  "switchyard binding runs on " +
+                  (kBuiltWithCuda ? "cpu and cuda" : "the CPU only"));
 }
 
 c10::Device to_torch_device(const sy::Device& d) {
@@ -105,9 +106,8 @@ sy::Tensor view_of(const at::Tensor& t, const char* what) {
 // A torch tensor over a switchyard tensor's storage; the deleter keeps that storage alive.
 at::Tensor torch_of(const sy::Tensor& t) {
   if (!t.defined()) return at::Tensor();
-  const auto options = torch::TensorOptions()
-                           .dtype(to_torch_dtype(t.dtype()))
-                           .device(to_torch_device(t.device()));
+  const auto options =
+      torch::TensorOptions().dtype(to_torch_dtype(t.dtype())).device(to_torch_device(t.device()));
   const std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
   // NOTE: an empty switchyard tensor's data pointer is a host placeholder whatever its device;
   // with nothing to share, a fresh torch tensor stands in.
