@@ -8,9 +8,12 @@
 
 How it works: the layer's parameters are ordinary torch nn.Parameters with Tutel's names and
 shapes. A forward hands them (no copy) with the input to the C++ layer, whose backward is wired
-into autograd by _MoEFunction. Gates and experts that the C++ core does not implement (a custom
-gate or expert module, an activation given as an arbitrary callable) run in Python with torch
-autograd, called back from the C++ pipeline, which still does routing, dispatch and combine.
+into autograd by _MoEFunction. The C++ layer runs where the parameters are (CPU, or a GPU in a
+build with CUDA, on torch's current stream); module.to(device) moves them, and the next forward
+builds a C++ layer for the new device. Gates and experts that the C++ core does not implement (a
+custom gate or expert module, an activation given as an arbitrary callable, the cosine gate on
+CUDA) run in Python with torch autograd, called back from the C++ pipeline, which still does
+routing, dispatch and combine.
 """
 
 import copy
@@ -85,6 +88,17 @@ def _world_size(group):
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
+
+
+def _device_name(device):
+    """The C++ name of a torch device: "cpu" or "cuda:N"."""
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index}"
+    raise NotImplementedError(f"moe_layer: device {device} is not supported (expected cpu or "
+                              "cuda)")
 
 
 def _reject_unknown(what, options):
@@ -325,7 +339,8 @@ class _MoEFunction(torch.autograd.Function):
         ctx.call, ctx.num_cpp, ctx.stats = call, num_cpp, stats
         ctx.save_for_backward(x, *params)
         rd = eng.routing_dtype
-        return y, torch.tensor(aux, dtype=rd), torch.tensor(z, dtype=rd)
+        return (y, torch.tensor(aux, dtype=rd, device=x.device),
+                torch.tensor(z, dtype=rd, device=x.device))
 
     @staticmethod
     def backward(ctx, dy, daux, dz):
@@ -630,11 +645,25 @@ class MOELayer(nn.Module):
             return p.dtype
         return torch.get_default_dtype()
 
-    def _config(self, gi, dtype, overlap):
+    def _device(self):
+        """Where the C++ layer runs: where the parameters are (CPU for a layer without any)."""
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def _config(self, gi, dtype, overlap, device):
         gate = self.gates[gi]
         o = self.options
+        device = _device_name(device)
+        if device != "cpu" and not _C.built_with_cuda:
+            raise NotImplementedError(
+                f"moe_layer: the layer is on {device}, but this build of the switchyard binding "
+                "has no CUDA backend: build it where torch sees a GPU, or with SY_PY_CUDA=1 "
+                "(docs/python.md)")
         native_gate = getattr(gate, "native", None) if isinstance(
             gate, (LinearTopKGate, CosineTopKGate)) else None
+        if native_gate == "cosine" and device != "cpu":
+            native_gate = None  # the core's cosine gate is CPU-only: its torch forward runs
         native_act = None if self._custom_experts else self.experts.native_activation
         python_experts = native_act is None
         if dtype not in _TORCH_TO_SY:
@@ -645,7 +674,7 @@ class MOELayer(nn.Module):
             model_dim=self.model_dim,
             hidden_size=1 if python_experts else self.experts.hidden_size,
             num_experts=self.num_global_experts, top_k=int(gate.top_k),
-            dtype=_TORCH_TO_SY[dtype], seed=self._seed + gi, rules=o["rules"],
+            dtype=_TORCH_TO_SY[dtype], device=device, seed=self._seed + gi, rules=o["rules"],
             gate=native_gate or "linear", fp32_gate=bool(getattr(gate, "fp32_gate", False)),
             gate_noise=float(gate.gate_noise), input_jitter=o["input_jitter"],
             score_fn=o["score_fn"], pre_softmax=o["pre_softmax"],
@@ -668,8 +697,9 @@ class MOELayer(nn.Module):
             cfg["cosine_init_t"] = gate.init_t
         return cfg, native_gate is None, python_experts
 
-    def _engine(self, gi, dtype, overlap):
-        cfg, python_gate, python_experts = self._config(gi, dtype, overlap)
+    def _engine(self, gi, dtype, overlap, device=None):
+        device = self._device() if device is None else device
+        cfg, python_gate, python_experts = self._config(gi, dtype, overlap, device)
         key = (gi, tuple(sorted(cfg.items())))
         eng = self._engines.get(key)
         if eng is None:
@@ -720,10 +750,10 @@ class MOELayer(nn.Module):
                 adaptive_r=None):
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"moe_layer: input must be a torch.Tensor, got {type(input).__name__}")
-        if input.device.type != "cpu":
-            raise NotImplementedError(
-                f"moe_layer: input on {input.device}; this build of the switchyard binding runs "
-                "on the CPU only (the CUDA backend is not wired into it yet)")
+        device = self._device()
+        if input.device != device:
+            raise ValueError(f"moe_layer: input on {input.device}, the layer's parameters on "
+                             f"{device}: move one of them (module.to(device) moves the layer)")
         if input.dim() < 2:
             raise ValueError("moe_layer: input must be at least 2-d: (samples, ..., model_dim)")
         if not 0 <= gate_index < len(self.gates):
@@ -759,7 +789,7 @@ class MOELayer(nn.Module):
         x = input.reshape(-1, width).to(dtype)
         self._reserve_shape = reserve_shape
 
-        eng = self._engine(gate_index, dtype, self.a2a_ffn_overlap_degree)
+        eng = self._engine(gate_index, dtype, self.a2a_ffn_overlap_degree, device)
         cpp_params = self._cpp_params(gate_index, eng)
         py_params = eng.python_params()
         cf = None if capacity_factor is None else float(capacity_factor)
@@ -780,8 +810,8 @@ class MOELayer(nn.Module):
         else:
             with torch.no_grad():
                 y, aux, z, _ = eng.forward(x, cpp_params, cf, k, self.training, object())
-            l_aux = torch.tensor(aux, dtype=eng.routing_dtype)
-            l_z = torch.tensor(z, dtype=eng.routing_dtype)
+            l_aux = torch.tensor(aux, dtype=eng.routing_dtype, device=device)
+            l_z = torch.tensor(z, dtype=eng.routing_dtype, device=device)
 
         y = y.view(list(original_shape[:-reserve_dims]) + list(reserve_shape))
         y = y.to(original_dtype)

@@ -1,12 +1,12 @@
 """The 36 cases computed by Tutel v0.3.3 (tests/data), replayed through the binding: output,
-GShard loss, dx and every parameter gradient."""
+GShard loss, dx and every parameter gradient, on every device (cpu, cuda where there is a GPU)."""
 
 import pytest
 import torch
 
 from switchyard import moe
 
-from conftest import golden_cases
+from conftest import DEVICES, golden_cases
 
 CASES = golden_cases()
 ATOL = 1e-4
@@ -24,8 +24,9 @@ def case_id(c):
                                    "_bias" if g["has_bias"] else "")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=[f"{i}_{case_id(c)}" for i, c in enumerate(CASES)])
-def test_golden_case(case):
+def test_golden_case(case, device):
     g = case["config"]
     T, d, E = g["T"], g["d"], g["E"]
     layer = moe.moe_layer(
@@ -40,14 +41,18 @@ def test_golden_case(case):
     for name, p in case["params"].items():
         sd[name] = torch.tensor(p["value"], dtype=torch.float32).view(p["shape"])
     layer.load_state_dict(sd, strict=True)
+    layer.to(device)
 
-    x = torch.tensor(case["x"], dtype=torch.float32).view(T, d).requires_grad_(True)
-    dy = torch.tensor(case["dy"], dtype=torch.float32).view(T, d)
+    x = torch.tensor(case["x"], dtype=torch.float32).view(T, d).to(device).requires_grad_(True)
+    dy = torch.tensor(case["dy"], dtype=torch.float32).view(T, d).to(device)
     y = layer(x)
-    torch.testing.assert_close(y.detach().flatten(), torch.tensor(case["y"]), atol=ATOL, rtol=0)
+    assert y.device == x.device
+    torch.testing.assert_close(y.detach().cpu().flatten(), torch.tensor(case["y"]), atol=ATOL,
+                               rtol=0)
     assert abs(float(y.l_aux) - case["l_aux"]) < ATOL
     ((y * dy).sum() + g["aux_weight"] * y.l_aux).backward()
-    torch.testing.assert_close(x.grad.flatten(), torch.tensor(case["dx"]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(x.grad.cpu().flatten(), torch.tensor(case["dx"]), atol=ATOL, rtol=0)
+    layer.cpu()
     named = dict(layer.named_parameters())
     assert set(named) == set(case["grads"])
     for name, grad in case["grads"].items():

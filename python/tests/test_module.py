@@ -1,5 +1,7 @@
 """The nn.Module around the C++ layer: Tutel's arguments and state_dict, autograd (gradcheck),
-custom gates and experts, switchyard's own options, dtypes, zero-copy crossing, bad arguments."""
+custom gates and experts, switchyard's own options, dtypes, zero-copy crossing, bad arguments;
+the ones that compute on every device (cpu, cuda where there is a GPU), and CUDA's own: tensors
+crossing without copies, torch's current stream, layers moving between devices."""
 
 import copy
 import io
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 import switchyard
 from switchyard import _C, moe
 
+from conftest import DEVICES, needs_cuda
 from reference import reference_moe
 
 D, H, E = 6, 5, 4
@@ -73,18 +76,20 @@ def tutel_shaped_state_dict(seed=5):
             "experts.batched_fc2_bias": torch.randn(E, D, generator=g)}
 
 
-def test_strict_load_of_a_tutel_state_dict_and_round_trip():
-    layer = small()
+@pytest.mark.parametrize("device", DEVICES)
+def test_strict_load_of_a_tutel_state_dict_and_round_trip(device):
+    layer = small().to(device)
     sd = tutel_shaped_state_dict()
     layer.load_state_dict(sd, strict=True)
     for k, v in layer.state_dict().items():
-        torch.testing.assert_close(v, sd[k])
+        assert v.device == torch.device(device) or device == "cuda" and v.is_cuda
+        torch.testing.assert_close(v.cpu(), sd[k])
     buf = io.BytesIO()
     torch.save(layer.state_dict(), buf)
     buf.seek(0)
-    other = small()
+    other = small().to(device)
     other.load_state_dict(torch.load(buf), strict=True)
-    x = torch.randn(9, D)
+    x = torch.randn(9, D, device=device)
     torch.testing.assert_close(layer(x), other(x))
     bad = dict(sd, _num_global_experts=torch.tensor(E + 1))
     with pytest.raises(RuntimeError, match="global experts"):
@@ -144,17 +149,24 @@ def test_gradcheck_cosine_gate():
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6)
 
 
-def test_cosine_gate_matches_its_torch_forward():
+@pytest.mark.parametrize("device", DEVICES)
+def test_cosine_gate_matches_its_torch_forward(device):
+    # On CUDA the core has no cosine gate: the gate's torch forward runs, called back.
     layer = moe.moe_layer(gate_type={"type": "cosine", "k": 2, "proj_dim": 4}, model_dim=D,
                           experts=ffn()).double()
     x = torch.randn(11, D, dtype=torch.float64)
     ex = layer.experts
-    logits = layer.gates[0](x)
-    yr, l_aux, _ = reference_moe(x, None, ex.batched_fc1_w, ex.batched_fc2_w, ex.batched_fc1_bias,
-                                 ex.batched_fc2_bias, k=2, cf=1.0, logits=logits)
-    y = layer(x)
-    torch.testing.assert_close(y, yr, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(y.l_aux, l_aux, atol=1e-10, rtol=1e-10)
+    with torch.no_grad():
+        logits = layer.gates[0](x)
+        yr, l_aux, _ = reference_moe(x, None, ex.batched_fc1_w, ex.batched_fc2_w,
+                                     ex.batched_fc1_bias, ex.batched_fc2_bias, k=2, cf=1.0,
+                                     logits=logits)
+    xa = x.to(device, copy=True).requires_grad_(True)
+    y = layer.to(device)(xa)
+    torch.testing.assert_close(y.detach().cpu(), yr, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(y.l_aux.detach().cpu(), l_aux, atol=1e-10, rtol=1e-10)
+    (y.sum() + y.l_aux).backward()
+    assert xa.grad is not None and layer.gates[0].sim_matrix.grad is not None
 
 
 class CustomGate(torch.nn.Module):
@@ -178,7 +190,8 @@ class CustomExpert(torch.nn.Module):
         return torch.tanh(torch.matmul(x, self.W)) * self.scale
 
 
-def test_custom_gate_equals_builtin_gate():
+@pytest.mark.parametrize("device", DEVICES)
+def test_custom_gate_equals_builtin_gate(device):
     builtin = small(k=2, cf=1.0).double()
     custom = moe.moe_layer(gate_type={"type": "custom", "module": CustomGate, "top_k": 2},
                            model_dim=D, experts=ffn()).double()
@@ -186,7 +199,9 @@ def test_custom_gate_equals_builtin_gate():
         custom.gates[0].my_wg.weight.copy_(builtin.gates[0].wg.weight)
         for n in ("batched_fc1_w", "batched_fc2_w", "batched_fc1_bias", "batched_fc2_bias"):
             getattr(custom.experts, n).copy_(getattr(builtin.experts, n))
-    x = torch.randn(13, D, dtype=torch.float64)
+    builtin.to(device)
+    custom.to(device)
+    x = torch.randn(13, D, dtype=torch.float64, device=device)
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     ya, yb = builtin(xa), custom(xb)
     torch.testing.assert_close(ya, yb, atol=1e-12, rtol=0)
@@ -197,16 +212,19 @@ def test_custom_gate_equals_builtin_gate():
                                atol=1e-12, rtol=0)
 
 
-def test_custom_experts_against_reference():
+@pytest.mark.parametrize("device", DEVICES)
+def test_custom_experts_against_reference(device):
     layer = moe.moe_layer(gate_type={"type": "top", "k": 2, "capacity_factor": 0.5}, model_dim=D,
                           experts={"type": "custom", "module": CustomExpert,
                                    "num_experts_per_device": E, "scale": 2.0}).double()
-    x = torch.randn(17, D, dtype=torch.float64, requires_grad=True)
-    y = layer(x)
+    x = torch.randn(17, D, dtype=torch.float64)
+    xa = x.to(device, copy=True).requires_grad_(True)
+    y = layer.to(device)(xa)
     (y.square().sum() + y.l_aux).backward()
+    layer.cpu()  # parameters and their gradients, for the comparison on the CPU
     wg = layer.gates[0].wg.weight.detach().clone().requires_grad_(True)
     W = layer.experts.W.detach().clone().requires_grad_(True)
-    xr = x.detach().clone().requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
     # The custom expert as an FFN-shaped reference: act(x W[e]) with identity second matrix.
     T = xr.shape[0]
     logits = xr @ wg.t()
@@ -233,9 +251,9 @@ def test_custom_experts_against_reference():
     first = torch.zeros(E, dtype=torch.float64)
     first.index_add_(0, idx[:, 0], torch.ones(T, dtype=torch.float64))
     l_aux = E / T ** 2 * (scores.sum(0) * first).sum()
-    torch.testing.assert_close(y.detach(), yr.detach(), atol=1e-10, rtol=0)
+    torch.testing.assert_close(y.detach().cpu(), yr.detach(), atol=1e-10, rtol=0)
     (yr.square().sum() + l_aux).backward()
-    torch.testing.assert_close(x.grad, xr.grad, atol=1e-10, rtol=0)
+    torch.testing.assert_close(xa.grad.cpu(), xr.grad, atol=1e-10, rtol=0)
     torch.testing.assert_close(layer.experts.W.grad, W.grad, atol=1e-10, rtol=0)
     torch.testing.assert_close(layer.gates[0].wg.weight.grad, wg.grad, atol=1e-10, rtol=0)
 
@@ -269,11 +287,12 @@ def test_result_func_and_l_aux_attributes():
     assert l_aux is layer.l_aux and y.l_z is layer.l_z
 
 
-def test_optimizer_step_trains_and_dtype_conversion():
+@pytest.mark.parametrize("device", DEVICES)
+def test_optimizer_step_trains_and_dtype_conversion(device):
     torch.manual_seed(0)
-    layer = small(k=2, cf=0.0)
+    layer = small(k=2, cf=0.0).to(device)
     opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
-    x, target = torch.randn(32, D), torch.randn(32, D)
+    x, target = torch.randn(32, D).to(device), torch.randn(32, D).to(device)
     losses = []
     for _ in range(30):
         opt.zero_grad()
@@ -287,27 +306,30 @@ def test_optimizer_step_trains_and_dtype_conversion():
         layer.to(dtype)
         xin = x.to(dtype).requires_grad_(True)
         y = layer(xin)
-        assert y.dtype == dtype
+        assert y.dtype == dtype and y.device == xin.device
         y.float().sum().backward()
         assert xin.grad.dtype == dtype
         assert layer.experts.batched_fc1_w.grad.dtype == dtype
+        assert layer.experts.batched_fc1_w.grad.device == xin.device
 
 
-def test_fp32_gate_keeps_the_gate_in_f32():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp32_gate_keeps_the_gate_in_f32(device):
     layer = moe.moe_layer(gate_type={"type": "top", "k": 2, "fp32_gate": True}, model_dim=D,
-                          experts=ffn())
+                          experts=ffn()).to(device)
     assert layer.gates[0].wg.weight.dtype == torch.float32
     layer.experts.to(torch.bfloat16)
-    x = torch.randn(9, D, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(9, D, dtype=torch.bfloat16, device=device, requires_grad=True)
     y = layer(x)
     y.float().sum().backward()
     assert layer.gates[0].wg.weight.grad.dtype == torch.float32
 
 
-def test_second_backward_and_interleaved_forwards_recompute():
-    layer = small(k=2, cf=1.0).double()
-    x1 = torch.randn(9, D, dtype=torch.float64, requires_grad=True)
-    x2 = torch.randn(9, D, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_second_backward_and_interleaved_forwards_recompute(device):
+    layer = small(k=2, cf=1.0).double().to(device)
+    x1 = torch.randn(9, D, dtype=torch.float64, device=device, requires_grad=True)
+    x2 = torch.randn(9, D, dtype=torch.float64, device=device, requires_grad=True)
     y1 = layer(x1)
     y2 = layer(x2)
     g1 = torch.autograd.grad(y1.sum(), x1, retain_graph=True)[0]
@@ -335,33 +357,36 @@ def test_eval_mode_with_gradients():
         y.sum().backward()
 
 
-def test_megatron_options():
-    x = torch.randn(16, D)
+@pytest.mark.parametrize("device", DEVICES)
+def test_megatron_options(device):
+    x = torch.randn(16, D, device=device)
     m = moe.moe_layer(gate_type={"type": "top", "k": 2, "capacity_factor": 0}, model_dim=D,
                       experts=ffn(), rules="megatron", score_fn="sigmoid", expert_bias=True,
-                      scaling_factor=2.5, aux_loss="switch")
+                      scaling_factor=2.5, aux_loss="switch").to(device)
     m(x).sum().backward()
+    assert m.expert_bias().device == x.device
     before = m.expert_bias().clone()
     m.update_expert_bias(0.1)
     assert not torch.equal(before, m.expert_bias())
     s = moe.moe_layer(gate_type={"type": "top", "k": 2, "capacity_factor": 1.0}, model_dim=D,
                       experts=ffn(E=8), rules="megatron", sinkhorn=True, aux_loss="none",
-                      num_groups=4, topk_groups=2, drop_policy="position")
+                      num_groups=4, topk_groups=2, drop_policy="position").to(device)
     y = s(x)
     assert float(y.l_aux) == 0.0
     # z-loss: mean over tokens of logsumexp(logits)^2, returned beside l_aux.
-    z = small()
+    z = small().to(device)
     y = z(x)
     logits = x @ z.gates[0].wg.weight.detach().t()
     torch.testing.assert_close(y.l_z, torch.logsumexp(logits, 1).square().mean())
 
 
-def test_shared_expert_adds_an_ffn_on_every_token():
-    layer = small(k=2, cf=1.0, shared_expert_hidden=3).double()
-    x = torch.randn(7, D, dtype=torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_shared_expert_adds_an_ffn_on_every_token(device):
+    layer = small(k=2, cf=1.0, shared_expert_hidden=3).double().to(device)
+    x = torch.randn(7, D, dtype=torch.float64, device=device)
     sh = layer.shared_experts
     assert tuple(sh.batched_fc1_w.shape) == (1, 3, D)
-    plain = small(k=2, cf=1.0).double()
+    plain = small(k=2, cf=1.0).double().to(device)
     plain.load_state_dict({k: v for k, v in layer.state_dict().items()
                            if not k.startswith("shared")})
     want = plain(x) + sh(x.unsqueeze(0)).squeeze(0)
@@ -376,7 +401,8 @@ def test_deepcopy_and_pickle():
     buf = io.BytesIO()
     torch.save(layer, buf)
     buf.seek(0)
-    torch.testing.assert_close(torch.load(buf)(x), layer(x))
+    # A whole module, not only tensors: torch >= 2.6 loads weights only unless told otherwise.
+    torch.testing.assert_close(torch.load(buf, weights_only=False)(x), layer(x))
 
 
 def test_zero_copy_crossing():
@@ -438,10 +464,91 @@ def test_expert_parallel_requests_are_refused(monkeypatch):
         moe.moe_layer(gate_type={"type": "top"}, model_dim=D, experts=ffn())
 
 
-def test_empty_input():
-    layer = small()
-    x = torch.randn(0, D, requires_grad=True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_input(device):
+    layer = small().to(device)
+    x = torch.randn(0, D, device=device, requires_grad=True)
     y = layer(x)
     assert y.shape == (0, D)
     y.sum().backward()
     assert x.grad.shape == (0, D)
+
+
+# ---- CUDA -------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(_C.built_with_cuda, reason="this build has the CUDA backend")
+def test_a_cuda_layer_needs_a_cuda_build():
+    with pytest.raises(NotImplementedError, match="no CUDA backend"):
+        small()._config(0, torch.float32, 1, torch.device("cuda", 0))
+
+
+@needs_cuda
+def test_zero_copy_crossing_on_cuda():
+    t = torch.randn(5, 7, dtype=torch.float64, device="cuda")
+    ptr, sizes, strides, dtype = _C._view_info(t)
+    assert ptr == t.data_ptr() and sizes == [5, 7] and strides == [7, 1] and dtype == "f64"
+    tt = t.t()
+    back = _C._roundtrip(tt)
+    assert back.device == t.device and back.data_ptr() == t.data_ptr() and torch.equal(back, tt)
+    owned, sy_ptr = _C._owned_roundtrip(t)
+    assert owned.device == t.device and owned.data_ptr() == sy_ptr and torch.equal(owned, t)
+    del owned  # handed back to switchyard's pool on torch's stream
+    torch.cuda.synchronize()
+    for dt, name in [(torch.float32, "f32"), (torch.bfloat16, "bf16"), (torch.float16, "f16")]:
+        assert _C._view_info(t.to(dt))[3] == name
+
+
+@needs_cuda
+def test_calls_run_on_torchs_current_stream():
+    t = torch.zeros(1, device="cuda")
+    # torch's default stream is CUDA's legacy default stream (handle 1 to switchyard).
+    assert torch.cuda.current_stream().cuda_stream == 0 and _C._stream_seen(t) == 1
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        assert _C._stream_seen(t) == side.cuda_stream
+    # A forward and backward queued on a side stream, right behind the torch op that makes x.
+    layer = small(k=2, cf=0.0).to("cuda")
+    base = torch.randn(4096, D, device="cuda")
+    want_y = layer(base * 3.0)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        x = (base * 3.0).requires_grad_(True)
+        y = layer(x)
+        y.square().sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(y, want_y)
+    xd = (base * 3.0).requires_grad_(True)
+    layer(xd).square().sum().backward()
+    torch.testing.assert_close(x.grad, xd.grad)
+
+
+@needs_cuda
+def test_layer_moves_between_devices():
+    torch.manual_seed(2)
+    layer = small(k=2, cf=1.0)
+    x = torch.randn(33, D)
+    want = layer(x)
+    layer.to("cuda")
+    assert all(p.is_cuda for p in layer.parameters())
+    y = layer(x.cuda())
+    torch.testing.assert_close(y.cpu(), want, atol=1e-5, rtol=1e-5)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    (y.square().sum() + y.l_aux).backward()
+    opt.step()
+    trained = layer.state_dict()
+    assert trained["experts.batched_fc1_w"].is_cuda
+    cpu_copy = small(k=2, cf=1.0)
+    cpu_copy.load_state_dict(trained, strict=True)
+    layer.cpu()
+    torch.testing.assert_close(layer(x), cpu_copy(x))
+    torch.testing.assert_close(layer.to("cuda")(x.cuda()).cpu(), cpu_copy(x), atol=1e-5,
+                               rtol=1e-5)
+
+
+@needs_cuda
+def test_input_and_layer_on_different_devices_is_an_error():
+    layer = small()
+    with pytest.raises(ValueError, match="input on cuda"):
+        layer(torch.randn(3, D, device="cuda"))
+    with pytest.raises(ValueError, match="input on cpu"):
+        layer.cuda()(torch.randn(3, D))

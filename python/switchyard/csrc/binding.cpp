@@ -1,15 +1,28 @@
-// switchyard._C: the C++ MoE layer for PyTorch (CPU). Only this file sees Torch.
+// switchyard._C: the C++ MoE layer for PyTorch (CPU, and CUDA in builds with SY_WITH_CUDA). Only
+// this file sees Torch.
 //
 // Tensors cross without copies: a torch tensor becomes a switchyard::Tensor view of the same
-// memory (Tensor::from_blob with its sizes, strides and dtype), and a switchyard result becomes a
-// torch tensor over the same storage (torch::from_blob whose deleter holds the switchyard
+// memory (Tensor::from_blob with its sizes, strides, dtype and device), and a switchyard result
+// becomes a torch tensor over the same storage (a from_blob whose deleter holds the switchyard
 // Tensor). Parameters stay owned by torch: before each forward and backward the caller passes
 // them, and the layer's Parameter.value is pointed at their memory; backward points
 // Parameter.grad at fresh zero tensors and hands those back.
 //
+// CUDA: every call into the layer runs on torch's current stream of the layer's device (a
+// switchyard::StreamGuard for the call's duration), so it is ordered with the caller's torch work
+// like any torch op. Memory switchyard allocates (results, saved activations) comes from its own
+// stream-ordered pool on that stream and goes back to the pool on that stream when the last
+// owner, torch tensor or layer, lets it go: a result used on another stream needs the same care
+// as a torch tensor (Tensor.record_stream has no effect on it; synchronise instead).
+//
 // Custom gates and experts (any Python callable) plug in through PyGate and PyExperts, which call
 // back into Python; the autograd bookkeeping of those callbacks lives in switchyard/moe.py.
 #include <torch/extension.h>
+
+#ifdef SY_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #include <map>
 #include <memory>
@@ -62,36 +75,89 @@ at::ScalarType to_torch_dtype(sy::DType t) {
   throw sy::Error("switchyard: unknown dtype");
 }
 
+#ifdef SY_WITH_CUDA
+constexpr bool kBuiltWithCuda = true;
+#else
+constexpr bool kBuiltWithCuda = false;
+#endif
+
+sy::Device to_sy_device(const c10::Device& d, const char* what) {
+  if (d.is_cpu()) return sy::Device::cpu();
+  if (d.is_cuda() && kBuiltWithCuda) return sy::Device::cuda(d.index());
+  throw sy::Error(std::string(what) + ": tensor is on " + d.str() + "; this build of the " +
+                  "switchyard binding runs on " +
+                  (kBuiltWithCuda ? "cpu and cuda" : "the CPU only"));
+}
+
+c10::Device to_torch_device(const sy::Device& d) {
+  if (d.is_cpu()) return c10::Device(c10::kCPU);
+  return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(d.index));
+}
+
 // A view of a torch tensor's memory: no copy, no ownership (the caller keeps `t` alive).
 sy::Tensor view_of(const at::Tensor& t, const char* what) {
   if (!t.defined()) throw sy::Error(std::string(what) + ": tensor is undefined");
-  if (!t.device().is_cpu())
-    throw sy::Error(std::string(what) + ": tensor is on " + t.device().str() +
-                    "; this build of the switchyard binding runs on the CPU only");
+  const sy::Device device = to_sy_device(t.device(), what);
   const sy::Shape sizes(t.sizes().begin(), t.sizes().end());
   const sy::Shape strides(t.strides().begin(), t.strides().end());
-  return sy::Tensor::from_blob(t.data_ptr(), sizes, strides, to_sy_dtype(t.scalar_type()));
+  return sy::Tensor::from_blob(t.data_ptr(), sizes, strides, to_sy_dtype(t.scalar_type()), device);
 }
 
 // A torch tensor over a switchyard tensor's storage; the deleter keeps that storage alive.
 at::Tensor torch_of(const sy::Tensor& t) {
   if (!t.defined()) return at::Tensor();
-  auto* keep = new sy::Tensor(t);
+  const auto options =
+      torch::TensorOptions().dtype(to_torch_dtype(t.dtype())).device(to_torch_device(t.device()));
   const std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
+  // NOTE: an empty switchyard tensor's data pointer is a host placeholder whatever its device;
+  // with nothing to share, a fresh torch tensor stands in.
+  if (t.numel() == 0) return torch::empty(sizes, options);
+  auto* keep = new sy::Tensor(t);
   const std::vector<int64_t> strides(t.strides().begin(), t.strides().end());
-  return torch::from_blob(
-      t.data_ptr(), sizes, strides, [keep](void*) { delete keep; },
-      torch::TensorOptions().dtype(to_torch_dtype(t.dtype())).device(torch::kCPU));
+  // target_device: torch need not ask the driver where the pointer lives.
+  return at::from_blob(
+      t.data_ptr(), sizes, strides, [keep](void*) { delete keep; }, options, options.device());
 }
 
 // A switchyard tensor owning a copy of a torch tensor (for results of Python callbacks, whose
-// lifetime the layer does not control).
+// lifetime the layer does not control), on the tensor's device.
 sy::Tensor owned_copy_of(const at::Tensor& t, const char* what) {
   const sy::Tensor v = view_of(t, what);
-  sy::Tensor out = sy::Tensor::empty(v.sizes(), v.dtype());
+  sy::Tensor out = sy::Tensor::empty(v.sizes(), v.dtype(), v.device());
   out.copy_from(v);
   return out;
 }
+
+// For the duration of a call on `device`: on CUDA, torch's current device and stream become
+// switchyard's (the device made current, the stream set with a StreamGuard). Nothing on CPU.
+class TorchStreamScope {
+ public:
+  explicit TorchStreamScope(const sy::Device& device) {
+#ifdef SY_WITH_CUDA
+    if (!device.is_cuda()) return;
+    const auto index = static_cast<c10::DeviceIndex>(device.index);
+    device_guard_.emplace(index);
+    void* handle = c10::cuda::getCurrentCUDAStream(index).stream();
+    // NOTE: torch's default stream is the legacy default stream (handle 0), while a null handle
+    // means the per-thread default stream to switchyard: name the legacy stream explicitly.
+    if (handle == nullptr) handle = static_cast<void*>(cudaStreamLegacy);
+    stream_guard_.emplace(sy::Stream{device, handle});
+#else
+    (void)device;
+#endif
+  }
+
+  // The stream switchyard sees on `device` now (tests).
+  static std::uintptr_t current_handle(const sy::Device& device) {
+    return reinterpret_cast<std::uintptr_t>(sy::current_stream(device).handle);
+  }
+
+ private:
+#ifdef SY_WITH_CUDA
+  std::optional<c10::cuda::CUDAGuard> device_guard_;
+  std::optional<sy::StreamGuard> stream_guard_;
+#endif
+};
 
 // A gate implemented in Python: forward(x, training) -> logits, backward(dlogits) -> dx.
 class PyGate final : public sy::Gate {
@@ -191,6 +257,7 @@ sy::MoEConfig config_from_dict(py::dict in) {
   c.has_fc1_bias = take<bool>(d, "has_fc1_bias", c.has_fc1_bias);
   c.has_fc2_bias = take<bool>(d, "has_fc2_bias", c.has_fc2_bias);
   c.shared_expert_hidden = take<int64_t>(d, "shared_expert_hidden", c.shared_expert_hidden);
+  c.device = sy::parse_device(take<std::string>(d, "device", sy::to_string(c.device)));
   if (py::len(d) > 0) {
     std::string names;
     for (auto kv : d) names += (names.empty() ? "" : ", ") + kv.first.cast<std::string>();
@@ -207,7 +274,10 @@ class Layer {
     std::shared_ptr<sy::ExpertNetwork> experts;
     if (!gate_fwd.is_none()) gate = std::make_shared<PyGate>(gate_fwd, gate_bwd);
     if (!experts_fwd.is_none()) experts = std::make_shared<PyExperts>(experts_fwd, experts_bwd);
-    layer_ = std::make_unique<sy::MoELayer>(config_from_dict(cfg), gate, experts);
+    const sy::MoEConfig config = config_from_dict(cfg);
+    device_ = config.device;
+    TorchStreamScope scope(device_);  // the layer's buffers are allocated on torch's stream
+    layer_ = std::make_unique<sy::MoELayer>(config, gate, experts);
     params_ = layer_->parameters();
     // The layer's own initial values are never used (torch owns the parameters): free them.
     for (sy::Parameter* p : params_) {
@@ -237,6 +307,7 @@ class Layer {
   py::tuple forward(const at::Tensor& x, const std::vector<at::Tensor>& params,
                     std::optional<double> capacity_factor, std::optional<int> top_k,
                     bool training) {
+    TorchStreamScope scope(device_);
     point_values(params);
     sy::ForwardOptions opt;
     opt.capacity_factor = capacity_factor;
@@ -262,6 +333,7 @@ class Layer {
   // for the most recent training forward.
   py::tuple backward(const at::Tensor& dy, const std::vector<at::Tensor>& params, double aux,
                      double z) {
+    TorchStreamScope scope(device_);
     point_values(params);
     std::vector<at::Tensor> grads;
     for (std::size_t i = 0; i < params_.size(); ++i) {
@@ -281,8 +353,15 @@ class Layer {
     return py::make_tuple(torch_of(dx), grads);
   }
 
-  void update_expert_bias(double rate) { layer_->update_expert_bias(rate); }
-  at::Tensor expert_bias() const { return torch_of(layer_->expert_bias()); }
+  void update_expert_bias(double rate) {
+    TorchStreamScope scope(device_);
+    layer_->update_expert_bias(rate);
+  }
+  at::Tensor expert_bias() const {
+    TorchStreamScope scope(device_);
+    return torch_of(layer_->expert_bias());
+  }
+  std::string device() const { return sy::to_string(device_); }
 
  private:
   void point_values(const std::vector<at::Tensor>& params) {
@@ -297,12 +376,16 @@ class Layer {
         throw sy::Error("switchyard: parameter " + name + " must be a contiguous " +
                         sy::dtype_name(dtypes_[i]) + " tensor of the layer's shape");
       params_[i]->value = view_of(t, name.c_str());
+      if (params_[i]->value.device() != device_)
+        throw sy::Error("switchyard: parameter " + name + " is on " + t.device().str() +
+                        ", the layer on " + sy::to_string(device_));
     }
   }
   void release_grads() {
     for (sy::Parameter* p : params_) p->grad = sy::Tensor();
   }
 
+  sy::Device device_;
   std::unique_ptr<sy::MoELayer> layer_;
   std::vector<sy::Parameter*> params_;
   std::vector<sy::Shape> shapes_;
@@ -312,7 +395,9 @@ class Layer {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "switchyard C++ core (CPU) for PyTorch";
+  m.doc() = "switchyard C++ core for PyTorch";
+  // Whether this build runs CUDA tensors (compiled with the CUDA backend).
+  m.attr("built_with_cuda") = kBuiltWithCuda;
   static py::exception<sy::Error> error(m, "Error", PyExc_RuntimeError);
   py::register_exception_translator([](std::exception_ptr p) {
     try {
@@ -335,7 +420,8 @@ PYBIND11_MODULE(_C, m) {
       .def("backward", &Layer::backward, py::arg("dy"), py::arg("params"), py::arg("aux") = 0.0,
            py::arg("z") = 0.0)
       .def("update_expert_bias", &Layer::update_expert_bias, py::arg("rate") = 1e-3)
-      .def("expert_bias", &Layer::expert_bias);
+      .def("expert_bias", &Layer::expert_bias)
+      .def("device", &Layer::device);
 
   // For tests of the zero-copy crossing: the data pointer, sizes and strides switchyard sees for
   // a torch tensor, and a torch tensor made back from that view (sharing the memory).
@@ -347,8 +433,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("_roundtrip", [](const at::Tensor& t) { return torch_of(view_of(t, "roundtrip")); });
   m.def("_owned_roundtrip", [](const at::Tensor& t) {
     // A tensor allocated by switchyard, handed to torch: returns it and its switchyard pointer.
+    TorchStreamScope scope(to_sy_device(t.device(), "owned"));
     sy::Tensor c = owned_copy_of(t, "owned");
     const auto ptr = reinterpret_cast<std::uintptr_t>(c.data_ptr());
     return py::make_tuple(torch_of(c), ptr);
+  });
+  // The stream switchyard runs on inside a call on t's device (0: CPU or the per-thread default
+  // stream; 1: CUDA's legacy default stream, torch's default).
+  m.def("_stream_seen", [](const at::Tensor& t) {
+    const sy::Device device = to_sy_device(t.device(), "stream");
+    TorchStreamScope scope(device);
+    return TorchStreamScope::current_handle(device);
   });
 }
