@@ -113,7 +113,7 @@ static int g_fail = 0;
 static Kernel g_kernel = Kernel::kMma;  // the varying-M kernel the checks run
 template <class T, class Cfg, class Sm90Cfg = Sm90DefaultConfig>
 void check_rows(const char* name, const std::vector<index_t>& counts, index_t n, index_t k,
-                bool tb) {
+                bool tb, bool bias_relu = false) {
   std::vector<index_t> off(counts.size() + 1, 0);
   for (size_t e = 0; e < counts.size(); ++e) off[e + 1] = off[e] + counts[e];
   const index_t E = counts.size(), R = off[E];
@@ -121,10 +121,13 @@ void check_rows(const char* name, const std::vector<index_t>& counts, index_t n,
   rnd(a, R * k, 1);
   rnd(b, E * k * n, 2);
   CK(cudaMemset(c, 0xff, std::max<index_t>(R * n, 1) * sizeof(T)));  // NaN poison
+  T* bias = bias_relu ? dalloc<T>(E * n) : nullptr;
+  if (bias) rnd(bias, E * n, 7, 8.f);
   index_t* doff = upload_off(off);
-  run_varying_m<T, Cfg, Sm90Cfg>(a, b, tb, c, doff, E, R, n, k, 0, g_kernel);
+  run_varying_m<T, Cfg, Sm90Cfg>(a, b, tb, c, doff, E, R, n, k, 0, g_kernel, bias, bias_relu);
   CK(cudaDeviceSynchronize());
   auto ha = download(a, R * k), hb = download(b, E * k * n), hc = download(c, R * n);
+  const auto hbias = bias ? download(bias, E * n) : decltype(download(bias, 0))();
   std::vector<double> ref(R * n, 0.0);
   for (index_t e = 0; e < E; ++e)
     for (index_t r = off[e]; r < off[e + 1]; ++r)
@@ -132,17 +135,19 @@ void check_rows(const char* name, const std::vector<index_t>& counts, index_t n,
         double s = 0;
         for (index_t q = 0; q < k; ++q)
           s += (double)ha[r * k + q] * (tb ? hb[e * n * k + j * k + q] : hb[e * k * n + q * n + j]);
+        if (bias_relu) s = std::max(0.0, s + (double)hbias[e * n + j]);
         ref[r * n + j] = s;
       }
   Err er = compare(hc, ref);
   bool ok = er.max_rel < 2e-2;
   if (!ok) ++g_fail;
   printf(
-      "%-4s %-4s rows %-34s E=%-3ld R=%-6ld N=%-4ld K=%-4ld %s max_rel=%.2e max_err/max_ref=%.2e "
-      "%s\n",
+      "%-4s %-4s rows %-34s E=%-3ld R=%-6ld N=%-4ld K=%-4ld %s%s max_rel=%.2e "
+      "max_err/max_ref=%.2e %s\n",
       std::is_same_v<T, __half> ? "f16" : "bf16", g_kernel == Kernel::kSm90 ? "sm90" : "mma", name,
-      (long)E, (long)R, (long)n, (long)k, tb ? "B^T" : "B  ", er.max_rel, er.worst_ref,
-      ok ? "OK" : "FAIL");
+      (long)E, (long)R, (long)n, (long)k, tb ? "B^T" : "B  ", bias_relu ? " +bias,relu" : "",
+      er.max_rel, er.worst_ref, ok ? "OK" : "FAIL");
+  cudaFree(bias);
   cudaFree(a);
   cudaFree(b);
   cudaFree(c);
@@ -210,6 +215,9 @@ void correctness_rows() {
                               392, 520, false);
   check_rows<T, Cfg, Sm90Cfg>("N=520 K=1000", {100, 0, 383, 129}, 520, 1000, false);
   check_rows<T, Cfg, Sm90Cfg>("N=520 K=1000", {100, 0, 383, 129}, 520, 1000, true);
+  check_rows<T, Cfg, Sm90Cfg>("mixed", {0, 1, 127, 200, 0, 300}, 136, 264, false, true);
+  check_rows<T, Cfg, Sm90Cfg>("mixed", {0, 1, 127, 200, 0, 300}, 392, 520, true, true);
+  check_rows<T, Cfg, Sm90Cfg>("long K", {100, 0, 383, 129}, 264, 4104, true, true);
 }
 
 template <class T, class Cfg, class Sm90Cfg>
@@ -239,6 +247,7 @@ void correctness() {
   check_rows<T, Cfg>("all rows in one expert", {0, 0, 777, 0}, 256, 128, false);
   check_rows<T, Cfg>("all rows in one expert", {0, 0, 777, 0}, 256, 128, true);
   check_rows<T, Cfg>("K=0", {3, 4}, 16, 0, false);
+  check_rows<T, Cfg>("mixed", {0, 1, 127, 200, 0, 300}, 136, 264, true, true);
   check_rows<T, Cfg>("many experts",
                      std::vector<index_t>{7, 0, 1, 33, 128, 129, 255, 256, 3, 0, 64, 17}, 392, 520,
                      true);

@@ -143,6 +143,7 @@ nlohmann::ordered_json run_case(const BenchConfig& bc, const LayoutCase& lc, DTy
     progress.update(fmt::format("{}: iteration {}/{}", label, i + 1, total));
     if (i == f.warmup) reset_peak_memory(device);
     layer->zero_grad();
+    synchronize(current_stream(device));  // the zeroing runs on the stream: keep it out of forward
     auto start = Clock::now();
     r = layer->forward(x, timed);
     wait_for(r.y);

@@ -184,9 +184,10 @@ bool use_grouped_gemm(index_t rows, index_t num_experts, index_t d, index_t h1) 
 // The grouped GEMMs for the types they support (only called when use_grouped_gemm<T> holds).
 template <class T>
 void grouped_varying_m(const T* a, const T* b, bool trans_b, T* c, const index_t* off, index_t E,
-                       index_t R, index_t n, index_t k, cudaStream_t stream) {
+                       index_t R, index_t n, index_t k, cudaStream_t stream,
+                       const T* bias = nullptr, bool relu = false) {
   if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>)
-    grouped_gemm_varying_m_cuda(a, b, trans_b, c, off, E, R, n, k, stream);
+    grouped_gemm_varying_m_cuda(a, b, trans_b, c, off, E, R, n, k, stream, bias, relu);
   else
     SY_ASSERT(false, "no grouped GEMM for this dtype");
 }
@@ -247,12 +248,17 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
   const bool gated = is_gated(s.activation);
   const index_t h1 = gated ? 2 * hid : hid;
   const Tensor x = rows.contiguous();
-  Tensor hpre = Tensor::empty({R, h1}, s.dtype, dev), act = Tensor::empty({R, hid}, s.dtype, dev);
-  Tensor y = Tensor::empty({R, d}, s.dtype, dev);
   // Padded rows (all experts equal) run as one strided-batched GEMM, which beats the grouped
   // kernel; that needs the host offsets, as does one GEMM per expert.
   const bool grouped = ffn_cuda_grouped(s, R) && (off.empty() || !equal_rows(off));
   SY_ASSERT(grouped || !off.empty(), "ffn_forward_cuda: host offsets needed");
+  // relu's derivative reads off its output (act > 0 exactly where the pre-activation is > 0,
+  // both stored in T), so relu experts keep act alone; on the grouped path fc1's epilogue adds
+  // the bias and applies relu, and the pre-activation never exists.
+  const bool relu = !gated && s.activation == Activation::kRelu;
+  const bool fused_act = grouped && relu;
+  Tensor hpre = fused_act ? Tensor() : Tensor::empty({R, h1}, s.dtype, dev);
+  Tensor act = Tensor::empty({R, hid}, s.dtype, dev), y = Tensor::empty({R, d}, s.dtype, dev);
   const Tensor off_dev = offsets.to(dev).contiguous();  // a copy only for host offsets
   const Tensor row_expert = Tensor::empty({R}, DType::kI64, dev);
   if (R > 0) {
@@ -265,11 +271,14 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
     const T* xp = static_cast<const T*>(x.data_ptr());
     const T* w1 = static_cast<const T*>(fc1_w.value.data_ptr());
     const T* w2 = static_cast<const T*>(fc2_w.value.data_ptr());
-    T* hp = static_cast<T*>(hpre.data_ptr());
+    const T* b1 = fc1_b.value.defined() ? static_cast<const T*>(fc1_b.value.data_ptr()) : nullptr;
+    const T* b2 = fc2_b.value.defined() ? static_cast<const T*>(fc2_b.value.data_ptr()) : nullptr;
+    T* hp = hpre.defined() ? static_cast<T*>(hpre.data_ptr()) : nullptr;
     T* ap = static_cast<T*>(act.data_ptr());
     T* yp = static_cast<T*>(y.data_ptr());
-    if (grouped) {  // h = x · fc1_wᵀ, fc1_w [E, h1, d]
-      grouped_varying_m<T>(xp, w1, true, hp, off_dev.data<index_t>(), E, R, h1, d, stream);
+    if (grouped) {  // h = x · fc1_wᵀ + b1 (and relu), fc1_w [E, h1, d]
+      grouped_varying_m<T>(xp, w1, true, fused_act ? ap : hp, off_dev.data<index_t>(), E, R, h1, d,
+                           stream, b1, fused_act);
     } else {
       per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {  // h = x · fc1_wᵀ
         gemm<T>(h, false, true, n, h1, d, xp + offset_of(r0, d), d, n * d,
@@ -277,16 +286,16 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
                 batch);
       });
     }
-    if (R > 0) {
-      const T* b1 = fc1_b.value.defined() ? static_cast<const T*>(fc1_b.value.data_ptr()) : nullptr;
-      with_pack_width<T>(hid, {hp, ap, b1}, [&](auto v) {
+    if (R > 0 && !fused_act) {
+      const T* bias = grouped ? nullptr : b1;  // the grouped epilogue added it
+      with_pack_width<T>(hid, {hp, ap, bias}, [&](auto v) {
         bias_activation<T, v()><<<row_blocks(R), 256, 0, stream>>>(
-            hp, ap, b1, row_expert.data<index_t>(), R, hid, gated, base_activation(s.activation));
+            hp, ap, bias, row_expert.data<index_t>(), R, hid, gated, base_activation(s.activation));
       });
       SY_CUDA_CHECK_LAUNCH();
     }
-    if (grouped) {  // y = act · fc2_w, fc2_w [E, hid, d]
-      grouped_varying_m<T>(ap, w2, false, yp, off_dev.data<index_t>(), E, R, d, hid, stream);
+    if (grouped) {  // y = act · fc2_w + b2, fc2_w [E, hid, d]
+      grouped_varying_m<T>(ap, w2, false, yp, off_dev.data<index_t>(), E, R, d, hid, stream, b2);
     } else {
       per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {  // y = act · fc2_w
         gemm<T>(h, false, false, n, d, hid, ap + offset_of(r0, hid), hid, n * hid,
@@ -294,8 +303,7 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
                 batch);
       });
     }
-    if (fc2_b.value.defined() && R > 0) {
-      const T* b2 = static_cast<const T*>(fc2_b.value.data_ptr());
+    if (b2 && !grouped && R > 0) {
       with_pack_width<T>(d, {yp, b2}, [&](auto v) {
         add_bias<T, v()><<<row_blocks(R), 256, 0, stream>>>(yp, b2, row_expert.data<index_t>(), R,
                                                             d);
@@ -303,9 +311,6 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
       SY_CUDA_CHECK_LAUNCH();
     }
   });
-  // relu's derivative reads off its output (act > 0 exactly where hpre > 0, both stored in T),
-  // so relu experts keep act alone and the pre-activation is freed here.
-  const bool relu = !gated && s.activation == Activation::kRelu;
   saved = FfnExperts::Saved{x, relu ? act : hpre, act, std::move(off), off_dev, grouped};
   return y;
 }

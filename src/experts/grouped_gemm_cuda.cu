@@ -11,13 +11,17 @@ namespace switchyard {
 
 void grouped_gemm_varying_m_cuda(const __nv_bfloat16* a, const __nv_bfloat16* b, bool trans_b,
                                  __nv_bfloat16* c, const index_t* offsets, index_t num_groups,
-                                 index_t rows, index_t n, index_t k, cudaStream_t stream) {
-  grouped_gemm_detail::run_varying_m(a, b, trans_b, c, offsets, num_groups, rows, n, k, stream);
+                                 index_t rows, index_t n, index_t k, cudaStream_t stream,
+                                 const __nv_bfloat16* bias, bool relu) {
+  grouped_gemm_detail::run_varying_m(a, b, trans_b, c, offsets, num_groups, rows, n, k, stream,
+                                     grouped_gemm_detail::Kernel::kAuto, bias, relu);
 }
 void grouped_gemm_varying_m_cuda(const __half* a, const __half* b, bool trans_b, __half* c,
                                  const index_t* offsets, index_t num_groups, index_t rows,
-                                 index_t n, index_t k, cudaStream_t stream) {
-  grouped_gemm_detail::run_varying_m(a, b, trans_b, c, offsets, num_groups, rows, n, k, stream);
+                                 index_t n, index_t k, cudaStream_t stream, const __half* bias,
+                                 bool relu) {
+  grouped_gemm_detail::run_varying_m(a, b, trans_b, c, offsets, num_groups, rows, n, k, stream,
+                                     grouped_gemm_detail::Kernel::kAuto, bias, relu);
 }
 void grouped_gemm_varying_k_cuda(const __nv_bfloat16* a, const __nv_bfloat16* b, __nv_bfloat16* c,
                                  const index_t* offsets, index_t num_groups, index_t rows,

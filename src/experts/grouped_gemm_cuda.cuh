@@ -14,12 +14,16 @@
 namespace switchyard {
 
 // c [R, N] rows of group e = a [R, K] rows of group e · op(b[e]), b [E, K, N] or [E, N, K].
+// Fused epilogue: + bias[e] (bias [E, N], 16-byte aligned, or null), then relu when asked, in
+// f32 before the one rounding to the output type.
 void grouped_gemm_varying_m_cuda(const __nv_bfloat16* a, const __nv_bfloat16* b, bool trans_b,
                                  __nv_bfloat16* c, const index_t* offsets, index_t num_groups,
-                                 index_t rows, index_t n, index_t k, cudaStream_t stream);
+                                 index_t rows, index_t n, index_t k, cudaStream_t stream,
+                                 const __nv_bfloat16* bias = nullptr, bool relu = false);
 void grouped_gemm_varying_m_cuda(const __half* a, const __half* b, bool trans_b, __half* c,
                                  const index_t* offsets, index_t num_groups, index_t rows,
-                                 index_t n, index_t k, cudaStream_t stream);
+                                 index_t n, index_t k, cudaStream_t stream,
+                                 const __half* bias = nullptr, bool relu = false);
 
 // c[e] [M, N] = beta c[e] + (a [R, M] rows of group e)ᵀ · (b [R, N] rows of group e), beta 0 or 1.
 void grouped_gemm_varying_k_cuda(const __nv_bfloat16* a, const __nv_bfloat16* b, __nv_bfloat16* c,

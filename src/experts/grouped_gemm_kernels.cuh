@@ -51,6 +51,8 @@ struct Params {
   index_t rows;            // rows of the packed operands (offsets are clamped to [0, rows])
   int m, n, k;             // kRows*: n, k fixed; kOuter: m, n fixed
   float beta;              // kOuter only: C = beta C + ...
+  const T* bias = nullptr;  // kRows* only: [E, N], added to group e's rows before rounding
+  int relu = 0;             // kRows* only: then max(0, .)
 };
 
 // Shared-memory row strides: 8 elements (16 bytes) of padding per row put the eight 16-byte rows
@@ -134,6 +136,21 @@ __device__ __forceinline__ float2 unpack2(std::uint32_t u) {
     return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
   } else {
     return __half22float2(*reinterpret_cast<const __half2*>(&u));
+  }
+}
+
+// The varying-M forms' fused epilogue on a pair of columns: + bias (a pair of T, or null), then
+// relu when asked; once, in f32, before the one rounding to T.
+template <class T>
+__device__ __forceinline__ void epilogue_bias_relu(float& x, float& y, const T* bias, int relu) {
+  if (bias) {
+    const float2 b = unpack2<T>(*reinterpret_cast<const std::uint32_t*>(bias));
+    x += b.x;
+    y += b.y;
+  }
+  if (relu) {
+    x = fmaxf(x, 0.0f);
+    y = fmaxf(y, 0.0f);
   }
 }
 
@@ -364,6 +381,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
                 x += p.beta * old.x;
                 y += p.beta * old.y;
               }
+            } else {
+              epilogue_bias_relu<T>(x, y, p.bias ? p.bias + offset_of(e, p.n) + n0 + col : nullptr,
+                                    p.relu);
             }
             *dst = pack2<T>(x, y);
           }
@@ -455,7 +475,7 @@ bool with_sm90_config(bool long_k, index_t num_groups, F&& f) {
 template <class T, class Cfg = DefaultConfig, class Sm90Cfg = void>
 void run_varying_m(const T* a, const T* b, bool trans_b, T* c, const index_t* offsets,
                    index_t num_groups, index_t rows, index_t n, index_t k, cudaStream_t stream,
-                   Kernel kernel = Kernel::kAuto) {
+                   Kernel kernel = Kernel::kAuto, const T* bias = nullptr, bool relu = false) {
   SY_CHECK(num_groups >= 1 && num_groups < (1 << 20), "grouped_gemm: ", num_groups,
            " groups, expected 1 to 2^20");
   SY_CHECK(n % 8 == 0 && k % 8 == 0, "grouped_gemm: N=", n, " and K=", k,
@@ -467,9 +487,11 @@ void run_varying_m(const T* a, const T* b, bool trans_b, T* c, const index_t* of
            "grouped_gemm: ", rows, " rows x N=", n, " exceed 2^31 tiles");
   if (rows == 0 || n == 0) return;
   check_alignment(a, b, c, "grouped_gemm");
+  check_alignment(bias ? bias : c, c, c, "grouped_gemm (bias)");
   if (kernel != Kernel::kMma && k > 0 &&
       with_sm90_config<Sm90Cfg>(k >= 4096, num_groups, [&](auto cfg) {
-        launch_sm90<T, decltype(cfg)>(a, b, trans_b, c, offsets, num_groups, rows, n, k, stream);
+        launch_sm90<T, decltype(cfg)>(a, b, trans_b, c, offsets, num_groups, rows, n, k, stream,
+                                      bias, relu);
       }))
     return;
   if (trans_b) {
@@ -482,7 +504,9 @@ void run_varying_m(const T* a, const T* b, bool trans_b, T* c, const index_t* of
                                0,
                                static_cast<int>(n),
                                static_cast<int>(k),
-                               0.0f};
+                               0.0f,
+                               bias,
+                               relu};
     launch<T, Cfg, Form::kRowsBt>(p, stream);
   } else {
     Params<T, Form::kRowsB> p{a,
@@ -494,7 +518,9 @@ void run_varying_m(const T* a, const T* b, bool trans_b, T* c, const index_t* of
                               0,
                               static_cast<int>(n),
                               static_cast<int>(k),
-                              0.0f};
+                              0.0f,
+                              bias,
+                              relu};
     launch<T, Cfg, Form::kRowsB>(p, stream);
   }
 }

@@ -62,10 +62,13 @@ struct Sm90Config {
   static constexpr int kCLd = BN + 8;
   static constexpr int kCOffset = kStages * kStageBytes;
   static constexpr int kCBytes = kBulkStore ? BM * kCLd * 2 : 0;
-  // Stages (1024-byte aligned for the 128-byte swizzle), the output staging tile, then
+  // Stages (1024-byte aligned for the 128-byte swizzle), the output staging tile, the bias, then
   // 2 x kStages pipeline mbarriers and one per consumer warpgroup (the loads of C's old values),
   // then the per-group tile prefix; 1024 bytes of slack to align the dynamic shared memory base.
-  static constexpr int kBarOffset = kCOffset + kCBytes;
+  // The bias slice of the tile's columns, per consumer warpgroup (bulk-store epilogue only).
+  static constexpr int kBiasOffset = kCOffset + kCBytes;
+  static constexpr int kBiasBytes = kBulkStore ? 2 * BN * 2 : 0;
+  static constexpr int kBarOffset = kBiasOffset + kBiasBytes;
   static constexpr int kPrefixOffset = kBarOffset + (2 * kStages + 2) * 8;
   static int smem_bytes(int num_groups) { return 1024 + kPrefixOffset + (num_groups + 1) * 4; }
   static_assert(BN == 128 || BN == 256, "BN is 128 or 256");
@@ -78,6 +81,8 @@ struct Sm90Params {
   index_t rows;
   int m, n, k;  // varying M: n, k; varying K (Form::kOuter): m, n
   float beta;   // varying K: C = beta C + ..., beta 0 or 1
+  const void* bias = nullptr;  // varying M: [E, N] of T, added to group e's rows
+  int relu = 0;                // varying M: then max(0, .)
 };
 
 #if defined(SY_GG_SM90_DEVICE)
@@ -399,8 +404,19 @@ __global__ void __launch_bounds__(384, 1)
     std::uint32_t phase = 0, old_phase = 0;
     int e = 0;
     float acc[BN / 2];
+    unsigned char* bias_s = smem + Cfg::kBiasOffset + wg * BN * 2;
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
       const TileAt ta = tile_at(t, e);
+      if (Cfg::kBulkStore && !kOuter && p.bias && wtid < BN / 8) {
+        // Staged now, read in the epilogue after its first barrier; the previous tile's readers
+        // passed its second barrier before this thread got here.
+        const int col = ta.n0 + wtid * 8;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (col < p.n)
+          v = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.bias) +
+                                              offset_of(e, p.n) + col);
+        *reinterpret_cast<uint4*>(bias_s + wtid * 16) = v;
+      }
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
       int prev = -1;
@@ -508,6 +524,10 @@ __global__ void __launch_bounds__(384, 1)
               x += old.x;
               y += old.y;
             }
+            if constexpr (!kOuter)
+              epilogue_bias_relu<T>(
+                  x, y, p.bias ? reinterpret_cast<const T*>(bias_s + (j * 8 + c0) * 2) : nullptr,
+                  p.relu);
             *slot = pack2<T>(x, y);
           }
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -537,6 +557,12 @@ __global__ void __launch_bounds__(384, 1)
                 x += old.x;
                 y += old.y;
               }
+              if constexpr (!kOuter)
+                epilogue_bias_relu<T>(x, y,
+                                      p.bias ? static_cast<const T*>(p.bias) + offset_of(e, p.n) +
+                                                   ta.n0 + col
+                                             : nullptr,
+                                      p.relu);
               *dst = pack2<T>(x, y);
             }
           }
@@ -648,10 +674,11 @@ void launch_sm90_kernel(const CUtensorMap& map_a, const CUtensorMap& map_b, cons
   SY_CUDA_CHECK_LAUNCH();
 }
 
-// Varying M: c [R, N] rows of group e = a [R, K] rows of e · op(b[e]).
+// Varying M: c [R, N] rows of group e = a [R, K] rows of e · op(b[e]) (+ bias[e], relu).
 template <class T, class Cfg>
 void launch_sm90(const T* a, const T* b, bool trans_b, T* c, const index_t* offsets,
-                 index_t num_groups, index_t rows, index_t n, index_t k, cudaStream_t stream) {
+                 index_t num_groups, index_t rows, index_t n, index_t k, cudaStream_t stream,
+                 const T* bias, bool relu) {
   const std::uint64_t es = sizeof(T);
   const std::uint64_t dims_a[2] = {static_cast<std::uint64_t>(k), static_cast<std::uint64_t>(rows)};
   const std::uint64_t strides_a[1] = {static_cast<std::uint64_t>(k) * es};
@@ -680,7 +707,9 @@ void launch_sm90(const T* a, const T* b, bool trans_b, T* c, const index_t* offs
                      0,
                      static_cast<int>(n),
                      static_cast<int>(k),
-                     0.0f};
+                     0.0f,
+                     bias,
+                     relu};
   const index_t bound = (rows / Cfg::BM + num_groups) * ((n + Cfg::BN - 1) / Cfg::BN);
   if (trans_b)
     launch_sm90_kernel<T, Cfg, Form::kRowsBt>(map_a, map_b, p, bound, stream);
