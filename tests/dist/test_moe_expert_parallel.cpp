@@ -227,19 +227,27 @@ std::string error_of(const std::function<void()>& f) {
   return "(no error)";
 }
 
+// check_case with `adaptive_r` for overlap 1/2/4, every capacity rule and k = 1 and 2; the
+// all-to-all algorithm by overlap degree.
+void check_overlaps_capacities_and_k(const MoEConfig& cfg, int adaptive_r,
+                                     const std::function<A2AAlgorithm(int)>& algorithm) {
+  for (int overlap : {1, 2, 4})
+    for (const CfLayout& cl : kCapacities)
+      for (int k : {1, 2}) {
+        Case c;
+        c.k = k;
+        c.cf = cl.cf;
+        c.layout = cl.layout;
+        c.overlap = overlap;
+        c.adaptive_r = adaptive_r;
+        c.algorithm = algorithm(overlap);
+        check_case(c, cfg);
+      }
+}
+
 TEST(MoEExpertParallel, MatchesOneProcessForEveryAlgorithmOverlapCapacityAndK) {
   for (A2AAlgorithm a : kAlgorithms)
-    for (int overlap : {1, 2, 4})
-      for (const CfLayout& cl : kCapacities)
-        for (int k : {1, 2}) {
-          Case c;
-          c.k = k;
-          c.cf = cl.cf;
-          c.layout = cl.layout;
-          c.overlap = overlap;
-          c.algorithm = a;
-          check_case(c, base_config());
-        }
+    check_overlaps_capacities_and_k(base_config(), -1, [a](int) { return a; });
 }
 
 TEST(MoEExpertParallel, DataParallelCallsMatchOneProcess) {
@@ -459,19 +467,9 @@ TEST(MoEExpertParallel, ShardedExpertsMatchOneProcess) {
     std::vector<int> rs = {-1, 0, 1};
     for (int r = 2; r <= s; ++r)
       if (s % r == 0) rs.push_back(r);
+    SCOPED_TRACE("num_experts=" + std::to_string(E));
     for (int r : rs)
-      for (int overlap : {1, 2, 4})
-        for (const CfLayout& cl : kCapacities)
-          for (int k : {1, 2}) {
-            SCOPED_TRACE("num_experts=" + std::to_string(E));
-            Case c;
-            c.k = k;
-            c.cf = cl.cf;
-            c.layout = cl.layout;
-            c.overlap = overlap;
-            c.adaptive_r = r;
-            check_case(c, cfg);
-          }
+      check_overlaps_capacities_and_k(cfg, r, [](int) { return A2AAlgorithm::kFlat; });
   }
 }
 
@@ -506,19 +504,10 @@ TEST(MoEExpertParallel, AdaptiveRShardsWholeExpertsPerCall) {
     cfg.hidden_size = 8;
     for (int r = 2; r <= ranks(); ++r) {
       if (ranks() % r != 0) continue;
-      for (int overlap : {1, 2, 4})
-        for (const CfLayout& cl : kCapacities)
-          for (int k : {1, 2}) {
-            SCOPED_TRACE("num_experts=" + std::to_string(cfg.num_experts));
-            Case c;
-            c.k = k;
-            c.cf = cl.cf;
-            c.layout = cl.layout;
-            c.overlap = overlap;
-            c.adaptive_r = r;
-            c.algorithm = overlap == 2 ? A2AAlgorithm::k2DH : A2AAlgorithm::kFlat;
-            check_case(c, cfg);
-          }
+      SCOPED_TRACE("num_experts=" + std::to_string(cfg.num_experts));
+      check_overlaps_capacities_and_k(cfg, r, [](int overlap) {
+        return overlap == 2 ? A2AAlgorithm::k2DH : A2AAlgorithm::kFlat;
+      });
     }
   }
 }
