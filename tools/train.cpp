@@ -176,6 +176,17 @@ class Trainer {
   std::unique_ptr<Optimizer> optimizer_;
 };
 
+std::string parallel_mode(const TrainOptions& o, const MoEConfig& c) {
+  const int W = o.comm->size();
+  const int sharded = c.num_experts < W ? W / static_cast<int>(c.num_experts) : 1;
+  const int r = o.adaptive_r.value_or(sharded);
+  std::string mode = r == 0   ? std::string("data parallel")
+                     : r == 1 ? std::string("expert parallel")
+                              : fmt::format("{}-way sharded experts", r);
+  if (sharded > 1) mode += fmt::format(" (each expert stored over {} ranks)", sharded);
+  return mode;
+}
+
 std::string describe(const TrainOptions& o) {
   const MoEConfig& c = o.moe;
   return fmt::format(
@@ -188,10 +199,9 @@ std::string describe(const TrainOptions& o) {
                     : fmt::format("{} lr {}, {} steps",
                                   o.optimizer.kind == OptimizerKind::kAdam ? "adam" : "sgd",
                                   o.optimizer.lr, o.num_steps)) +
-         (o.comm ? fmt::format("; {} ranks, {} experts per rank, {}, overlap_degree {}, a2a {}",
-                               o.comm->size(), c.num_experts / o.comm->size(),
-                               o.adaptive_r == 0 ? "data parallel" : "expert parallel",
-                               c.overlap_degree, to_string(o.comm->resolve(o.a2a_algorithm)))
+         (o.comm ? fmt::format("; {} ranks, {} experts, {}, overlap_degree {}, a2a {}",
+                               o.comm->size(), c.num_experts, parallel_mode(o, c), c.overlap_degree,
+                               to_string(o.comm->resolve(o.a2a_algorithm)))
                  : std::string());
 }
 

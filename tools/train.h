@@ -38,9 +38,10 @@ struct TrainOptions {
   bool json = false;     // one JSON object per step on stdout instead of a text line
   int log_interval = 1;  // print every n-th step (and always the first and the last)
   // Expert parallelism: the communicator (null: one process), the parallel mode of every call
-  // (Tutel's adaptive_r: 1 expert parallel, 0 data parallel) and the all-to-all algorithm.
+  // (Tutel's adaptive_r: unset the layer's default, 0 data parallel, 1 expert parallel, r > 1
+  // r-way sharded experts) and the all-to-all algorithm.
   std::shared_ptr<Communicator> comm;
-  int adaptive_r = 1;
+  std::optional<int> adaptive_r;
   std::optional<A2AAlgorithm> a2a_algorithm;
 };
 

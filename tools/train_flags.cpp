@@ -72,14 +72,20 @@ TrainOptions to_options(const TrainFlags& f) {
 
   // Expert parallelism: under mpirun (or with --num_global_experts) every layer gets the world
   // communicator; E = --num_global_experts, else --num_local_experts per rank (Tutel's rule).
-  if (f.parallel == "ep" || f.parallel == "adaptive:1") {
-    o.adaptive_r = 1;
-  } else if (f.parallel == "dp" || f.parallel == "adaptive:0") {
+  if (f.parallel == "ep") {
+    o.adaptive_r.reset();  // the layer's default: 1, or s for sharded experts (Tutel's "model")
+  } else if (f.parallel == "dp") {
     o.adaptive_r = 0;
+  } else if (f.parallel.rfind("adaptive:", 0) == 0) {
+    const std::string r = f.parallel.substr(9);
+    if (r.empty() || r.find_first_not_of("0123456789") != std::string::npos || r.size() > 4)
+      throw UsageError("--parallel adaptive:r needs a whole number r >= 0, got '" + f.parallel +
+                       "'");
+    o.adaptive_r = std::stoi(r);
   } else {
     throw UsageError(
-        "--parallel must be ep|dp (or adaptive:1|adaptive:0; sharded experts, "
-        "adaptive:r > 1, are not supported yet), got '" +
+        "--parallel must be ep|dp|adaptive:r (r = 0 data parallel, 1 expert "
+        "parallel, r > 1 r-way sharded experts), got '" +
         f.parallel + "'");
   }
   if (!f.a2a.empty())
@@ -239,13 +245,14 @@ Command add_train_command(CLI::App& app) {
 
   const char* kParallel = "Parallelism (under mpirun -np N; see docs/parallelism.md)";
   sub->add_option("--num_global_experts", f.num_global_experts,
-                  "Experts E over all ranks (0: --num_local_experts x ranks); must be a multiple "
-                  "of the ranks")
+                  "Experts E over all ranks (0: --num_local_experts x ranks); a multiple of the "
+                  "ranks, or a divisor of them (each expert then sharded over ranks / E)")
       ->check(at_least(0))
       ->group(kParallel);
   sub->add_option("--parallel", f.parallel,
-                  "ep (expert parallel, adaptive_r 1) | dp (data parallel: weights gathered per "
-                  "call, adaptive_r 0)")
+                  "ep (expert parallel; with fewer experts than ranks each rank computes its "
+                  "stored slice) | dp (data parallel: weights gathered per call, adaptive_r 0) | "
+                  "adaptive:r (Tutel's adaptive_r: 0, 1, or r-way sharded experts)")
       ->group(kParallel);
   sub->add_option("--a2a", f.a2a, "All-to-all algorithm: flat|2dh|pipelined|auto (default auto)")
       ->group(kParallel);

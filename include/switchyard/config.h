@@ -104,17 +104,24 @@ struct ForwardOptions {
   // in a CUDA graph); NaN/Inf logits are then reported by the next forward that syncs. The CPU
   // backend always fills both.
   bool host_stats = true;
-  // Capacity alignment and, for a layer with a communicator, the number of chunks the padded
-  // expert buffer is split into along the capacity so that chunk i's all-to-all overlaps chunk
-  // i-1's expert computation. Default: cfg.overlap_degree.
+  // Capacity alignment (times the ranks sharing an expert, for sharded experts) and, for a layer
+  // with a communicator, the number of chunks each rank's rows of each expert are split into so
+  // that chunk i's all-to-all overlaps chunk i-1's expert computation (both layouts; outputs and
+  // input gradients do not depend on it). Default: cfg.overlap_degree.
   std::optional<int> overlap_degree;
   // Layers with a communicator only. The all-to-all algorithm (default: the communicator's).
   std::optional<A2AAlgorithm> a2a_algorithm;
-  // Parallel mode (Tutel's adaptive_r), layers with a communicator only: 1 expert parallel
-  // (tokens travel to the rank holding their expert); 0 data parallel (every rank computes all
-  // experts on its own tokens, gathering the expert weights for the call and reducing their
-  // gradients back to the owning rank). r > 1 (sharded experts) is not supported yet.
-  int adaptive_r = 1;
+  // Parallel mode (Tutel's adaptive_r), layers with a communicator only; it never re-shards the
+  // stored weights (DESIGN.md §5, src/layer/expert_layout.h):
+  //   0      data parallel: every rank computes all experts on its own tokens (expert weights
+  //          gathered for the call, their gradients reduced back to the ranks storing them);
+  //   1      expert parallel: each expert computed whole on its tokens (with fewer experts than
+  //          ranks, by the s ranks sharing it, each on 1/s of its rows, weights gathered);
+  //   r > 1  r-way sharded experts: each expert's hidden dimension split over r ranks that all
+  //          see its tokens, their partial outputs summed. r must divide the world size, and
+  //          with fewer experts E than ranks W it must divide s = W / E.
+  // Default: s for sharded experts (each rank computes the slice it stores), else 1.
+  std::optional<int> adaptive_r;
 };
 
 // Weights of the losses in the objective whose gradient backward computes:

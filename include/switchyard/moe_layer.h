@@ -12,15 +12,17 @@
 //   MoELayer layer(cfg, make_mpi_communicator());
 // cfg.num_experts is the GLOBAL expert count E; rank r holds the El = E / world_size experts
 // [r*El, (r+1)*El), initialised to the values those experts have in a one-process layer with the
-// same seed. Each rank routes its own tokens (capacity and slots per rank, ROUTING.md §3); the
+// same seed. With fewer experts than ranks (Tutel's sharded experts; E must divide the world
+// size) the s = world_size / E ranks r with r / s == e share expert e, each holding hidden slice
+// r % s of it (num_local_experts() = 1, first_local_expert() = e); ForwardOptions::adaptive_r
+// picks how a call splits the work (src/layer/expert_layout.h). Each rank routes its own tokens (capacity and slots per rank, ROUTING.md §3); the
 // padded buffer [E, C, d] travels by all_to_all to the experts' ranks and back; the packed
 // (dropless) buffer by all_to_all_v. forward, backward, update_expert_bias and the constructor
 // are collective: every rank calls them in the same order with the same options.
 // Gradients: expert parameters (Parameter::replicated == false) are complete on their rank; the
 // gate's and the shared experts' (replicated == true) hold this rank's tokens' share only: the
 // caller sums them over ranks (e.g. Communicator::all_reduce), as Tutel's users do.
-// Not supported yet: fewer experts than ranks (sharded experts) and adaptive_r > 1; CUDA
-// layers with a communicator.
+// CUDA layers take an NCCL communicator (see docs/parallelism.md for what is checked there).
 #pragma once
 
 #include <memory>
@@ -79,7 +81,8 @@ class MoELayer {
 
   const MoEConfig& config() const;
   // The communicator (null in one process), and this rank's experts: [first_local_expert(),
-  // first_local_expert() + num_local_experts()) of cfg.num_experts.
+  // first_local_expert() + num_local_experts()) of cfg.num_experts (with sharded experts, one
+  // hidden slice of expert first_local_expert()).
   const std::shared_ptr<Communicator>& communicator() const;
   index_t num_local_experts() const;
   index_t first_local_expert() const;

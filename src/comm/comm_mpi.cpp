@@ -213,7 +213,7 @@ void MpiBackend::all_to_all(const void* send, void* recv, std::int64_t count_per
   const int count = mpi_count(count_per_peer, what);
   const MPI_Datatype unit = unit_type(elem_size);
   MPI_Request request;
-  SY_MPI_CHECK(MPI_Ialltoall(send, count, unit, recv, count, unit, comm_, &request));
+  SY_MPI_CHECK(MPI_Ialltoall(distinct_send(send, recv), count, unit, recv, count, unit, comm_, &request));
   wait(&request, 1, what, start);
 }
 
@@ -241,7 +241,7 @@ void MpiBackend::all_to_all_v(const void* send, const std::int64_t* send_counts,
   counts_and_displs(recv_counts, size_, rc, rd, what);
   const MPI_Datatype unit = unit_type(elem_size);
   MPI_Request request;
-  SY_MPI_CHECK(MPI_Ialltoallv(send, sc.data(), sd.data(), unit, recv, rc.data(), rd.data(), unit,
+  SY_MPI_CHECK(MPI_Ialltoallv(distinct_send(send, recv), sc.data(), sd.data(), unit, recv, rc.data(), rd.data(), unit,
                               comm_, &request));
   wait(&request, 1, what, start);
 }
@@ -254,7 +254,7 @@ void MpiBackend::all_gather_v(const void* send, std::int64_t send_count, void* r
   counts_and_displs(recv_counts, size_, rc, rd, what);
   const MPI_Datatype unit = unit_type(elem_size);
   MPI_Request request;
-  SY_MPI_CHECK(MPI_Iallgatherv(send, mpi_count(send_count, what), unit, recv, rc.data(), rd.data(),
+  SY_MPI_CHECK(MPI_Iallgatherv(distinct_send(send, recv), mpi_count(send_count, what), unit, recv, rc.data(), rd.data(),
                                unit, comm_, &request));
   wait(&request, 1, what, start);
 }

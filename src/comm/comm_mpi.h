@@ -87,4 +87,13 @@ MPI_Datatype unit_type(std::size_t elem_size);
 // `value` as an MPI count; throws when it exceeds int.
 int mpi_count(std::int64_t value, const char* what);
 
+// NOTE: Open MPI 4.1's non-blocking collectives (libnbc) take send == recv as MPI_IN_PLACE, and a
+// rank with nothing to move then returns without reserving the collective's tag, so the ranks'
+// later non-blocking collectives stop matching and hang. A rank with no rows passes null for
+// both buffers; this gives the send side a distinct (never read) address instead.
+inline const void* distinct_send(const void* send, const void* recv) {
+  static const char placeholder = 0;
+  return send == recv ? &placeholder : send;
+}
+
 }  // namespace switchyard::comm

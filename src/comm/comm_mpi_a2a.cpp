@@ -170,7 +170,8 @@ void MpiBackend::all_to_all_hierarchical(const char* send, const std::int64_t* n
     }
   };
   const auto start_exchange = [&](Exchange& x, const char* in, char* out, MPI_Comm comm) {
-    SY_MPI_CHECK(MPI_Ialltoallv(in + x.send_offset * es, x.send_counts.data(), x.send_displs.data(),
+    SY_MPI_CHECK(MPI_Ialltoallv(distinct_send(in + x.send_offset * es, out + x.recv_offset * es),
+                                x.send_counts.data(), x.send_displs.data(),
                                 unit, out + x.recv_offset * es, x.recv_counts.data(),
                                 x.recv_displs.data(), unit, comm, &x.request));
   };

@@ -45,6 +45,61 @@ Tensor offsets_tensor(const std::vector<index_t>& group_rows) {
   return Tensor::from_vector(off, {static_cast<index_t>(off.size())}, DType::kI64);
 }
 
+// Rows per rank from rows per (rank, expert) block, m blocks per rank.
+std::vector<index_t> per_rank(const std::vector<index_t>& block_count, index_t W, index_t m) {
+  std::vector<index_t> r(static_cast<std::size_t>(W), 0);
+  for (index_t p = 0; p < W; ++p)
+    for (index_t le = 0; le < m; ++le) r[p] += block_count[p * m + le];
+  return r;
+}
+
+// count[a*B + b] -> count[b*A + a].
+std::vector<index_t> transpose_counts(const std::vector<index_t>& count, index_t A, index_t B) {
+  std::vector<index_t> t(count.size());
+  for (index_t a = 0; a < A; ++a)
+    for (index_t b = 0; b < B; ++b) t[b * A + a] = count[a * B + b];
+  return t;
+}
+
+index_t sum_of(const std::vector<index_t>& v) {
+  index_t n = 0;
+  for (index_t x : v) n += x;
+  return n;
+}
+
+// Piece i of n near-equal pieces of `length` rows: [begin, begin + length).
+index_t piece_begin(index_t length, index_t i, index_t n) { return length * i / n; }
+index_t piece_length(index_t length, index_t i, index_t n) {
+  return piece_begin(length, i + 1, n) - piece_begin(length, i, n);
+}
+
+FfnShape full_ffn_shape(const MoEConfig& cfg) {
+  return FfnShape{cfg.num_experts, cfg.model_dim,    cfg.hidden_size,
+                  cfg.activation,  cfg.has_fc1_bias, cfg.has_fc2_bias,
+                  cfg.dtype,       cfg.device,       0};
+}
+
+bool same_region(const ExpertRegion& a, const ExpertRegion& b) {
+  return a.first == b.first && a.count == b.count && a.slice == b.slice &&
+         a.num_slices == b.num_slices;
+}
+
+// The stored part of rank p (`shard`) as views: into a full parameter, and into p's own tensor.
+struct StoredViews {
+  Tensor in_full;
+  Tensor in_stored;
+};
+StoredViews stored_views(const Tensor& full, const Tensor& stored, FfnParam param, bool gated,
+                         index_t hidden, const ExpertShard& shard) {
+  if (param == FfnParam::kFc2Bias && shard.num_slices > 1) {
+    const ColumnRange c = fc2_bias_columns(full.size(1), shard.slice, shard.num_slices);
+    return {full.narrow(0, shard.first, 1).narrow(1, c.begin, c.length),
+            stored.narrow(1, 0, c.length)};
+  }
+  const ExpertRegion r{shard.first, shard.count, shard.slice, shard.num_slices};
+  return {region_view(full, param, gated, hidden, r), part_view(stored, param, gated, shard.count)};
+}
+
 std::string join(const std::vector<std::string>& v) {
   std::string r;
   for (const std::string& s : v) r += (r.empty() ? "" : ", ") + s;
@@ -52,16 +107,6 @@ std::string join(const std::vector<std::string>& v) {
 }
 
 }  // namespace
-
-ExpertShard expert_shard(index_t num_experts, const Communicator& comm) {
-  const index_t W = comm.size();
-  SY_CHECK(num_experts >= W, "expert parallelism: num_experts=", num_experts, " is below the ", W,
-           " ranks; sharded experts (fewer experts than ranks) are not supported yet");
-  SY_CHECK(num_experts % W == 0, "expert parallelism: num_experts=", num_experts,
-           " must be a multiple of the ", W, " ranks (each rank holds num_experts / ranks)");
-  const index_t El = num_experts / W;
-  return ExpertShard{num_experts, El, comm.rank() * El};
-}
 
 void check_config_on_all_ranks(const MoEConfig& cfg, Communicator& comm) {
   // Shapes first (the usual mistake), then everything that changes the exchange or the math.
@@ -102,12 +147,26 @@ void check_config_on_all_ranks(const MoEConfig& cfg, Communicator& comm) {
 
 ExpertParallel::ExpertParallel(const MoEConfig& cfg, std::shared_ptr<Communicator> comm,
                                ExpertShard shard, ExpertNetwork& experts, FfnExperts* ffn)
-    : cfg_(cfg), comm_(std::move(comm)), shard_(shard), experts_(experts), ffn_(ffn) {}
+    : cfg_(cfg),
+      comm_(std::move(comm)),
+      shard_(shard),
+      experts_(experts),
+      ffn_(ffn),
+      full_shape_(full_ffn_shape(cfg)) {
+  SY_ASSERT(ffn_ || shard_.num_slices == 1, "sharded experts without the built-in FFN");
+  if (ffn_) {
+    stored_ = experts_.parameters();
+    stored_roles_ = ffn_params(full_shape_);
+    SY_ASSERT(stored_.size() == stored_roles_.size(),
+              "stored experts differ from the FFN's parameters");
+  }
+}
 
 ParallelCall ExpertParallel::begin(const ForwardOptions& opt, index_t T, int k, double cf,
                                    Layout layout, int overlap_degree) {
   const std::uint64_t cf_bits = std::bit_cast<std::uint64_t>(cf);
   const std::int64_t alg = opt.a2a_algorithm ? static_cast<std::int64_t>(*opt.a2a_algorithm) : -1;
+  const int adaptive_r = opt.adaptive_r.value_or(static_cast<int>(shard_.num_slices));
   // Each value v goes in as (v, -v): one max-reduction gives the max and the min over ranks.
   const std::vector<std::pair<const char*, std::int64_t>> values = {
       {"tokens", T},
@@ -116,7 +175,7 @@ ParallelCall ExpertParallel::begin(const ForwardOptions& opt, index_t T, int k, 
       {"capacity_factor", static_cast<std::int64_t>(cf_bits & 0xffffffffu)},
       {"layout", static_cast<std::int64_t>(layout)},
       {"overlap_degree", overlap_degree},
-      {"adaptive_r", opt.adaptive_r},
+      {"adaptive_r", adaptive_r},
       {"a2a_algorithm", alg},
       {"training", opt.training}};
   std::vector<std::int64_t> v;
@@ -141,24 +200,19 @@ ParallelCall ExpertParallel::begin(const ForwardOptions& opt, index_t T, int k, 
   const index_t max_tokens = v[0], min_tokens = -v[1];
 
   ParallelCall call;
-  call.adaptive_r = opt.adaptive_r;
+  call.adaptive_r = adaptive_r;
   call.overlap_degree = overlap_degree;
   call.algorithm = opt.a2a_algorithm;
   call.max_tokens = max_tokens;
   for (int q = 0; q < comm_->rank(); ++q)
     call.token_base += v[tokens_at + static_cast<std::size_t>(q)];
   call.layout = layout;
-  SY_CHECK(opt.adaptive_r >= 0, "forward: adaptive_r must be >= 0, got ", opt.adaptive_r);
-  SY_CHECK(opt.adaptive_r <= 1, "forward: adaptive_r=", opt.adaptive_r,
-           " (sharded experts) is not supported yet; use 1 (expert parallel) or 0 (data "
-           "parallel)");
-  SY_CHECK(opt.adaptive_r == 1 || ffn_,
-           "forward: adaptive_r=0 (data parallel) needs the built-in FFN experts, not a custom "
+  SY_CHECK(adaptive_r >= 0, "forward: adaptive_r must be >= 0, got ", adaptive_r);
+  SY_CHECK(adaptive_r == 1 || ffn_, "forward: adaptive_r=", adaptive_r,
+           " (data parallel or sharded experts) needs the built-in FFN experts, not a custom "
            "expert network");
-  SY_CHECK(opt.adaptive_r == 0 || overlap_degree == 1 || layout != Layout::kPadded || ffn_,
-           "forward: overlap_degree=", overlap_degree,
-           " needs the built-in FFN experts (a custom expert network runs with "
-           "overlap_degree=1)");
+  // The same checks (and messages) on every rank: the options agree and the layout is pure.
+  if (adaptive_r > 0) (void)compute_layout(shard_, cfg_.hidden_size, comm_->size(), adaptive_r);
   SY_CHECK(
       !(cfg_.rules == RuleSet::kMegatron && layout == Layout::kPadded && max_tokens != min_tokens),
       "forward: Megatron's padded layout under expert parallelism needs the same token "
@@ -180,21 +234,6 @@ void ExpertParallel::sum_over_ranks(std::vector<double>& v) {
   v = comm_->all_reduce(v, ReduceOp::kSum);
 }
 
-Tensor ExpertParallel::run_experts(const Tensor& rows, const Tensor& offsets, bool training,
-                                   FfnExperts::Saved* chunk_saved) {
-  Tensor y = chunk_saved ? ffn_->forward_into(rows, offsets, training ? chunk_saved : nullptr)
-                         : experts_.forward(rows, offsets, training);
-  SY_CHECK(y.dim() == 2 && y.size(0) == rows.size(0) && y.size(1) == cfg_.model_dim,
-           "experts: output must be [", rows.size(0), ", ", cfg_.model_dim, "]");
-  return y.to(cfg_.dtype).contiguous();
-}
-
-Tensor ExpertParallel::run_experts_backward(const Tensor& drows,
-                                            const FfnExperts::Saved* chunk_saved) {
-  Tensor dx = chunk_saved ? ffn_->backward_from(drows, *chunk_saved) : experts_.backward(drows);
-  return dx.to(cfg_.dtype).contiguous();
-}
-
 Tensor ExpertParallel::forward(const ParallelCall& call, const RoutingPlan& plan,
                                const Tensor& buffer, bool training) {
   SY_ASSERT(plan.num_experts == shard_.num_experts, "plan for another expert count");
@@ -202,13 +241,29 @@ Tensor ExpertParallel::forward(const ParallelCall& call, const RoutingPlan& plan
   if (training) saved_ = Saved{};
   Saved s;
   s.call = call;
+  s.num_rows = plan.num_rows;
   Tensor out;
-  if (call.adaptive_r == 0)
+  if (call.adaptive_r == 0) {
     out = forward_data_parallel(plan, buffer, training);
-  else if (plan.layout == Layout::kPadded)
-    out = forward_padded(plan, buffer.contiguous(), training, s);
-  else
-    out = forward_packed(plan, buffer.contiguous(), training, s);
+    s.net = full_.get();
+    s.region = ExpertRegion{0, shard_.num_experts, 0, 1};
+  } else {
+    const int W = comm_->size(), me = comm_->rank();
+    s.layout = compute_layout(shard_, cfg_.hidden_size, W, call.adaptive_r);
+    s.region = ExpertRegion{s.layout.first_expert(me), s.layout.experts_per_rank,
+                            s.layout.slice(me), s.layout.num_slices};
+    const bool stored_as_is =
+        !s.layout.sharded_store && s.layout.num_slices == 1;  // plain expert parallelism
+    s.net = stored_as_is ? ffn_ : network_for(s.region);
+    s.chunks = plan_chunks(call, s.layout, plan);
+    out = exchange(buffer.contiguous(), s, [&](Chunk& c, const Tensor& rows, const Tensor& off) {
+      Tensor y = s.net ? s.net->forward_into(rows, off, training ? &c.saved : nullptr)
+                       : experts_.forward(rows, off, training);
+      SY_CHECK(y.dim() == 2 && y.size(0) == rows.size(0) && y.size(1) == cfg_.model_dim,
+               "experts: output must be [", rows.size(0), ", ", cfg_.model_dim, "]");
+      return y;
+    });
+  }
   if (training) {
     s.valid = true;
     saved_ = std::move(s);
@@ -221,209 +276,263 @@ Tensor ExpertParallel::backward(const Tensor& dout) {
   Saved s = std::move(saved_);
   saved_ = Saved{};
   const Tensor dy = dout.to(cfg_.dtype).contiguous();
-  if (s.call.adaptive_r == 0) return backward_data_parallel(dy);
-  if (s.call.layout == Layout::kPadded) return backward_padded(dy, s);
-  return backward_packed(dy, s);
+  Tensor dx;
+  if (s.call.adaptive_r == 0) {
+    dx = full_->backward(dy).to(cfg_.dtype).contiguous();
+  } else {
+    dx = exchange(dy, s, [&](Chunk& c, const Tensor& drows, const Tensor&) {
+      return s.net ? s.net->backward_from(drows, std::move(c.saved)) : experts_.backward(drows);
+    });
+  }
+  if (s.net && s.net != ffn_) reduce_gradients(*s.net, s.region);
+  return dx;
 }
 
-// ---- padded layout: equal splits, optionally in chunks along the capacity -------------------
+// ---- the exchange ----------------------------------------------------------------------------
 
-Tensor ExpertParallel::forward_padded(const RoutingPlan& plan, const Tensor& buffer, bool training,
-                                      Saved& s) {
-  const index_t E = shard_.num_experts, El = shard_.count, W = comm_->size();
-  const index_t C = plan.capacity, d = cfg_.model_dim;
-  // Every rank has the same C (the router maxed it over ranks); C = 0 only when no rank has a
-  // token, and then no rank exchanges anything.
-  SY_ASSERT(buffer.size(0) == E * C, "padded buffer must be [E*C, d]");
-  s.capacity = C;
-  if (C == 0) return Tensor::empty({0, d}, cfg_.dtype, cfg_.device);
-  // Chunks along C (C is a multiple of overlap_degree unless the alignment was rounded up to a
-  // multiple of 128; uneven chunks are fine).
-  const index_t n = std::min<index_t>(s.call.overlap_degree, C);
-  s.chunk_begin.resize(static_cast<std::size_t>(n + 1));
-  for (index_t c = 0; c <= n; ++c) s.chunk_begin[c] = C * c / n;
-  const bool chunked = ffn_ != nullptr && n > 1;
-  if (chunked) s.chunk_saved.resize(static_cast<std::size_t>(n));
-
-  const Tensor buf3 = buffer.view({E, C, d});  // [E, C, d]
-  const auto num = static_cast<std::size_t>(n);
-  std::vector<Tensor> send(num), recv(num), back_send(num), back_recv(num);
-  std::vector<CommWork> there(num), back(num);
-  // 1. Start every chunk's dispatch: [E, cc, d] -> [W, El, cc, d] (rank q's rows, per expert).
-  for (index_t c = 0; c < n; ++c) {
-    const index_t b = s.chunk_begin[c], cc = s.chunk_begin[c + 1] - b;
-    send[c] = buf3.narrow(1, b, cc).contiguous().view({E * cc, d});
-    recv[c] = Tensor::empty({E * cc, d}, cfg_.dtype, cfg_.device);
-    there[c] = comm_->start_all_to_all(send[c], recv[c], s.call.algorithm);
+std::vector<ExpertParallel::Chunk> ExpertParallel::plan_chunks(const ParallelCall& call,
+                                                               const ComputeLayout& layout,
+                                                               const RoutingPlan& plan) {
+  const index_t E = shard_.num_experts, m = layout.experts_per_rank;
+  const int W = comm_->size(), me = comm_->rank();
+  // Rows of expert e in rank p's buffer: [begin[p][e], begin[p][e] + count[p][e]).
+  std::vector<index_t> begin(static_cast<std::size_t>(E)), count(static_cast<std::size_t>(W * E));
+  if (plan.layout == Layout::kPadded) {
+    SY_ASSERT(plan.num_rows == E * plan.capacity, "padded buffer must be [E*C, d]");
+    for (index_t e = 0; e < E; ++e) begin[e] = e * plan.capacity;
+    std::fill(count.begin(), count.end(), plan.capacity);  // C is the same on every rank
+  } else {
+    const Tensor offsets = plan.offsets.to(Device::cpu()).contiguous();
+    const index_t* off = offsets.data<index_t>();
+    std::vector<std::int64_t> all(static_cast<std::size_t>(W * E), 0);
+    for (index_t e = 0; e < E; ++e) {
+      begin[e] = off[e];
+      all[me * E + e] = off[e + 1] - off[e];
+    }
+    all = comm_->all_reduce(std::move(all), ReduceOp::kSum);  // every rank's [E] counts
+    count.assign(all.begin(), all.end());
   }
-  // 2. As each chunk arrives: local experts on [El, W*cc, d], then start its return.
+  // A custom network keeps its own forward state: one chunk.
+  const index_t n = ffn_ ? call.overlap_degree : 1;
+  const index_t G = layout.num_row_chunks;
+  // Packed layout with at least n experts per rank: chunk c is a group of whole experts, so each
+  // expert's GEMMs see the same rows as with one chunk and every result is bitwise the same.
+  // Otherwise (and always for padded, as Tutel splits the capacity) chunk c is piece c of every
+  // (rank, expert) block; row-wise the math is the same, but the GEMMs see other row counts
+  // (BLAS may round differently) and the weight gradients sum the rows in another grouping.
+  const bool by_expert = plan.layout != Layout::kPadded && m >= n;
+  // Rows of block (rank q's expert le) in chunk c, as [offset in the block, length].
+  const auto chunk_of = [&](index_t rows, index_t le, index_t c) -> RowRange {
+    if (by_expert) {
+      const bool in = le >= piece_begin(m, c, n) && le < piece_begin(m, c + 1, n);
+      return {0, in ? rows : 0};
+    }
+    return {piece_begin(rows, c, n), piece_length(rows, c, n)};
+  };
+  std::vector<Chunk> chunks(static_cast<std::size_t>(n));
   for (index_t c = 0; c < n; ++c) {
-    const index_t cc = s.chunk_begin[c + 1] - s.chunk_begin[c];
+    Chunk& ch = chunks[c];
+    for (int q = 0; q < W; ++q) {
+      const index_t rho = layout.row_chunk(q);
+      for (index_t le = 0; le < m; ++le) {
+        const index_t e = layout.first_expert(q) + le, rows = count[me * E + e];
+        const RowRange piece = chunk_of(piece_length(rows, rho, G), le, c);
+        ch.send.push_back({begin[e] + piece_begin(rows, rho, G) + piece.begin, piece.length});
+      }
+    }
+    const index_t rho = layout.row_chunk(me);
+    for (int p = 0; p < W; ++p)
+      for (index_t le = 0; le < m; ++le) {
+        const index_t rows = count[p * E + layout.first_expert(me) + le];
+        ch.recv_count.push_back(chunk_of(piece_length(rows, rho, G), le, c).length);
+      }
+  }
+  return chunks;
+}
+
+Tensor ExpertParallel::exchange(
+    const Tensor& rows, Saved& s,
+    const std::function<Tensor(Chunk&, const Tensor&, const Tensor&)>& compute) {
+  const index_t W = comm_->size(), m = s.layout.experts_per_rank, d = cfg_.model_dim;
+  const std::size_t n = s.chunks.size();
+  std::vector<Tensor> send(n), recv(n), back_send(n), back_recv(n);
+  std::vector<std::vector<index_t>> send_rank(n), recv_rank(n);
+  std::vector<CommWork> there(n), back(n);
+  // 1. Start every chunk's dispatch: to rank q, its experts' rows (in q's expert order).
+  for (std::size_t c = 0; c < n; ++c) {
+    const Chunk& ch = s.chunks[c];
+    std::vector<index_t> send_count;
+    for (const RowRange& r : ch.send) send_count.push_back(r.length);
+    send_rank[c] = per_rank(send_count, W, m);
+    recv_rank[c] = per_rank(ch.recv_count, W, m);
+    send[c] = Tensor::empty({sum_of(send_rank[c]), d}, cfg_.dtype, cfg_.device);
+    index_t pos = 0;
+    for (const RowRange& r : ch.send) {
+      if (r.length > 0)
+        send[c].narrow(0, pos, r.length).copy_from(rows.narrow(0, r.begin, r.length));
+      pos += r.length;
+    }
+    recv[c] = Tensor::empty({sum_of(recv_rank[c]), d}, cfg_.dtype, cfg_.device);
+    there[c] =
+        comm_->start_all_to_all_v(send[c], send_rank[c], recv[c], recv_rank[c], s.call.algorithm);
+  }
+  // 2. As each chunk arrives: its rows by expert ([m][W] blocks), computed, then start back.
+  for (std::size_t c = 0; c < n; ++c) {
+    Chunk& ch = s.chunks[c];
     there[c].wait();
-    const Tensor rows = transpose_blocks(recv[c], W, El, equal_counts(W * El, cc));
-    const Tensor y = run_experts(rows, offsets_tensor(equal_counts(El, W * cc)), training,
-                                 chunked ? &s.chunk_saved[c] : nullptr);
-    back_send[c] = transpose_blocks(y, El, W, equal_counts(El * W, cc));
-    back_recv[c] = Tensor::empty({E * cc, d}, cfg_.dtype, cfg_.device);
-    back[c] = comm_->start_all_to_all(back_send[c], back_recv[c], s.call.algorithm);
+    send[c] = Tensor();
+    const Tensor arrived = transpose_blocks(recv[c], W, m, ch.recv_count);
+    recv[c] = Tensor();
+    std::vector<index_t> expert_rows(static_cast<std::size_t>(m), 0);
+    for (index_t p = 0; p < W; ++p)
+      for (index_t le = 0; le < m; ++le) expert_rows[le] += ch.recv_count[p * m + le];
+    const Tensor y = compute(ch, arrived, offsets_tensor(expert_rows)).to(cfg_.dtype);
+    back_send[c] = transpose_blocks(y, m, W, transpose_counts(ch.recv_count, W, m));
+    back_recv[c] = Tensor::empty({sum_of(send_rank[c]), d}, cfg_.dtype, cfg_.device);
+    back[c] = comm_->start_all_to_all_v(back_send[c], recv_rank[c], back_recv[c], send_rank[c],
+                                        s.call.algorithm);
   }
-  // 3. Reassemble [E, C, d] from the returned chunks.
-  Tensor out = Tensor::empty({E, C, d}, cfg_.dtype, cfg_.device);
-  for (index_t c = 0; c < n; ++c) {
-    const index_t b = s.chunk_begin[c], cc = s.chunk_begin[c + 1] - b;
+  // 3. Every row back in place: one block per row with whole experts (a copy); with r hidden
+  // slices, r partial blocks summed in rank (= slice) order.
+  const bool partial = s.layout.num_slices > 1;
+  Tensor out = partial ? Tensor::zeros({s.num_rows, d}, cfg_.dtype, cfg_.device)
+                       : Tensor::empty({s.num_rows, d}, cfg_.dtype, cfg_.device);
+  for (std::size_t c = 0; c < n; ++c) {
     back[c].wait();
-    out.narrow(1, b, cc).copy_from(back_recv[c].view({E, cc, d}));
+    index_t pos = 0;
+    for (const RowRange& r : s.chunks[c].send) {
+      if (r.length > 0) {
+        Tensor dst = out.narrow(0, r.begin, r.length);
+        const Tensor src = back_recv[c].narrow(0, pos, r.length);
+        if (partial)
+          add_inplace(dst, src);
+        else
+          dst.copy_from(src);
+      }
+      pos += r.length;
+    }
+    back_recv[c] = back_send[c] = Tensor();
   }
-  return out.view({E * C, d});
-}
-
-Tensor ExpertParallel::backward_padded(const Tensor& dout, Saved& s) {
-  const index_t E = shard_.num_experts, El = shard_.count, W = comm_->size();
-  const index_t C = s.capacity, d = cfg_.model_dim;
-  if (C == 0) return Tensor::empty({0, d}, cfg_.dtype, cfg_.device);
-  const index_t n = static_cast<index_t>(s.chunk_begin.size()) - 1;
-  const bool chunked = !s.chunk_saved.empty();
-  const Tensor dout3 = dout.view({E, C, d});
-  const auto num = static_cast<std::size_t>(n);
-  std::vector<Tensor> send(num), recv(num), back_send(num), back_recv(num);
-  std::vector<CommWork> there(num), back(num);
-  for (index_t c = 0; c < n; ++c) {
-    const index_t b = s.chunk_begin[c], cc = s.chunk_begin[c + 1] - b;
-    send[c] = dout3.narrow(1, b, cc).contiguous().view({E * cc, d});
-    recv[c] = Tensor::empty({E * cc, d}, cfg_.dtype, cfg_.device);
-    there[c] = comm_->start_all_to_all(send[c], recv[c], s.call.algorithm);
-  }
-  for (index_t c = 0; c < n; ++c) {
-    const index_t cc = s.chunk_begin[c + 1] - s.chunk_begin[c];
-    there[c].wait();
-    const Tensor drows = transpose_blocks(recv[c], W, El, equal_counts(W * El, cc));
-    const Tensor dx = run_experts_backward(drows, chunked ? &s.chunk_saved[c] : nullptr);
-    back_send[c] = transpose_blocks(dx, El, W, equal_counts(El * W, cc));
-    back_recv[c] = Tensor::empty({E * cc, d}, cfg_.dtype, cfg_.device);
-    back[c] = comm_->start_all_to_all(back_send[c], back_recv[c], s.call.algorithm);
-  }
-  Tensor dbuffer = Tensor::empty({E, C, d}, cfg_.dtype, cfg_.device);
-  for (index_t c = 0; c < n; ++c) {
-    const index_t b = s.chunk_begin[c], cc = s.chunk_begin[c + 1] - b;
-    back[c].wait();
-    dbuffer.narrow(1, b, cc).copy_from(back_recv[c].view({E, cc, d}));
-  }
-  return dbuffer.view({E * C, d});
-}
-
-// ---- packed layout: per-expert counts exchanged, then variable all-to-all -------------------
-
-namespace {
-
-// Rows per rank from rows per (rank, local expert) block.
-std::vector<index_t> per_rank(const std::vector<index_t>& block_count, index_t W, index_t El) {
-  std::vector<index_t> r(static_cast<std::size_t>(W), 0);
-  for (index_t p = 0; p < W; ++p)
-    for (index_t le = 0; le < El; ++le) r[p] += block_count[p * El + le];
-  return r;
-}
-
-// count[a*B + b] -> count[b*A + a].
-std::vector<index_t> transpose_counts(const std::vector<index_t>& count, index_t A, index_t B) {
-  std::vector<index_t> t(count.size());
-  for (index_t a = 0; a < A; ++a)
-    for (index_t b = 0; b < B; ++b) t[b * A + a] = count[a * B + b];
-  return t;
-}
-
-}  // namespace
-
-Tensor ExpertParallel::forward_packed(const RoutingPlan& plan, const Tensor& buffer, bool training,
-                                      Saved& s) {
-  const index_t E = shard_.num_experts, El = shard_.count, W = comm_->size();
-  const index_t d = cfg_.model_dim;
-  // 1. Rows per expert: this rank's [E] to every expert's rank; [W, El] back from every rank.
-  const Tensor offsets = plan.offsets.to(Device::cpu()).contiguous();
-  const index_t* off = offsets.data<index_t>();
-  s.send_count.resize(static_cast<std::size_t>(E));
-  for (index_t e = 0; e < E; ++e) s.send_count[e] = off[e + 1] - off[e];
-  std::vector<double> sc(s.send_count.begin(), s.send_count.end());
-  const Tensor send_count = Tensor::from_vector(sc, {E}, DType::kI64).to(comm_->device());
-  Tensor recv_count = Tensor::empty({E}, DType::kI64, comm_->device());
-  comm_->all_to_all(send_count, recv_count, s.call.algorithm);
-  recv_count = recv_count.to(Device::cpu());
-  const index_t* rc = recv_count.data<index_t>();
-  s.recv_count.assign(rc, rc + E);  // [W, El]
-
-  // 2. Rows to the experts' ranks; re-laid out by local expert: [El][W] blocks.
-  const std::vector<index_t> send_rank = per_rank(s.send_count, W, El);
-  const std::vector<index_t> recv_rank = per_rank(s.recv_count, W, El);
-  index_t num_recv = 0;
-  for (index_t r : recv_rank) num_recv += r;
-  Tensor recv = Tensor::empty({num_recv, d}, cfg_.dtype, cfg_.device);
-  comm_->all_to_all_v(buffer, send_rank, recv, recv_rank, s.call.algorithm);
-  const Tensor rows = transpose_blocks(recv, W, El, s.recv_count);
-  std::vector<index_t> expert_rows(static_cast<std::size_t>(El), 0);
-  for (index_t q = 0; q < W; ++q)
-    for (index_t le = 0; le < El; ++le) expert_rows[le] += s.recv_count[q * El + le];
-
-  // 3. Local experts, then the rows back to their ranks in the order they came.
-  const Tensor y = run_experts(rows, offsets_tensor(expert_rows), training, nullptr);
-  const Tensor back_send = transpose_blocks(y, El, W, transpose_counts(s.recv_count, W, El));
-  Tensor out = Tensor::empty({plan.num_rows, d}, cfg_.dtype, cfg_.device);
-  comm_->all_to_all_v(back_send, recv_rank, out, send_rank, s.call.algorithm);
   return out;
 }
 
-Tensor ExpertParallel::backward_packed(const Tensor& dout, Saved& s) {
-  const index_t El = shard_.count, W = comm_->size();
-  const index_t d = cfg_.model_dim;
-  const std::vector<index_t> send_rank = per_rank(s.send_count, W, El);
-  const std::vector<index_t> recv_rank = per_rank(s.recv_count, W, El);
-  index_t num_recv = 0;
-  for (index_t r : recv_rank) num_recv += r;
-  Tensor recv = Tensor::empty({num_recv, d}, cfg_.dtype, cfg_.device);
-  comm_->all_to_all_v(dout, send_rank, recv, recv_rank, s.call.algorithm);
-  const Tensor drows = transpose_blocks(recv, W, El, s.recv_count);
-  const Tensor dx = run_experts_backward(drows, nullptr);
-  const Tensor back_send = transpose_blocks(dx, El, W, transpose_counts(s.recv_count, W, El));
-  Tensor dbuffer = Tensor::empty({dout.size(0), d}, cfg_.dtype, cfg_.device);
-  comm_->all_to_all_v(back_send, recv_rank, dbuffer, send_rank, s.call.algorithm);
-  return dbuffer;
+// ---- weights for modes that compute what this rank does not store ----------------------------
+
+FfnExperts* ExpertParallel::network_for(const ExpertRegion& region) {
+  const index_t hidden = cfg_.hidden_size / region.num_slices;
+  // The fc2 bias is added by hidden slice 0 only, so the summed slices hold it once.
+  const bool fc2_bias = cfg_.has_fc2_bias && region.slice == 0;
+  std::unique_ptr<FfnExperts>& net = networks_[{region.count, hidden, fc2_bias}];
+  if (!net) {
+    FfnShape shape = full_shape_;
+    shape.num_experts = region.count;
+    shape.hidden_size = hidden;
+    shape.has_fc2_bias = fc2_bias;
+    net = std::make_unique<FfnExperts>(shape, "experts.", false, cfg_.seed, kExpertInitId);
+  }
+  gather_weights(*net, region);
+  return net.get();
+}
+
+void ExpertParallel::gather_weights(FfnExperts& net, const ExpertRegion& region) {
+  const index_t W = comm_->size(), h = cfg_.hidden_size;
+  const bool gated = is_gated(cfg_.activation);
+  if (!full_)
+    full_ = std::make_unique<FfnExperts>(full_shape_, "experts.", false, cfg_.seed, kExpertInitId);
+  const std::vector<Parameter*> full = full_->parameters(), part = net.parameters();
+  const std::vector<FfnParam> part_roles = ffn_params(net.shape());
+  const ExpertRegion stored{shard_.first, shard_.count, shard_.slice, shard_.num_slices};
+  // Which stored parameters the region needs from other ranks: the same on every rank (the
+  // layouts are uniform), so every rank makes the same collectives.
+  std::vector<bool> from_others(stored_.size());
+  std::vector<Tensor> staging(stored_.size());
+  std::vector<CommWork> work(stored_.size());
+  for (std::size_t i = 0; i < stored_.size(); ++i) {
+    const bool sliced_bias = stored_roles_[i] == FfnParam::kFc2Bias && shard_.num_slices > 1;
+    from_others[i] = sliced_bias || !same_region(region, stored) || &net == full_.get();
+    if (!from_others[i]) continue;
+    const Tensor& mine = stored_[i]->value;
+    if (shard_.num_slices == 1) {  // the ranks' parts concatenated are the full parameter
+      work[i] = comm_->start_all_gather_v(mine.contiguous(), full[i]->value,
+                                          equal_counts(W, shard_.count));
+    } else {
+      Shape shape = mine.sizes();
+      shape[0] *= W;
+      staging[i] = Tensor::empty(shape, mine.dtype(), mine.device());
+      work[i] = comm_->start_all_gather_v(mine.contiguous(), staging[i], equal_counts(W, 1));
+    }
+  }
+  for (std::size_t i = 0; i < stored_.size(); ++i) {
+    if (!from_others[i]) continue;
+    work[i].wait();
+    if (!staging[i].defined()) continue;
+    for (int p = 0; p < W; ++p) {  // rank p's part into its place
+      StoredViews v =
+          stored_views(full[i]->value, staging[i].narrow(0, p, 1), stored_roles_[i], gated, h,
+                       expert_shard(shard_.num_experts, h, p, static_cast<int>(W)));
+      v.in_full.copy_from(v.in_stored);
+    }
+  }
+  // The region into the network (the full network is the gather target itself).
+  for (std::size_t j = 0; j < part.size(); ++j) {
+    part[j]->grad.fill(0.0);
+    if (&net == full_.get()) continue;
+    std::size_t i = 0;
+    while (stored_roles_[i] != part_roles[j]) ++i;
+    Tensor dst = part_view(part[j]->value, part_roles[j], gated, region.count);
+    if (from_others[i])
+      dst.copy_from(region_view(full[i]->value, part_roles[j], gated, h, region));
+    else
+      dst.copy_from(part_view(stored_[i]->value, part_roles[j], gated, region.count));
+  }
+}
+
+void ExpertParallel::reduce_gradients(FfnExperts& net, const ExpertRegion& region) {
+  const index_t h = cfg_.hidden_size;
+  const bool gated = is_gated(cfg_.activation);
+  const std::vector<Parameter*> full = full_->parameters(), part = net.parameters();
+  const std::vector<FfnParam> part_roles = ffn_params(net.shape());
+  const ExpertRegion stored{shard_.first, shard_.count, shard_.slice, shard_.num_slices};
+  std::vector<CommWork> work(stored_.size());
+  std::vector<bool> from_others(stored_.size());
+  // 1. The network's gradients into full-size gradients (zero elsewhere), summed over ranks.
+  for (std::size_t i = 0; i < stored_.size(); ++i) {
+    const bool sliced_bias = stored_roles_[i] == FfnParam::kFc2Bias && shard_.num_slices > 1;
+    from_others[i] = sliced_bias || !same_region(region, stored) || &net == full_.get();
+    std::size_t j = 0;
+    while (j < part.size() && part_roles[j] != stored_roles_[i]) ++j;
+    if (!from_others[i]) {
+      add_inplace(stored_[i]->grad, part[j]->grad);
+      continue;
+    }
+    if (&net != full_.get()) {
+      full[i]->grad.fill(0.0);
+      if (j < part.size())
+        region_view(full[i]->grad, stored_roles_[i], gated, h, region)
+            .copy_from(part_view(part[j]->grad, stored_roles_[i], gated, region.count));
+    }
+    work[i] = comm_->start_all_reduce(full[i]->grad);
+  }
+  // 2. This rank keeps the sum over its stored part.
+  for (std::size_t i = 0; i < stored_.size(); ++i) {
+    if (!from_others[i]) continue;
+    work[i].wait();
+    Tensor mine = Tensor::zeros(stored_[i]->grad.sizes(), cfg_.dtype, cfg_.device);
+    StoredViews v = stored_views(full[i]->grad, mine, stored_roles_[i], gated, h, shard_);
+    v.in_stored.copy_from(v.in_full);
+    add_inplace(stored_[i]->grad, mine);
+  }
 }
 
 // ---- data parallel: all experts on every rank, weights gathered for the call ----------------
 
 Tensor ExpertParallel::forward_data_parallel(const RoutingPlan& plan, const Tensor& buffer,
                                              bool training) {
-  const index_t E = shard_.num_experts, W = comm_->size();
-  if (!full_) {
-    FfnShape shape = ffn_->shape();
-    shape.num_experts = E;
-    shape.first_expert = 0;
-    full_ = std::make_unique<FfnExperts>(shape, "experts.", false, cfg_.seed, kExpertInitId);
-  }
-  const std::vector<Parameter*> local = ffn_->parameters(), full = full_->parameters();
-  SY_ASSERT(local.size() == full.size(), "local and full experts differ in parameters");
-  std::vector<Tensor> send;
-  std::vector<CommWork> work;
-  for (std::size_t i = 0; i < local.size(); ++i) {
-    send.push_back(local[i]->value.contiguous());
-    work.push_back(
-        comm_->start_all_gather_v(send.back(), full[i]->value, equal_counts(W, shard_.count)));
-  }
-  for (CommWork& w : work) w.wait();
+  if (!full_)
+    full_ = std::make_unique<FfnExperts>(full_shape_, "experts.", false, cfg_.seed, kExpertInitId);
+  gather_weights(*full_, ExpertRegion{0, shard_.num_experts, 0, 1});
   Tensor y = full_->forward(buffer, plan.offsets, training);
   return y.to(cfg_.dtype).contiguous();
-}
-
-Tensor ExpertParallel::backward_data_parallel(const Tensor& dout) {
-  const std::vector<Parameter*> local = ffn_->parameters(), full = full_->parameters();
-  for (Parameter* p : full) p->grad.fill(0.0);
-  Tensor dx = full_->backward(dout).to(cfg_.dtype).contiguous();
-  // The full gradients summed over ranks; this rank keeps its experts' slice.
-  std::vector<CommWork> work;
-  for (Parameter* p : full) work.push_back(comm_->start_all_reduce(p->grad));
-  for (std::size_t i = 0; i < local.size(); ++i) {
-    work[i].wait();
-    add_inplace(local[i]->grad, full[i]->grad.narrow(0, shard_.first, shard_.count));
-  }
-  return dx;
 }
 
 }  // namespace switchyard

@@ -1,27 +1,36 @@
 // Expert parallelism for MoELayer (DESIGN.md §5): moving a rank's expert buffer to the ranks that
-// hold its experts and the outputs back, forward and backward, in the layer's parallel modes.
+// compute its experts and the outputs back, forward and backward, in the layer's parallel modes.
+// Where experts are stored and computed: layer/expert_layout.h.
 //
-// Expert buffers (the rank's own routing, ROUTING.md §3), E = W * El global experts over W ranks:
-//   padded [E, C, d]  (C equal on every rank: the router maxes it over ranks)
-//     all_to_all -> [W, El, C, d] (rank q's rows for each local expert)
-//     re-layout  -> [El, W*C, d]  the local experts' rows, computed, and back the same way.
-//   packed [sum kept, d] with offsets[E+1]
-//     per-expert counts exchanged (all_to_all of [E] i64), then all_to_all_v; the same re-layout
-//     with variable blocks.
-// Overlap (padded layout): the buffer is split along C into `overlap_degree` chunks; every
-// chunk's all_to_all is started at once (they run in order on the communicator's progress
-// thread) and chunk i's experts run while chunk i+1's exchange is in flight; chunk i's results
-// start back as soon as they are computed.
-// Data parallel (adaptive_r = 0): no token exchange; the expert weights are all-gathered for the
-// call, every rank computes all E experts on its own buffer, and backward all-reduces the full
-// gradients and keeps this rank's slice.
+// Expert buffers (the rank's own routing, ROUTING.md §3): padded [E, C, d] (C equal on every rank:
+// the router maxes it over ranks) or packed [sum kept, d] with offsets[E+1] (every rank's [E]
+// counts are all-reduced first). One exchange serves every mode with adaptive_r = r > 0: rank q
+// is sent, for each expert it computes, that expert's rows (its row chunk of them when sharded
+// experts split the rows); it re-lays them out by expert ([m][W] blocks), runs its experts (its
+// hidden slice of them), and sends each block back, where the r hidden slices' partial outputs
+// of a row are summed in slice order (a plain copy when r = 1).
+// Overlap (both layouts): every (rank, expert) block is split into `overlap_degree` near-equal
+// row pieces; chunk i is piece i of every block. Every chunk's all_to_all_v is started at once
+// (they run in order on the communicator's progress thread); chunk i's experts run while chunk
+// i+1's exchange is in flight, and its results start back as soon as they are computed. Each
+// row's output is computed from that row alone, so y and dx are the same as with one chunk; the
+// expert weight gradients sum the same rows in a different grouping (equal to rounding).
+// Weights: a mode that computes parts of experts this rank does not store (r > 1, r < s for
+// sharded experts, and data parallel, adaptive_r = 0) all-gathers those parameters for the call
+// and all-reduces their gradients, keeping this rank's stored part; parts it stores are copied.
+// Data parallel (adaptive_r = 0): no token exchange; every rank computes all E experts on its
+// own buffer.
 #pragma once
 
+#include <functional>
+#include <map>
 #include <memory>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "experts/ffn.h"
+#include "layer/expert_layout.h"
 #include "routing/router.h"
 #include "switchyard/comm.h"
 #include "switchyard/config.h"
@@ -29,22 +38,12 @@
 
 namespace switchyard {
 
-// This rank's share of the experts: [first, first + count) of num_experts.
-struct ExpertShard {
-  index_t num_experts = 0;  // E, global
-  index_t count = 0;        // El
-  index_t first = 0;
-};
-// Throws when E is not a multiple of the world size (and, for now, when E < world size: sharded
-// experts are not supported yet).
-ExpertShard expert_shard(index_t num_experts, const Communicator& comm);
-
 // Collective: throws on every rank when a field that must agree differs across ranks.
 void check_config_on_all_ranks(const MoEConfig& cfg, Communicator& comm);
 
 // One call's settings, agreed on by every rank.
 struct ParallelCall {
-  int adaptive_r = 1;
+  int adaptive_r = 1;  // resolved: the option, else the layer's default (s; 1 when E >= W)
   int overlap_degree = 1;
   std::optional<A2AAlgorithm> algorithm;
   index_t max_tokens = 0;  // T_max over ranks
@@ -54,8 +53,9 @@ struct ParallelCall {
 
 class ExpertParallel {
  public:
-  // `experts`: this rank's El local experts; `ffn`: the same object when it is the built-in FFN
-  // (needed for overlap_degree > 1 and for data-parallel calls), else null.
+  // `experts`: this rank's stored experts (layer/expert_layout.h); `ffn`: the FFN that computes
+  // them when they are the built-in FFN (the slice network of a ShardedFfnExperts), else null (a
+  // custom network: plain expert parallelism only, in one chunk).
   ExpertParallel(const MoEConfig& cfg, std::shared_ptr<Communicator> comm, ExpertShard shard,
                  ExpertNetwork& experts, FfnExperts* ffn);
 
@@ -63,7 +63,7 @@ class ExpertParallel {
   const ExpertShard& shard() const { return shard_; }
 
   // Collective (one small all-reduce): checks that every rank passes the same options and
-  // finds T_max. Throws on every rank when they differ.
+  // finds T_max. Throws on every rank when they differ or adaptive_r does not fit.
   ParallelCall begin(const ForwardOptions& opt, index_t num_tokens, int top_k,
                      double capacity_factor, Layout layout, int overlap_degree);
   // Installs the router's collectives (padded capacity max; the Switch loss's global counts).
@@ -73,42 +73,57 @@ class ExpertParallel {
   // Collective. When training, keeps what backward needs.
   Tensor forward(const ParallelCall& call, const RoutingPlan& plan, const Tensor& buffer,
                  bool training);
-  // dout [R, d] -> dbuffer [R, d]; accumulates the local experts' gradients. Collective.
+  // dout [R, d] -> dbuffer [R, d]; accumulates the stored experts' gradients. Collective.
   Tensor backward(const Tensor& dout);
 
   // Sums v over ranks (the expert-bias counts).
   void sum_over_ranks(std::vector<double>& v);
 
  private:
+  struct RowRange {
+    index_t begin = 0;
+    index_t length = 0;
+  };
+  // One overlap chunk of the exchange.
+  struct Chunk {
+    std::vector<RowRange> send;       // [W*m]: this rank's rows for (rank q, q's expert le)
+    std::vector<index_t> recv_count;  // [W*m]: rows from rank p for this rank's expert le
+    FfnExperts::Saved saved;          // the built-in FFN's forward, for backward
+  };
   // What one call exchanged, for its backward.
   struct Saved {
     bool valid = false;
     ParallelCall call;
-    index_t capacity = 0;                        // C (padded)
-    std::vector<index_t> chunk_begin;            // padded: chunk c covers [begin[c], begin[c+1])
-    std::vector<FfnExperts::Saved> chunk_saved;  // padded, built-in FFN: per chunk
-    std::vector<index_t> send_count;             // packed: [E] rows this rank sends per expert
-    std::vector<index_t> recv_count;             // packed: [W*El] rows from rank q, expert le
+    ComputeLayout layout;
+    index_t num_rows = 0;       // R
+    FfnExperts* net = nullptr;  // what computed (null: the custom network experts_)
+    ExpertRegion region;        // the part of the experts net holds
+    std::vector<Chunk> chunks;
   };
 
-  Tensor forward_padded(const RoutingPlan& plan, const Tensor& buffer, bool training, Saved& s);
-  Tensor backward_padded(const Tensor& dout, Saved& s);
-  Tensor forward_packed(const RoutingPlan& plan, const Tensor& buffer, bool training, Saved& s);
-  Tensor backward_packed(const Tensor& dout, Saved& s);
+  std::vector<Chunk> plan_chunks(const ParallelCall& call, const ComputeLayout& layout,
+                                 const RoutingPlan& plan);
+  // Sends `rows` [R, d] out as the chunks say, runs `compute` on each chunk's arrived rows
+  // ([m][W] blocks; offsets [m+1]) and sums the returned rows back into [R, d].
+  Tensor exchange(const Tensor& rows, Saved& s,
+                  const std::function<Tensor(Chunk&, const Tensor&, const Tensor&)>& compute);
+  // The network that computes `region` (cached per shape), its weights filled for the call.
+  FfnExperts* network_for(const ExpertRegion& region);
+  void gather_weights(FfnExperts& net, const ExpertRegion& region);
+  void reduce_gradients(FfnExperts& net, const ExpertRegion& region);
   Tensor forward_data_parallel(const RoutingPlan& plan, const Tensor& buffer, bool training);
-  Tensor backward_data_parallel(const Tensor& dout);
-  // The local experts on rows [El groups] (offsets [El+1]); chunk_saved when not null.
-  Tensor run_experts(const Tensor& rows, const Tensor& offsets, bool training,
-                     FfnExperts::Saved* chunk_saved);
-  Tensor run_experts_backward(const Tensor& drows, const FfnExperts::Saved* chunk_saved);
 
   MoEConfig cfg_;
   std::shared_ptr<Communicator> comm_;
   ExpertShard shard_;
   ExpertNetwork& experts_;
   FfnExperts* ffn_;
-  std::unique_ptr<FfnExperts> full_;  // all E experts, for data-parallel calls (made on first use)
-  Saved saved_;                       // the last training forward
+  FfnShape full_shape_;                 // all E experts, whole hidden size
+  std::vector<Parameter*> stored_;      // the stored parameters (built-in FFN only)
+  std::vector<FfnParam> stored_roles_;  // which FFN parameter each is (as full_shape_'s)
+  std::unique_ptr<FfnExperts> full_;    // all E experts: gather target, data-parallel network
+  std::map<std::tuple<index_t, index_t, bool>, std::unique_ptr<FfnExperts>> networks_;
+  Saved saved_;  // the last training forward
 };
 
 }  // namespace switchyard

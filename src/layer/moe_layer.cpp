@@ -11,6 +11,7 @@
 #include "dispatch/dispatch.h"
 #include "experts/ffn.h"
 #include "layer/expert_parallel.h"
+#include "layer/sharded_ffn.h"
 #include "layer/validate.h"
 #include "routing/gate.h"
 #include "routing/router.h"
@@ -34,7 +35,6 @@ FfnShape ffn_shape(const MoEConfig& cfg, index_t num_experts, index_t hidden,
   return FfnShape{num_experts,      cfg.model_dim, hidden,     cfg.activation, cfg.has_fc1_bias,
                   cfg.has_fc2_bias, cfg.dtype,     cfg.device, first_expert};
 }
-
 
 // The capacity a packed dropless plan reports: the largest count, aligned as the CPU router does.
 index_t packed_dropless_capacity(const MoEConfig& cfg, index_t most) {
@@ -64,12 +64,12 @@ struct MoELayer::Impl {
   std::shared_ptr<Gate> gate;
   std::shared_ptr<ExpertNetwork> experts;
   std::unique_ptr<FfnExperts> shared;
-  Tensor expert_bias;        // [E] f32 on the layer's device
-  Tensor bias_counts;        // [E] f64: tokens kept per expert since the last bias update
-  Tensor nonfinite;          // CUDA: [1] i32, set by the router when the logits hold NaN/Inf
-  Tensor all_rows;           // [2] i64 {0, T}: the shared expert's offsets ...
+  Tensor expert_bias;            // [E] f32 on the layer's device
+  Tensor bias_counts;            // [E] f64: tokens kept per expert since the last bias update
+  Tensor nonfinite;              // CUDA: [1] i32, set by the router when the logits hold NaN/Inf
+  Tensor all_rows;               // [2] i64 {0, T}: the shared expert's offsets ...
   index_t all_rows_tokens = -1;  // ... for this T
-  std::uint64_t step = 0;    // training forwards so far: the random streams' counter
+  std::uint64_t step = 0;        // training forwards so far: the random streams' counter
   std::shared_ptr<Communicator> comm;
   ExpertShard shard;                   // this rank's experts (all of them in one process)
   std::unique_ptr<ExpertParallel> ep;  // with a communicator: the token exchange
@@ -78,17 +78,18 @@ struct MoELayer::Impl {
   bool saved = false;
   Shape x_shape;
   DType x_dtype = DType::kF32;
-  Tensor x;                 // [T, d] in the layer's dtype
-  Tensor jitter;            // [T, d] or undefined
+  Tensor x;       // [T, d] in the layer's dtype
+  Tensor jitter;  // [T, d] or undefined
   bool routed_on_host = false;
-  RoutingPlan host_plan;    // the plan where the router ran on the host for a CUDA layer
-  RoutingPlan plan;         // on the layer's device
+  RoutingPlan host_plan;  // the plan where the router ran on the host for a CUDA layer
+  RoutingPlan plan;       // on the layer's device
   RouterState router;
   Tensor expert_out;  // [R, d]
 
   const Tensor& shared_rows(index_t T) {
     if (all_rows_tokens != T) {
-      all_rows = Tensor::from_vector({0.0, static_cast<double>(T)}, {2}, DType::kI64).to(cfg.device);
+      all_rows =
+          Tensor::from_vector({0.0, static_cast<double>(T)}, {2}, DType::kI64).to(cfg.device);
       all_rows_tokens = T;
     }
     return all_rows;
@@ -124,21 +125,31 @@ MoELayer::MoELayer(const MoEConfig& cfg, std::shared_ptr<Gate> gate,
   }
   m.shard = ExpertShard{cfg.num_experts, cfg.num_experts, 0};
   if (comm) {
-    SY_CHECK(comm->device() == cfg.device, "the communicator works on ",
-             to_string(comm->device()), " (MPI: cpu, NCCL: its GPU), the layer on ",
-             to_string(cfg.device));
-    m.shard = expert_shard(cfg.num_experts, *comm);
+    SY_CHECK(comm->device() == cfg.device, "the communicator works on ", to_string(comm->device()),
+             " (MPI: cpu, NCCL: its GPU), the layer on ", to_string(cfg.device));
+    m.shard = expert_shard(cfg.num_experts, cfg.hidden_size, comm->rank(), comm->size());
   }
+  FfnExperts* ffn = nullptr;  // the built-in FFN that computes this rank's stored experts
   if (experts) {
     m.experts = std::move(experts);
+    ffn = dynamic_cast<FfnExperts*>(m.experts.get());
+  } else if (m.shard.num_slices > 1) {
+    auto sharded =
+        std::make_shared<ShardedFfnExperts>(ffn_shape(cfg, cfg.num_experts, cfg.hidden_size),
+                                            m.shard, "experts.", cfg.seed, kExpertInitId);
+    ffn = &sharded->slice();
+    m.experts = std::move(sharded);
   } else {
     m.experts =
         std::make_shared<FfnExperts>(ffn_shape(cfg, m.shard.count, cfg.hidden_size, m.shard.first),
                                      "experts.", false, cfg.seed, kExpertInitId);
+    ffn = dynamic_cast<FfnExperts*>(m.experts.get());
   }
   if (comm) {
-    m.ep = std::make_unique<ExpertParallel>(cfg, comm, m.shard, *m.experts,
-                                            dynamic_cast<FfnExperts*>(m.experts.get()));
+    SY_CHECK(m.shard.num_slices == 1 || !experts, "sharded experts (num_experts=", cfg.num_experts,
+             " below the ", comm->size(),
+             " ranks) need the built-in FFN experts, not a custom expert network");
+    m.ep = std::make_unique<ExpertParallel>(cfg, comm, m.shard, *m.experts, ffn);
     m.comm = std::move(comm);
   }
   if (cfg.shared_expert_hidden > 0)
@@ -178,8 +189,8 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
   // Expert parallel: every rank agrees on the call's options (collective); T_max over ranks.
   ParallelCall call;
   if (m.ep) call = m.ep->begin(opt, T, k, cf, layout, overlap_degree);
-  SY_CHECK(m.ep || (opt.adaptive_r >= 0 && opt.adaptive_r <= 1),
-           "forward: adaptive_r=", opt.adaptive_r,
+  SY_CHECK(m.ep || !opt.adaptive_r || *opt.adaptive_r == 0 || *opt.adaptive_r == 1,
+           "forward: adaptive_r=", opt.adaptive_r.value_or(1),
            " needs a layer built with a communicator (0 and 1 are the same in "
            "one process)");
   const DType rd = routing_dtype(cfg.dtype);
@@ -209,7 +220,9 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
   args.training = opt.training;
   args.step = m.step;
   args.expert_bias = cfg.expert_bias ? &m.expert_bias : nullptr;
-  args.alignment = overlap_degree;
+  // Tutel's alignment: sharded_count * overlap_degree, so that the padded capacity splits evenly
+  // over the ranks sharing an expert and over the overlap chunks.
+  args.alignment = overlap_degree * static_cast<int>(m.shard.num_slices);
   if (m.ep) {
     args.max_tokens = call.max_tokens;
     args.token_base = call.token_base;

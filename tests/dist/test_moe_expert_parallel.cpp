@@ -75,14 +75,15 @@ struct Case {
   Layout layout = Layout::kAuto;
   int overlap = 1;
   A2AAlgorithm algorithm = A2AAlgorithm::kFlat;
-  int adaptive_r = 1;
+  int adaptive_r = -1;  // -1: the layer's default
   bool uneven = false;
 };
 
 std::string describe(const Case& c) {
   return "k=" + std::to_string(c.k) + " cf=" + std::to_string(c.cf) +
          " layout=" + sy::to_string(c.layout) + " overlap=" + std::to_string(c.overlap) +
-         " a2a=" + sy::to_string(c.algorithm) + " adaptive_r=" + std::to_string(c.adaptive_r) +
+         " a2a=" + sy::to_string(c.algorithm) + " adaptive_r=" +
+         (c.adaptive_r < 0 ? std::string("default") : std::to_string(c.adaptive_r)) +
          (c.uneven ? " uneven tokens" : "");
 }
 
@@ -96,6 +97,35 @@ std::vector<double> summed_over_ranks(const Tensor& t) {
 void starve_expert(MoELayer& layer, index_t expert) {
   Tensor w = layer.parameter("gates.0.wg.weight").value;  // [E, d]
   w.select(0, expert).fill(-3.0);
+}
+
+// Ranks sharing each expert (Tutel's sharded_count): W / E when E < W, else 1.
+index_t sharded_count(const MoEConfig& cfg) {
+  return cfg.num_experts < ranks() ? ranks() / cfg.num_experts : 1;
+}
+
+// This rank's stored part of the reference's full expert parameter `full` (DESIGN.md §5, sharded
+// experts as Tutel stores them): experts [first, first + El), or with s > 1 ranks per expert the
+// hidden slice rank % s of expert rank / s (fc1 and its bias: gate and up rows alike when gated;
+// fc2 bias: columns [j*dc, (j+1)*dc), dc = ceil(d / s), zero past d).
+std::vector<double> stored_part(const MoEConfig& cfg, const sy::Parameter& p, const Tensor& full) {
+  const index_t s = sharded_count(cfg), E = cfg.num_experts, h = cfg.hidden_size;
+  if (s == 1) {
+    const index_t El = E / ranks();
+    return full.narrow(0, rank() * El, El).contiguous().to_vector();
+  }
+  const index_t e = rank() / s, j = rank() % s, d = cfg.model_dim;
+  const Tensor row = full.narrow(0, e, 1).contiguous();
+  if (p.name == "experts.batched_fc2_bias") {
+    const index_t dc = (d + s - 1) / s;
+    std::vector<double> v(static_cast<std::size_t>(dc), 0.0);
+    const std::vector<double> all = row.to_vector();
+    for (index_t c = 0; c < dc && j * dc + c < d; ++c) v[c] = all[j * dc + c];
+    return v;
+  }
+  const bool gated = sy::is_gated(cfg.activation) && p.name.find("fc1") != std::string::npos;
+  const index_t P = gated ? 2 : 1, rest = full.dim() == 3 ? full.size(2) : 1;
+  return row.view({P, h, rest}).narrow(1, j * (h / s), h / s).contiguous().to_vector();
 }
 
 // Runs one case: expert parallel on this rank's block vs the reference over every block.
@@ -118,7 +148,10 @@ void check_case(const Case& c, MoEConfig cfg, bool starve = false) {
   fo.overlap_degree = c.overlap;
   ForwardOptions ep_fo = fo;
   ep_fo.a2a_algorithm = c.algorithm;
-  ep_fo.adaptive_r = c.adaptive_r;
+  if (c.adaptive_r >= 0) ep_fo.adaptive_r = c.adaptive_r;
+  // The capacity is aligned to sharded_count * overlap_degree (ROUTING.md §3): the reference
+  // aligns the same way (in one process overlap_degree is only the alignment).
+  fo.overlap_degree = c.overlap * static_cast<int>(sharded_count(cfg));
 
   const int r = rank();
   const index_t T = tokens_of(r, c.uneven);
@@ -155,9 +188,10 @@ void check_case(const Case& c, MoEConfig cfg, bool starve = false) {
     EXPECT_EQ(ref_counts[starved], 0.0);
   }
 
-  const index_t El = ep.num_local_experts(), first = ep.first_local_expert();
-  EXPECT_EQ(El, 2);
-  EXPECT_EQ(first, 2 * r);
+  const index_t s = sharded_count(cfg);
+  const index_t El = s > 1 ? 1 : cfg.num_experts / ranks();
+  EXPECT_EQ(ep.num_local_experts(), El);
+  EXPECT_EQ(ep.first_local_expert(), s > 1 ? r / s : r * El);
   for (sy::Parameter* p : ep.parameters()) {
     SCOPED_TRACE(p->name);
     sy::Parameter& q = ref.parameter(p->name);
@@ -166,10 +200,8 @@ void check_case(const Case& c, MoEConfig cfg, bool starve = false) {
       EXPECT_TRUE(sy_ref::rel_l2_within(summed_over_ranks(p->grad), q.grad.to_vector(), kTol));
     } else {
       EXPECT_EQ(p->name.rfind("experts.", 0), 0u) << "only routed experts are per rank";
-      EXPECT_TRUE(
-          sy_ref::bitwise_equal(p->value.to_vector(), q.value.narrow(0, first, El).to_vector()));
-      EXPECT_TRUE(sy_ref::rel_l2_within(p->grad.to_vector(),
-                                        q.grad.narrow(0, first, El).to_vector(), kTol));
+      EXPECT_TRUE(sy_ref::bitwise_equal(p->value.to_vector(), stored_part(cfg, *p, q.value)));
+      EXPECT_TRUE(sy_ref::rel_l2_within(p->grad.to_vector(), stored_part(cfg, *p, q.grad), kTol));
     }
   }
 }
@@ -195,19 +227,27 @@ std::string error_of(const std::function<void()>& f) {
   return "(no error)";
 }
 
+// check_case with `adaptive_r` for overlap 1/2/4, every capacity rule and k = 1 and 2; the
+// all-to-all algorithm by overlap degree.
+void check_overlaps_capacities_and_k(const MoEConfig& cfg, int adaptive_r,
+                                     const std::function<A2AAlgorithm(int)>& algorithm) {
+  for (int overlap : {1, 2, 4})
+    for (const CfLayout& cl : kCapacities)
+      for (int k : {1, 2}) {
+        Case c;
+        c.k = k;
+        c.cf = cl.cf;
+        c.layout = cl.layout;
+        c.overlap = overlap;
+        c.adaptive_r = adaptive_r;
+        c.algorithm = algorithm(overlap);
+        check_case(c, cfg);
+      }
+}
+
 TEST(MoEExpertParallel, MatchesOneProcessForEveryAlgorithmOverlapCapacityAndK) {
   for (A2AAlgorithm a : kAlgorithms)
-    for (int overlap : {1, 2, 4})
-      for (const CfLayout& cl : kCapacities)
-        for (int k : {1, 2}) {
-          Case c;
-          c.k = k;
-          c.cf = cl.cf;
-          c.layout = cl.layout;
-          c.overlap = overlap;
-          c.algorithm = a;
-          check_case(c, base_config());
-        }
+    check_overlaps_capacities_and_k(base_config(), -1, [a](int) { return a; });
 }
 
 TEST(MoEExpertParallel, DataParallelCallsMatchOneProcess) {
@@ -367,17 +407,145 @@ TEST(MoEExpertParallel, UnsupportedSetupsFailClearlyOnEveryRank) {
   cfg.num_experts = 2 * ranks() + 1;
   EXPECT_NE(error_of([&] { MoELayer layer(cfg, world()); }).find("must be a multiple of the"),
             std::string::npos);
+  if (ranks() == 4) {
+    cfg.num_experts = 3;  // below the ranks and not a divisor of them
+    EXPECT_NE(error_of([&] {
+                MoELayer layer(cfg, world());
+              }).find("the ranks must be a multiple of num_experts"),
+              std::string::npos);
+  }
+  cfg = base_config();
   cfg.num_experts = 1;
-  EXPECT_NE(error_of([&] {
-              MoELayer layer(cfg, world());
-            }).find("sharded experts (fewer experts than ranks) are not supported yet"),
+  cfg.hidden_size = 2 * ranks() + 1;  // does not split over the ranks sharing the expert
+  EXPECT_NE(error_of([&] { MoELayer layer(cfg, world()); }).find("equal slices"),
             std::string::npos);
+}
+
+// adaptive_r must divide the world size (E >= W) or the ranks sharing an expert (E < W); every
+// rank gets the same error and the layer stays usable, in step.
+TEST(MoEExpertParallel, AdaptiveRThatDoesNotFitFailsOnEveryRank) {
+  const Tensor x = input_of(rank(), 12, 8, 5);
   MoELayer layer(base_config(), world());
-  ForwardOptions fo;
-  fo.adaptive_r = 2;
-  EXPECT_NE(error_of([&] {
-              layer.forward(input_of(rank(), 12, 8, 5), fo);
-            }).find("(sharded experts) is not supported yet"),
+  for (int r : {3, 2 * ranks()}) {
+    ForwardOptions fo;
+    fo.adaptive_r = r;
+    EXPECT_NE(error_of([&] {
+                layer.forward(x, fo);
+              }).find("must divide the " + std::to_string(ranks()) + " ranks"),
+              std::string::npos)
+        << "adaptive_r=" << r;
+  }
+  ForwardOptions negative;
+  negative.adaptive_r = -1;
+  EXPECT_NE(error_of([&] { layer.forward(x, negative); }).find("adaptive_r must be >= 0"),
             std::string::npos);
-  EXPECT_NO_THROW(layer.forward(input_of(rank(), 12, 8, 5), {}));
+  EXPECT_NO_THROW(layer.forward(x, {}));
+
+  MoEConfig cfg = base_config();
+  cfg.num_experts = 1;  // s = W ranks share the expert: r must divide W
+  cfg.hidden_size = 8;
+  MoELayer sharded(cfg, world());
+  ForwardOptions fo;
+  fo.adaptive_r = 2 * ranks();
+  EXPECT_NE(error_of([&] {
+              sharded.forward(x, fo);
+            }).find("must divide the " + std::to_string(ranks()) + " ranks that share each expert"),
+            std::string::npos);
+  EXPECT_NO_THROW(sharded.forward(x, {}));
+}
+
+// Fewer experts than ranks (Tutel's sharded experts): every valid adaptive_r (the default s,
+// data parallel, 1, and the divisors of s), overlap 1/2/4, every capacity rule, k = 1 and 2.
+TEST(MoEExpertParallel, ShardedExpertsMatchOneProcess) {
+  std::vector<index_t> expert_counts = {1};
+  if (ranks() == 4) expert_counts.push_back(2);
+  for (index_t E : expert_counts) {
+    MoEConfig cfg = base_config();
+    cfg.num_experts = E;
+    cfg.hidden_size = 8;
+    const int s = ranks() / static_cast<int>(E);
+    std::vector<int> rs = {-1, 0, 1};
+    for (int r = 2; r <= s; ++r)
+      if (s % r == 0) rs.push_back(r);
+    SCOPED_TRACE("num_experts=" + std::to_string(E));
+    for (int r : rs)
+      check_overlaps_capacities_and_k(cfg, r, [](int) { return A2AAlgorithm::kFlat; });
+  }
+}
+
+// Sharded experts with gated FFNs (gate and up rows sliced alike), no fc1 bias, an fc2 bias
+// whose columns do not split evenly (d = 10), uneven tokens and the hierarchical all-to-all.
+TEST(MoEExpertParallel, ShardedGatedExpertsWithUnevenBiasColumns) {
+  MoEConfig cfg = base_config();
+  cfg.num_experts = 1;
+  cfg.model_dim = 10;
+  cfg.hidden_size = 8;
+  cfg.activation = sy::Activation::kSwiGLU;
+  cfg.has_fc1_bias = false;
+  for (int r : {-1, 0, 1, 2})
+    for (Layout layout : {Layout::kPacked, Layout::kPadded}) {
+      Case c;
+      c.cf = 0.0;
+      c.layout = layout;
+      c.overlap = 2;
+      c.adaptive_r = r;
+      c.uneven = true;
+      c.algorithm = A2AAlgorithm::kPipelined;
+      check_case(c, cfg);
+    }
+}
+
+// r-way sharded experts per call on a layer that stores whole experts (E = W and E = 2W): groups
+// of r ranks gather their experts' hidden slices for the call and reduce the gradients back.
+TEST(MoEExpertParallel, AdaptiveRShardsWholeExpertsPerCall) {
+  for (index_t per_rank : {1, 2}) {
+    MoEConfig cfg = base_config();
+    cfg.num_experts = per_rank * ranks();
+    cfg.hidden_size = 8;
+    for (int r = 2; r <= ranks(); ++r) {
+      if (ranks() % r != 0) continue;
+      SCOPED_TRACE("num_experts=" + std::to_string(cfg.num_experts));
+      check_overlaps_capacities_and_k(cfg, r, [](int overlap) {
+        return overlap == 2 ? A2AAlgorithm::k2DH : A2AAlgorithm::kFlat;
+      });
+    }
+  }
+}
+
+// The packed layout's overlap chunks: groups of whole experts when a rank computes at least
+// overlap_degree experts, so y, dx and the expert gradients are bitwise those of one chunk;
+// otherwise pieces of each expert's rows, equal to rounding (the GEMMs see other row counts).
+TEST(MoEExpertParallel, PackedOverlapGivesTheSameResults) {
+  for (index_t E : {4 * static_cast<index_t>(ranks()), index_t{1}}) {
+    MoEConfig cfg = base_config();
+    cfg.num_experts = E;
+    cfg.hidden_size = 8;
+    cfg.capacity_factor = 0.0;
+    const bool whole_experts = E >= 4 * ranks();
+    std::vector<double> y1, dx1, grad1;
+    for (int overlap : {1, 2, 4}) {
+      SCOPED_TRACE("num_experts=" + std::to_string(E) + " overlap=" + std::to_string(overlap));
+      MoELayer layer(cfg, world());
+      ForwardOptions fo;
+      fo.layout = Layout::kPacked;
+      fo.overlap_degree = overlap;
+      const Tensor x = input_of(rank(), 12, 8, 6);
+      const std::vector<double> y = layer.forward(x, fo).y.to_vector();
+      const std::vector<double> dx = layer.backward(input_of(rank(), 12, 8, 7), {}).to_vector();
+      const std::vector<double> grad = layer.parameter("experts.batched_fc1_w").grad.to_vector();
+      if (overlap == 1) {
+        y1 = y;
+        dx1 = dx;
+        grad1 = grad;
+      } else if (whole_experts) {
+        EXPECT_TRUE(sy_ref::bitwise_equal(y, y1)) << "y";
+        EXPECT_TRUE(sy_ref::bitwise_equal(dx, dx1)) << "dx";
+        EXPECT_TRUE(sy_ref::bitwise_equal(grad, grad1)) << "fc1 gradient";
+      } else {
+        EXPECT_TRUE(sy_ref::rel_l2_within(y, y1, kTol)) << "y";
+        EXPECT_TRUE(sy_ref::rel_l2_within(dx, dx1, kTol)) << "dx";
+        EXPECT_TRUE(sy_ref::rel_l2_within(grad, grad1, kTol)) << "fc1 gradient";
+      }
+    }
+  }
 }
