@@ -564,6 +564,8 @@ int main(int argc, char** argv) {
       {"mixtral fc1 (8 x 2048, 4096 -> 14336) B^T", 8, 2048, 4096, 14336, true, false, 0},
       {"deepseek fc2 (32 x 1024, 2048 -> 7168)", 32, 1024, 2048, 7168, false, false, 0},
       {"deepseek fc1 (32 x 1024, 7168 -> 2048) B^T", 32, 1024, 7168, 2048, true, false, 0},
+      {"tutel fc1 (2 x 8192, 2048 -> 2048) B^T", 2, 8192, 2048, 2048, true, false, 0},
+      {"sonic-coarse fc1 (64 x 2048, 4096 -> 4096) B^T", 64, 2048, 4096, 4096, true, false, 0},
       {"fine-grained fc1 (128 x 512, 2048 -> 768) B^T", 128, 512, 2048, 768, true, false, 0},
       {"fine-grained dX (128 x 512, 768 -> 2048)", 128, 512, 768, 2048, false, false, 0},
       {"sonic-fine fc2 (128 x 1536, 256 -> 1536)", 128, 1536, 256, 1536, false, false, 0},
@@ -571,6 +573,7 @@ int main(int argc, char** argv) {
       {"mixtral dW1 (8 x 2048 rows, M=14336, N=4096)", 8, 2048, 0, 4096, false, true, 14336},
       {"deepseek dW2 (32 x 1024 rows, M=2048, N=7168)", 32, 1024, 0, 7168, false, true, 2048},
       {"sonic-fine dW1 (128 x 1536 rows, M=512, N=1536)", 128, 1536, 0, 1536, false, true, 512},
+      {"tutel dW1 (2 x 8192 rows, M=2048, N=2048)", 2, 8192, 0, 2048, false, true, 2048},
   };
   for (auto& s : shapes) bench(s);
   printf("correctness failures: %d\n", g_fail);
