@@ -67,3 +67,25 @@ def test_configuration_that_differs_across_ranks_is_an_error_on_every_rank():
     for out in launch("bad_config"):
         m = re.search(r"^ERROR (.*)$", out, re.M)
         assert m and "differs across ranks" in m.group(1), out
+
+
+def test_helloworld_runs_expert_parallel_on_two_ranks():
+    """Tutel's helloworld started as torchrun starts it: 2 ranks of 2 experts each."""
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                   GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "switchyard.examples.helloworld", "--num_steps", "3",
+             "--batch_size", "2", "--num_tokens", "16", "--model_dim", "16", "--hidden_size",
+             "16", "--num_local_experts", "2", "--capacity_factor", "0"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outs):
+        assert p.returncode == 0, stderr
+    assert "world_size = 2" in outs[0][0]
+    assert "Total-Experts = 4 [managed by 2 device(s)]" in outs[0][0]
+    assert len(re.findall(r"^STEP-\d+: loss = ", outs[0][0], re.M)) == 3
+    assert "STEP-" not in outs[1][0]  # rank 0 prints
