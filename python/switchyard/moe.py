@@ -90,6 +90,34 @@ def _world_size(group):
     return 1
 
 
+class _TorchDistOps:
+    """The collectives of expert parallelism on CPU ranks, run by torch.distributed on the
+    caller's process group (gloo). The C++ layer's torch.distributed backend (binding.cpp) calls
+    them from inside forward and backward, on the caller's thread, with uint8 tensors that view
+    the switchyard buffers (no copy) and split sizes in bytes; all_reduce gets typed tensors."""
+
+    def __init__(self, group):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+
+    def all_to_all_v(self, send, send_splits, recv, recv_splits):
+        dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group)
+
+    def all_gather_v(self, send, recv, recv_counts):
+        # gloo's all_gather wants equal sizes: every peer gets a copy of `send` through the
+        # variable all-to-all instead (all_gather_v only moves small arrays and expert weights).
+        dist.all_to_all_single(recv, send.repeat(self.size), recv_counts,
+                               [send.numel()] * self.size, group=self.group)
+
+    def all_reduce(self, tensor, op):
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX,
+                        group=self.group)
+
+    def barrier(self):
+        dist.barrier(group=self.group)
+
+
 def _device_name(device):
     """The C++ name of a torch device: "cpu" or "cuda:N"."""
     if device.type == "cpu":
@@ -169,7 +197,7 @@ class FusedExpertsNetwork(nn.Module):
 
     def __init__(self, model_dim, num_experts, hidden_size, activation_fn=None,
                  activation_fn_with_self=None, has_fc1_bias=True, has_fc2_bias=True,
-                 prefix_doc="experts"):
+                 prefix_doc="experts", sharded_count=1):
         super().__init__()
         if activation_fn is not None and activation_fn_with_self is not None:
             raise ValueError(f"{prefix_doc}: give activation_fn or activation_fn_with_self, "
@@ -187,7 +215,11 @@ class FusedExpertsNetwork(nn.Module):
         self.batched_fc2_w = nn.Parameter(torch.empty(num_experts, hidden_size, model_dim))
         self.batched_fc1_bias = (nn.Parameter(torch.empty(num_experts, h1))
                                  if has_fc1_bias else None)
-        self.batched_fc2_bias = (nn.Parameter(torch.empty(num_experts, model_dim))
+        # Sharded experts (hidden_size is then this rank's slice): each of the sharded_count
+        # ranks holds ceil(d / sharded_count) columns of the expert's fc2 bias, as in Tutel.
+        self.sharded_count = sharded_count
+        bias_cols = -(-model_dim // sharded_count)
+        self.batched_fc2_bias = (nn.Parameter(torch.empty(num_experts, bias_cols))
                                  if has_fc2_bias else None)
         self.reset_parameters()
 
@@ -282,12 +314,12 @@ def _weak_callbacks(obj):
 class _Engine:
     """One C++ layer for one gate index and one configuration, and its Python callbacks."""
 
-    def __init__(self, cfg, py_gate, py_experts):
+    def __init__(self, cfg, py_gate, py_experts, dist_ops=None):
         self.cfg = cfg
         self.py_gate, self.py_experts = py_gate, py_experts
         gf, gb = _weak_callbacks(py_gate) if py_gate else (None, None)
         ef, eb = _weak_callbacks(py_experts) if py_experts else (None, None)
-        self.layer = _C.Layer(dict(cfg), gf, gb, ef, eb)
+        self.layer = _C.Layer(dict(cfg), gf, gb, ef, eb, dist_ops)
         self.names = self.layer.param_names()
         self.shapes = [tuple(s) for s in self.layer.param_shapes()]
         self.dtypes = [_SY_TO_TORCH[d] for d in self.layer.param_dtypes()]
@@ -311,8 +343,9 @@ class _Engine:
             vals.append(p.detach().to(dtype).contiguous())
         return vals
 
-    def forward(self, x, params, cf, k, training, owner):
-        y, aux, z, stats = self.layer.forward(x, self.cpp_values(params), cf, k, training)
+    def forward(self, x, params, cf, k, training, owner, adaptive_r=None):
+        y, aux, z, stats = self.layer.forward(x, self.cpp_values(params), cf, k, training,
+                                              adaptive_r)
         if training:
             self.owner = owner
         self.last_stats = stats
@@ -322,8 +355,9 @@ class _Engine:
 class _Call:
     """What one forward needs again in backward."""
 
-    def __init__(self, engine, cf, k, training, can_recompute):
+    def __init__(self, engine, cf, k, training, can_recompute, adaptive_r=None):
         self.engine, self.cf, self.k, self.training = engine, cf, k, training
+        self.adaptive_r = adaptive_r
         self.can_recompute = can_recompute
         self.token = object()
 
@@ -335,7 +369,7 @@ class _MoEFunction(torch.autograd.Function):
     def forward(ctx, call, num_cpp, x, *params):
         eng = call.engine
         y, aux, z, stats = eng.forward(x, params[:num_cpp], call.cf, call.k, call.training,
-                                       call.token)
+                                       call.token, call.adaptive_r)
         ctx.call, ctx.num_cpp, ctx.stats = call, num_cpp, stats
         ctx.save_for_backward(x, *params)
         rd = eng.routing_dtype
@@ -363,7 +397,7 @@ class _MoEFunction(torch.autograd.Function):
                     "a later forward of the same layer, needs to recompute the forward, which is "
                     "not reproducible with gate_noise, input_jitter or expert_bias; run backward "
                     "before the next forward")
-            eng.forward(x, cpp_params, call.cf, call.k, True, call.token)
+            eng.forward(x, cpp_params, call.cf, call.k, True, call.token, call.adaptive_r)
         vals = eng.cpp_values(cpp_params)
         dx, grads = eng.layer.backward(dy.contiguous(), vals, float(daux), float(dz))
         eng.owner = None
@@ -432,14 +466,11 @@ class MOELayer(nn.Module):
         if not isinstance(model_dim, int) or model_dim < 1:
             raise ValueError(f"moe_layer: model_dim must be a positive int, got {model_dim!r}")
 
+        # Expert parallel over `group` (default: the world, when torch.distributed is
+        # initialised), as in Tutel; the collectives run through the group's own backend.
         self.group = group
         self.world_size = _world_size(group)
-        if self.world_size > 1:
-            raise NotImplementedError(
-                f"moe_layer: expert parallelism over {self.world_size} ranks (the group's world "
-                "size) is not in the switchyard binding yet: it needs the all-to-all "
-                "communication stage through torch.distributed. Use one process (no "
-                "torch.distributed group, or a group of size 1) for now.")
+        self._dist = _TorchDistOps(group) if self.world_size > 1 else None
         self.result_func = result_func
         self.model_dim = model_dim
 
@@ -453,9 +484,16 @@ class MOELayer(nn.Module):
         self.register_buffer("_num_global_experts",
                              torch.tensor(MOELayer.global_expert_count(num_local, group)))
         self.num_local_experts = num_local
-        self.sharded_count = 1
+        # Fewer experts than ranks (num_experts_per_device < 0): each expert's hidden dimension
+        # is sliced over sharded_count ranks, one slice per rank, as in Tutel.
+        if self.num_global_experts < self.world_size:
+            self.sharded_count = self.world_size // self.num_global_experts
+            self.num_local_experts = 1
+        else:
+            self.sharded_count = 1
+        self.valid_rs = [0] + [r for r in range(1, self.sharded_count + 1)
+                               if self.sharded_count % r == 0]
         self.adaptive_degree = self._parse_parallel_type(parallel_type)
-        self.valid_rs = [0, 1]
 
         self.is_postscore = bool(is_postscore)
         self.batch_prioritized_routing = bool(batch_prioritized_routing)
@@ -465,7 +503,10 @@ class MOELayer(nn.Module):
         if self.a2a_ffn_overlap_degree < 1:
             raise ValueError("moe_layer: a2a_ffn_overlap_degree must be >= 1, got "
                              f"{a2a_ffn_overlap_degree}")
-        self.use_2dh = bool(use_2dh)  # the all-to-all algorithm: nothing to do in one process
+        # Tutel's hierarchical all-to-all. Its result equals the flat one; over torch.distributed
+        # there is only the flat exchange (2DH is the MPI backend's), so the flag is accepted and
+        # every exchange is flat.
+        self.use_2dh = bool(use_2dh)
         self.options = dict(
             rules=rules, score_fn=score_fn, pre_softmax=bool(pre_softmax),
             scaling_factor=float(scaling_factor), expert_bias=bool(expert_bias),
@@ -517,6 +558,11 @@ class MOELayer(nn.Module):
         seed_src = seeds[0] if seeds is not None and seeds[0] is not None else None
         self._seed = (int(seed_src) if seed_src is not None
                       else int(torch.randint(0, 2**62, (1,)).item()))
+        if self._dist is not None and seed_src is None:
+            # The C++ layers' seeds (gate noise, jitter) must agree across ranks: take the largest.
+            seed = torch.tensor([self._seed], dtype=torch.int64)
+            dist.all_reduce(seed, op=dist.ReduceOp.MAX, group=group)
+            self._seed = int(seed.item())
         if seeds is not None and len(seeds) > 2 and seeds[2] is not None:
             torch.manual_seed(seeds[2])
 
@@ -533,10 +579,16 @@ class MOELayer(nn.Module):
         if not isinstance(parallel_type, str):
             raise ValueError(f"moe_layer: parallel_type must be a string, got {parallel_type!r}")
         if parallel_type.startswith("adaptive:"):
-            r = int(parallel_type[len("adaptive:"):])
-            return min(max(r, 0), self.sharded_count)
+            r = min(max(int(parallel_type[len("adaptive:"):]), 0), self.sharded_count)
+            if r not in self.valid_rs:
+                raise ValueError(f"moe_layer: parallel_type '{parallel_type}' is not valid with "
+                                 f"sharded_count={self.sharded_count}: adaptive:R with R in "
+                                 f"{self.valid_rs}")
+            return r
         if parallel_type in ("data", "model", "auto"):
-            return 1
+            # Tutel: 'model' shards each expert over all the ranks holding it; 'data' and 'auto'
+            # compute each expert whole.
+            return self.sharded_count if parallel_type == "model" else 1
         raise ValueError(f"moe_layer: unrecognized parallel_type '{parallel_type}': expected "
                          "'adaptive:R', 'data', 'model' or 'auto'")
 
@@ -570,9 +622,17 @@ class MOELayer(nn.Module):
         has_fc1_bias = experts.pop("has_fc1_bias", True)
         has_fc2_bias = experts.pop("has_fc2_bias", True)
         _reject_unknown("moe_layer experts 'ffn'", experts)
-        self.experts = FusedExpertsNetwork(self.model_dim, E, int(hidden), activation_fn,
+        hidden = int(hidden)
+        if hidden % self.sharded_count != 0:
+            raise ValueError(f"moe_layer: hidden_size_per_expert={hidden} must be a multiple of "
+                             f"the {self.sharded_count} ranks sharing each expert")
+        # This rank's experts only (all E in one process); with sharded experts, its slice of
+        # the hidden dimension. _hidden_size is the whole expert's, for the C++ layer.
+        self._hidden_size = hidden
+        self.experts = FusedExpertsNetwork(self.model_dim, self.num_local_experts,
+                                           hidden // self.sharded_count, activation_fn,
                                            activation_fn_with_self, bool(has_fc1_bias),
-                                           bool(has_fc2_bias))
+                                           bool(has_fc2_bias), sharded_count=self.sharded_count)
         self._custom_experts = False
 
     def _build_gate(self, g):
@@ -655,6 +715,11 @@ class MOELayer(nn.Module):
         gate = self.gates[gi]
         o = self.options
         device = _device_name(device)
+        if device != "cpu" and self._dist is not None:
+            raise NotImplementedError(
+                f"moe_layer: expert parallelism over {self.world_size} ranks runs on CPU ranks "
+                f"(gloo) only for now; the layer is on {device}. CUDA ranks need the NCCL "
+                "backend, which the binding does not build yet (issue 7, item 4)")
         if device != "cpu" and not _C.built_with_cuda:
             raise NotImplementedError(
                 f"moe_layer: the layer is on {device}, but this build of the switchyard binding "
@@ -666,13 +731,17 @@ class MOELayer(nn.Module):
             native_gate = None  # the core's cosine gate is CPU-only: its torch forward runs
         native_act = None if self._custom_experts else self.experts.native_activation
         python_experts = native_act is None
+        if python_experts and self.sharded_count > 1:
+            raise NotImplementedError(
+                "moe_layer: sharded experts (fewer experts than ranks) run the built-in 'ffn' "
+                "experts with a native activation only, not custom experts or a Python callable")
         if dtype not in _TORCH_TO_SY:
             raise TypeError(f"moe_layer: experts in {dtype} are not supported (expected float64, "
                             "float32, float16 or bfloat16)")
         aux = o["aux_loss"] or ("gshard" if self.is_gshard_loss else "load_importance")
         cfg = dict(
             model_dim=self.model_dim,
-            hidden_size=1 if python_experts else self.experts.hidden_size,
+            hidden_size=1 if python_experts else self._hidden_size,
             num_experts=self.num_global_experts, top_k=int(gate.top_k),
             dtype=_TORCH_TO_SY[dtype], device=device, seed=self._seed + gi, rules=o["rules"],
             gate=native_gate or "linear", fp32_gate=bool(getattr(gate, "fp32_gate", False)),
@@ -708,7 +777,7 @@ class MOELayer(nn.Module):
             py_experts = None
             if python_experts:
                 me = weakref.ref(self)
-                E = self.num_global_experts
+                E = self.num_local_experts  # this rank's experts' rows (all E in one process)
 
                 def run_experts(rows, me=me, E=E):
                     layer = me()
@@ -718,7 +787,7 @@ class MOELayer(nn.Module):
                     return y.reshape(rows.size(0), -1)
 
                 py_experts = _PyModule(run_experts, list(self.experts.parameters()))
-            eng = _Engine(cfg, py_gate, py_experts)
+            eng = _Engine(cfg, py_gate, py_experts, self._dist)
             self._engines[key] = eng
         return eng
 

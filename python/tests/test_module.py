@@ -458,10 +458,11 @@ def test_bad_arguments():
     assert layer(torch.randn(3, D)).shape == (3, D)  # still usable
 
 
-def test_expert_parallel_requests_are_refused(monkeypatch):
-    monkeypatch.setattr(moe, "_world_size", lambda group: 2)
-    with pytest.raises(NotImplementedError, match="expert parallelism"):
-        moe.moe_layer(gate_type={"type": "top"}, model_dim=D, experts=ffn())
+def test_sharded_experts_need_several_ranks():
+    # num_experts_per_device < 0 (ranks sharing an expert) needs a world size it divides.
+    with pytest.raises(ValueError, match="multiple of it"):
+        moe.moe_layer(gate_type={"type": "top"}, model_dim=D,
+                      experts=dict(ffn(), num_experts_per_device=-2))
 
 
 @pytest.mark.parametrize("device", DEVICES)

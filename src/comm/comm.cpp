@@ -552,4 +552,11 @@ std::shared_ptr<Communicator> make_mpi_communicator(MpiCommHandle comm,
   return std::make_shared<Communicator>(comm::make_mpi_backend(&comm, options), options);
 }
 
+std::shared_ptr<Communicator> comm::make_communicator(std::unique_ptr<CommBackend> backend,
+                                                      const CommOptions& options) {
+  check_options(options);
+  SY_CHECK(backend != nullptr, "make_communicator: the backend is null");
+  return std::make_shared<Communicator>(std::move(backend), options);
+}
+
 }  // namespace switchyard

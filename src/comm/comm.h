@@ -1,6 +1,7 @@
 // The communication stage's backend interface. A backend moves contiguous buffers; the public
 // Communicator (comm.cpp) validates tensors, makes them contiguous, resolves the algorithm and
-// orders started work. Backends: comm_mpi*.cpp (CPU, MPI), later comm_nccl.cpp.
+// orders started work. Backends: comm_mpi*.cpp (CPU, MPI), comm_nccl.cpp (CUDA), and the
+// PyTorch binding's torch.distributed backend (python/switchyard/csrc/binding.cpp).
 #pragma once
 
 #include <chrono>
@@ -59,5 +60,10 @@ class CommBackend {
 // comm == nullptr: MPI_COMM_WORLD, initialising MPI when needed.
 std::unique_ptr<CommBackend> make_mpi_backend(const MpiCommHandle* comm,
                                               const CommOptions& options);
+
+// A Communicator over a backend made outside the library (the PyTorch binding's backend over
+// torch.distributed), with the same option checks as the MPI and NCCL factories.
+std::shared_ptr<Communicator> make_communicator(std::unique_ptr<CommBackend> backend,
+                                                const CommOptions& options);
 
 }  // namespace switchyard::comm

@@ -30,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "comm/comm.h"  // comm::CommBackend, for the torch.distributed backend
 #include "switchyard/switchyard.h"
 
 namespace py = pybind11;
@@ -207,6 +208,95 @@ class PyExperts final : public sy::ExpertNetwork {
   py::object fwd_, bwd_;
 };
 
+// Expert parallelism on CPU ranks through torch.distributed (gloo): a CommBackend whose
+// collectives call a Python object (switchyard.moe._TorchDistOps) that runs them on the caller's
+// process group. Buffers cross as torch tensors over the same memory (no copy); byte tensors
+// where the backend only knows the element size. Collectives run on the caller's thread
+// (threads_ok false: the GIL and torch.distributed's ordering both want that), with the GIL taken
+// inside each call, since the layer releases it around forward and backward. No hierarchical
+// all-to-all: the algorithms 2dh and pipelined are MPI's own, so every exchange is flat.
+class TorchDistBackend final : public sy::comm::CommBackend {
+ public:
+  TorchDistBackend(py::object ops, int rank, int size)
+      : ops_(std::move(ops)), rank_(rank), size_(size) {}
+  ~TorchDistBackend() override {
+    py::gil_scoped_acquire gil;
+    ops_ = py::object();
+  }
+  const char* name() const override { return "torch.distributed"; }
+  sy::Device device() const override { return sy::Device::cpu(); }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  int local_size() const override { return size_; }
+  bool hierarchical_ok() const override { return false; }
+  bool threads_ok() const override { return false; }
+
+  void all_to_all(const void* send, void* recv, std::int64_t count_per_peer,
+                  std::size_t elem_size, sy::A2AAlgorithm) override {
+    const std::vector<std::int64_t> counts(size_, count_per_peer);
+    all_to_all_v(send, counts.data(), recv, counts.data(), elem_size, sy::A2AAlgorithm::kFlat);
+  }
+  void all_to_all_v(const void* send, const std::int64_t* send_counts, void* recv,
+                    const std::int64_t* recv_counts, std::size_t elem_size,
+                    sy::A2AAlgorithm) override {
+    const auto es = static_cast<std::int64_t>(elem_size);
+    std::vector<std::int64_t> ss(send_counts, send_counts + size_);
+    std::vector<std::int64_t> rs(recv_counts, recv_counts + size_);
+    for (auto& c : ss) c *= es;
+    for (auto& c : rs) c *= es;
+    call("all_to_all_v", [&] {
+      ops_.attr("all_to_all_v")(bytes(send, total(ss)), ss, bytes(recv, total(rs)), rs);
+    });
+  }
+  void all_gather_v(const void* send, std::int64_t send_count, void* recv,
+                    const std::int64_t* recv_counts, std::size_t elem_size) override {
+    const auto es = static_cast<std::int64_t>(elem_size);
+    std::vector<std::int64_t> rs(recv_counts, recv_counts + size_);
+    for (auto& c : rs) c *= es;
+    call("all_gather_v", [&] {
+      ops_.attr("all_gather_v")(bytes(send, send_count * es), bytes(recv, total(rs)), rs);
+    });
+  }
+  void all_reduce(void* data, std::int64_t count, sy::DType dtype, sy::ReduceOp op) override {
+    call("all_reduce", [&] {
+      const auto options = torch::TensorOptions().dtype(to_torch_dtype(dtype));
+      at::Tensor t = count == 0 ? torch::empty({0}, options) : at::from_blob(data, {count}, options);
+      ops_.attr("all_reduce")(t, op == sy::ReduceOp::kSum ? "sum" : "max");
+    });
+  }
+  void barrier() override {
+    call("barrier", [&] { ops_.attr("barrier")(); });
+  }
+
+ private:
+  static std::int64_t total(const std::vector<std::int64_t>& v) {
+    std::int64_t n = 0;
+    for (std::int64_t c : v) n += c;
+    return n;
+  }
+  // A uint8 torch tensor over n bytes at p (gloo's all_to_all_single takes uint8).
+  static at::Tensor bytes(const void* p, std::int64_t n) {
+    const auto options = torch::TensorOptions().dtype(at::kByte);
+    if (n == 0 || p == nullptr) return torch::empty({0}, options);
+    return at::from_blob(const_cast<void*>(p), {n}, options);
+  }
+  // Runs a Python collective with the GIL; a Python exception becomes a switchyard::Error (so it
+  // crosses the C++ layer without holding Python state) naming the collective.
+  template <class F>
+  void call(const char* what, F&& f) {
+    py::gil_scoped_acquire gil;
+    try {
+      f();
+    } catch (py::error_already_set& e) {
+      throw sy::Error(std::string("switchyard: torch.distributed ") + what + " failed on rank " +
+                      std::to_string(rank_) + ": " + e.what());
+    }
+  }
+
+  py::object ops_;
+  int rank_, size_;
+};
+
 template <class T>
 T take(py::dict& d, const char* key, T fallback) {
   if (!d.contains(key)) return fallback;
@@ -268,8 +358,10 @@ sy::MoEConfig config_from_dict(py::dict in) {
 
 class Layer {
  public:
+  // dist_ops: None for one process, else the Python collectives of the caller's process group
+  // (an object with rank and size attributes and the methods TorchDistBackend calls).
   Layer(py::dict cfg, py::object gate_fwd, py::object gate_bwd, py::object experts_fwd,
-        py::object experts_bwd) {
+        py::object experts_bwd, py::object dist_ops) {
     std::shared_ptr<sy::Gate> gate;
     std::shared_ptr<sy::ExpertNetwork> experts;
     if (!gate_fwd.is_none()) gate = std::make_shared<PyGate>(gate_fwd, gate_bwd);
@@ -277,7 +369,17 @@ class Layer {
     const sy::MoEConfig config = config_from_dict(cfg);
     device_ = config.device;
     TorchStreamScope scope(device_);  // the layer's buffers are allocated on torch's stream
-    layer_ = std::make_unique<sy::MoELayer>(config, gate, experts);
+    std::shared_ptr<sy::Communicator> comm;
+    if (!dist_ops.is_none()) {
+      if (!device_.is_cpu())
+        throw sy::Error("switchyard: expert parallelism over torch.distributed runs on CPU ranks "
+                        "(gloo) only; CUDA ranks need the NCCL backend, not in this binding yet");
+      const int rank = dist_ops.attr("rank").cast<int>();
+      const int size = dist_ops.attr("size").cast<int>();
+      comm = sy::comm::make_communicator(std::make_unique<TorchDistBackend>(dist_ops, rank, size),
+                                         sy::CommOptions{});
+    }
+    layer_ = std::make_unique<sy::MoELayer>(config, gate, experts, comm);
     params_ = layer_->parameters();
     // The layer's own initial values are never used (torch owns the parameters): free them.
     for (sy::Parameter* p : params_) {
@@ -306,13 +408,14 @@ class Layer {
   // the shape and dtype of param_shapes()/param_dtypes().
   py::tuple forward(const at::Tensor& x, const std::vector<at::Tensor>& params,
                     std::optional<double> capacity_factor, std::optional<int> top_k,
-                    bool training) {
+                    bool training, std::optional<int> adaptive_r) {
     TorchStreamScope scope(device_);
     point_values(params);
     sy::ForwardOptions opt;
     opt.capacity_factor = capacity_factor;
     opt.top_k = top_k;
     opt.training = training;
+    opt.adaptive_r = adaptive_r;  // layers with a communicator only (the C++ layer checks)
     const sy::Tensor xv = view_of(x, "forward: x");
     sy::ForwardResult r;
     {
@@ -362,6 +465,8 @@ class Layer {
     return torch_of(layer_->expert_bias());
   }
   std::string device() const { return sy::to_string(device_); }
+  int64_t num_local_experts() const { return layer_->num_local_experts(); }
+  int64_t first_local_expert() const { return layer_->first_local_expert(); }
 
  private:
   void point_values(const std::vector<at::Tensor>& params) {
@@ -408,20 +513,23 @@ PYBIND11_MODULE(_C, m) {
   });
 
   py::class_<Layer>(m, "Layer")
-      .def(py::init<py::dict, py::object, py::object, py::object, py::object>(), py::arg("config"),
-           py::arg("gate_forward") = py::none(), py::arg("gate_backward") = py::none(),
-           py::arg("experts_forward") = py::none(), py::arg("experts_backward") = py::none())
+      .def(py::init<py::dict, py::object, py::object, py::object, py::object, py::object>(),
+           py::arg("config"), py::arg("gate_forward") = py::none(),
+           py::arg("gate_backward") = py::none(), py::arg("experts_forward") = py::none(),
+           py::arg("experts_backward") = py::none(), py::arg("dist_ops") = py::none())
       .def("param_names", &Layer::param_names)
       .def("param_shapes", &Layer::param_shapes)
       .def("param_dtypes", &Layer::param_dtypes)
       .def("forward", &Layer::forward, py::arg("x"), py::arg("params"),
            py::arg("capacity_factor") = py::none(), py::arg("top_k") = py::none(),
-           py::arg("training") = true)
+           py::arg("training") = true, py::arg("adaptive_r") = py::none())
       .def("backward", &Layer::backward, py::arg("dy"), py::arg("params"), py::arg("aux") = 0.0,
            py::arg("z") = 0.0)
       .def("update_expert_bias", &Layer::update_expert_bias, py::arg("rate") = 1e-3)
       .def("expert_bias", &Layer::expert_bias)
-      .def("device", &Layer::device);
+      .def("device", &Layer::device)
+      .def("num_local_experts", &Layer::num_local_experts)
+      .def("first_local_expert", &Layer::first_local_expert);
 
   // For tests of the zero-copy crossing: the data pointer, sizes and strides switchyard sees for
   // a torch tensor, and a torch tensor made back from that view (sharing the memory).

@@ -1,12 +1,17 @@
 """Tutel's helloworld on switchyard: python -m switchyard.examples.helloworld [--flags]
 
-Same flags and the same per-step line as tutel/examples/helloworld.py; one process, CPU.
+Same flags and the same per-step line as tutel/examples/helloworld.py, on the CPU. Started as
+torchrun starts ranks (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment), it runs
+expert parallel over gloo as Tutel's does: each rank holds --num_local_experts experts, the
+gate's gradients are averaged over the ranks, and rank 0 prints.
 """
 
 import argparse
+import os
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from switchyard import moe as tutel_moe
@@ -46,6 +51,12 @@ def main(argv=None):
         p.error("this build of the switchyard binding runs on the CPU only: use --device cpu")
     torch.set_default_dtype(dtypes[args.dtype])
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")  # env:// from torchrun's variables
+    rank = dist.get_rank() if world > 1 else 0
+    log = print if rank == 0 else (lambda *a, **k: None)
+
     class ExampleModel(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -57,7 +68,7 @@ def main(argv=None):
                          "activation_fn": lambda x: F.relu(x)},
                 model_dim=args.model_dim,
                 scan_expert_func=lambda name, param: setattr(param, "skip_allreduce", True),
-                seeds=(1, 1, 1),
+                seeds=(1, rank + 1, 1),  # the gate alike on every rank, the experts not
                 a2a_ffn_overlap_degree=args.a2a_ffn_overlap_degree,
                 parallel_type=args.parallel_type,
                 use_2dh=args.use_2dh)
@@ -65,19 +76,22 @@ def main(argv=None):
                         self._moe_layer.get_parameter_iterator(param_type="local_experts"))
             shared = sum(p.numel() for _, p in
                          self._moe_layer.get_parameter_iterator(param_type="gate"))
-            print("[Statistics] param count for MoE local_experts = %s, param count for MoE "
+            log("[Statistics] param count for MoE local_experts = %s, param count for MoE "
                   "gate = %s.\n" % (local, shared))
 
         def forward(self, x):
             return F.log_softmax(torch.sum(self._moe_layer(x), dim=2), dim=1)
 
     model = ExampleModel()
-    print(model)
+    log(model)
+    # Tutel's placeholders give each rank its own checkpoint (its experts differ).
+    args.checkpoint_path = args.checkpoint_path.replace("{rank}", str(rank)).replace(
+        "{size}", str(world))
     if args.checkpoint_path:
         try:
             model.load_state_dict(torch.load(args.checkpoint_path))
         except FileNotFoundError:
-            print("Checkpoint not loaded: file `%s` is not found. Will train the model from "
+            log("Checkpoint not loaded: file `%s` is not found. Will train the model from "
                   "start." % args.checkpoint_path)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-5)
 
@@ -85,9 +99,9 @@ def main(argv=None):
     x = torch.randn([args.batch_size, args.num_tokens, args.model_dim],
                     dtype=torch.float32).to(torch.get_default_dtype())
     y = torch.LongTensor(args.batch_size).random_(1)
-    print("[Benchmark] world_size = 1, dtype = %s, model_dim = %s, hidden_size = %s, samples = %s, "
+    log("[Benchmark] world_size = %s, dtype = %s, model_dim = %s, hidden_size = %s, samples = %s, "
           "num_local_experts = %s, topK = %s, a2a_ffn_overlap_degree = %s, parallel_type = `%s`, "
-          "device = `cpu`" % (args.dtype, args.model_dim, args.hidden_size,
+          "device = `cpu`" % (world, args.dtype, args.model_dim, args.hidden_size,
                               args.batch_size * args.num_tokens, args.num_local_experts, args.top,
                               args.a2a_ffn_overlap_degree, args.parallel_type))
 
@@ -101,6 +115,13 @@ def main(argv=None):
             if args.l_aux_wt:
                 loss = loss + args.l_aux_wt * model._moe_layer.l_aux
             loss.backward()
+            if world > 1:
+                # Replicated parameters (the gate; experts carry skip_allreduce) see only this
+                # rank's tokens: average their gradients over the ranks, as Tutel's example does.
+                for param in model.parameters():
+                    if not hasattr(param, "skip_allreduce") and param.grad is not None:
+                        dist.all_reduce(param.grad)
+                        param.grad /= world
             optimizer.step()
         else:
             with torch.no_grad():
@@ -111,12 +132,12 @@ def main(argv=None):
         cap_coef = min(args.top, model._moe_layer.num_global_experts)
         tflops = (args.batch_size * args.num_tokens * args.model_dim * args.hidden_size) * 4 * \
             mm_coef * cap_coef * 1e-12 / (t_stop - t_start)
-        print("STEP-%s: loss = %.5f, step_time = %.6f sec, perf = %.2f tflops." %
+        log("STEP-%s: loss = %.5f, step_time = %.6f sec, perf = %.2f tflops." %
               (i, float(loss.data), t_stop - t_start, tflops), flush=True)
         if i + 10 >= args.num_steps:
             average_time += t_stop - t_start
     average_time /= min(10, args.num_steps) if args.num_steps else 1
-    print("\n[Summary] Average synchronized step_time = %s sec." % average_time)
+    log("\n[Summary] Average synchronized step_time = %s sec." % average_time)
     if args.checkpoint_path:
         torch.save(model.state_dict(), args.checkpoint_path)
 
