@@ -1,6 +1,7 @@
 // The communication stage's backend interface. A backend moves contiguous buffers; the public
 // Communicator (comm.cpp) validates tensors, makes them contiguous, resolves the algorithm and
-// orders started work. Backends: comm_mpi*.cpp (CPU, MPI), later comm_nccl.cpp.
+// orders started work. Backends: comm_mpi.cpp (CPU, MPI) and comm_nccl.cpp (CUDA, NCCL); both run
+// the 2DH and pipelined all-to-alls of comm_a2a_hierarchical.cpp.
 #pragma once
 
 #include <chrono>
