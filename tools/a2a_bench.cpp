@@ -5,7 +5,9 @@
 //   ms          median over --iters timed calls after --warmup; each call's time is the slowest
 //               rank's, each call starts after a barrier
 //   algbw_GBps  bytes / time;  busbw_GBps = algbw * (n - 1) / n
-// --backend nccl moves CUDA tensors through the NCCL communicator (one rank per GPU).
+// --backend nccl moves CUDA tensors through the NCCL communicator (one rank per GPU) and also
+// times, per size, the baseline "nccl_sendrecv": one ncclGroupStart, an ncclSend and an ncclRecv
+// per rank, ncclGroupEnd, on an ncclComm_t of its own (impl "nccl"; a2a_bench_nccl.cpp).
 // Every (algorithm, size) is checked element by element before it is timed.
 #include <fmt/core.h>
 
@@ -21,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "a2a_bench_nccl.h"
 #include "commands.h"
 #include "flag_checks.h"
 #include "run_info.h"
@@ -74,6 +77,21 @@ bool received_right(Communicator& comm, const Tensor& recv, index_t per_peer) {
   return comm.all_reduce(std::vector<std::int64_t>{bad}, ReduceOp::kSum)[0] == 0;
 }
 
+// The median over f.iters calls after f.warmup, each the slowest rank's time, each after a
+// barrier (collective: every rank gets the same value).
+template <typename Call>
+double time_calls(Communicator& comm, const A2ABenchFlags& f, const Call& call) {
+  std::vector<double> ms;
+  for (int i = 0; i < f.warmup + f.iters; ++i) {
+    comm.barrier();
+    const auto start = Clock::now();
+    call();
+    const double t = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+    if (i >= f.warmup) ms.push_back(t);
+  }
+  return median(comm.all_reduce(ms, ReduceOp::kMax));  // a call takes its slowest rank's time
+}
+
 int run_a2a_bench(const A2ABenchFlags& f) {
   if (f.min_bytes > f.max_bytes) {
     throw UsageError(
@@ -113,6 +131,37 @@ int run_a2a_bench(const A2ABenchFlags& f) {
   const std::string device = device_description(comm->device());
   const std::string date = iso_date_utc();
   const std::string commit = root ? git_commit() : "";
+  // The plain NCCL baseline, only where the communicator under test is NCCL's.
+  const std::unique_ptr<NcclSendRecv> baseline =
+      std::string(comm->backend_name()) == "nccl" ? make_nccl_sendrecv(*comm) : nullptr;
+
+  // One JSON line (rank 0) for `algorithm` (as named and as run) moving sent_bytes in t ms.
+  const auto report = [&](const char* impl, const std::string& algorithm,
+                          const std::string& resolved, std::int64_t sent_bytes, double t) {
+    if (!root) return;
+    const double algbw = static_cast<double>(sent_bytes) / (t * 1e-3) / 1e9;
+    nlohmann::ordered_json j;
+    j["impl"] = impl;
+    j["backend"] = comm->backend_name();
+    j["algorithm"] = algorithm;
+    j["resolved"] = resolved;
+    j["bytes"] = sent_bytes;
+    j["ms"] = t;
+    j["algbw_GBps"] = algbw;
+    j["busbw_GBps"] = algbw * (n - 1) / n;
+    j["world_size"] = n;
+    j["local_size"] = comm->local_size();
+    j["pipeline_chunks"] = f.pipeline_chunks;
+    j["iters"] = f.iters;
+    j["warmup"] = f.warmup;
+    j["device"] = device;
+    j["date"] = date;
+    j["commit"] = commit;
+    const std::string line = j.dump();
+    fmt::print("{}\n", line);
+    std::fflush(stdout);
+    if (out.is_open()) out << line << '\n' << std::flush;
+  };
 
   // Sizes: powers of two from min to max bytes; each rank sends bytes / n to every rank, in
   // 4-byte elements (sizes below 4n bytes are skipped).
@@ -132,39 +181,18 @@ int run_a2a_bench(const A2ABenchFlags& f) {
                         "not timed",
                         to_string(a), sent_bytes));
       }
-      std::vector<double> ms;
-      for (int i = 0; i < f.warmup + f.iters; ++i) {
-        comm->barrier();
-        const auto start = Clock::now();
-        comm->all_to_all(send, recv, a);
-        const double t = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
-        if (i >= f.warmup) ms.push_back(t);
+      const double t = time_calls(*comm, f, [&] { comm->all_to_all(send, recv, a); });
+      report("switchyard", to_string(a), to_string(comm->resolve(a)), sent_bytes, t);
+    }
+    if (baseline) {
+      recv.fill(-1);
+      baseline->all_to_all(send, recv);
+      if (!received_right(*comm, recv, per_peer)) {
+        throw std::runtime_error(fmt::format(
+            "the nccl_sendrecv baseline of {} bytes delivered wrong data; not timed", sent_bytes));
       }
-      ms = comm->all_reduce(ms, ReduceOp::kMax);  // each call took as long as its slowest rank
-      if (!root) continue;
-      const double t = median(ms);
-      const double algbw = static_cast<double>(sent_bytes) / (t * 1e-3) / 1e9;
-      nlohmann::ordered_json j;
-      j["impl"] = "switchyard";
-      j["backend"] = comm->backend_name();
-      j["algorithm"] = to_string(a);
-      j["resolved"] = to_string(comm->resolve(a));
-      j["bytes"] = sent_bytes;
-      j["ms"] = t;
-      j["algbw_GBps"] = algbw;
-      j["busbw_GBps"] = algbw * (n - 1) / n;
-      j["world_size"] = n;
-      j["local_size"] = comm->local_size();
-      j["pipeline_chunks"] = f.pipeline_chunks;
-      j["iters"] = f.iters;
-      j["warmup"] = f.warmup;
-      j["device"] = device;
-      j["date"] = date;
-      j["commit"] = commit;
-      const std::string line = j.dump();
-      fmt::print("{}\n", line);
-      std::fflush(stdout);
-      if (out.is_open()) out << line << '\n' << std::flush;
+      const double t = time_calls(*comm, f, [&] { baseline->all_to_all(send, recv); });
+      report("nccl", "nccl_sendrecv", "nccl_sendrecv", sent_bytes, t);
     }
   }
   return 0;
@@ -183,6 +211,8 @@ Command add_a2a_bench_command(CLI::App& app) {
   sub->footer(
       "bytes: what each rank sends in total; ms: median of --iters calls (the slowest rank's\n"
       "time of each); algbw_GBps = bytes / time, busbw_GBps = algbw * (n-1)/n (nccl-tests).\n"
+      "With --backend nccl each size also gets the baseline algorithm \"nccl_sendrecv\" (impl\n"
+      "\"nccl\"): one NCCL group of an ncclSend and an ncclRecv per rank.\n"
       "Ranks per node come from LOCAL_SIZE, else from the machine; e.g.\n"
       "  LOCAL_SIZE=2 mpirun -np 4 switchyard a2a-bench --max_bytes 16777216");
   sub->add_option("--algorithm", f.algorithms, "flat|2dh|pipelined|auto (one or more)");

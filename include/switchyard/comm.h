@@ -30,7 +30,7 @@
 namespace switchyard {
 
 // How all_to_all(_v) moves the data. Every algorithm gives bitwise identical results.
-//  kFlat:      one all-to-all over all ranks (MPI_Alltoall(v)).
+//  kFlat:      one all-to-all over all ranks (MPI_Alltoall(v); grouped ncclSend/ncclRecv).
 //  k2DH:       hierarchical, as in Tutel: an exchange among the ranks of a node, a local
 //              re-layout, then an exchange among the ranks with the same local index on the
 //              other nodes; far fewer, larger inter-node messages.
@@ -191,8 +191,10 @@ std::shared_ptr<Communicator> make_mpi_communicator(MpiCommHandle comm,
 // stream's later work after it; the call returns when the data is in place. Small host arrays
 // (exchange_counts, the vector all_reduce overloads) are staged through the GPU. start_* calls
 // run to completion on the calling thread before they return (GPU overlap comes from queueing
-// compute on another stream first). Only kFlat is available over NCCL for now: kAuto resolves
-// to it, k2DH and kPipelined throw (the hierarchical layer is MPI's own, comm_mpi_a2a.cpp).
+// compute on another stream first). Every A2AAlgorithm runs over NCCL, under the same rules as
+// over MPI: 2DH and pipelined are one implementation over both backends (grouped
+// ncclSend/ncclRecv within and across nodes, device copies for the re-layouts). Tested at one
+// GPU and, through the shared code, on CPU ranks over MPI; not yet on several GPUs.
 //
 // Time limit: the communicator is non-blocking (ncclCommInitRankConfig, blocking = 0) and every
 // collective is polled (its completion event and ncclCommGetAsyncError); one not complete after

@@ -1,7 +1,8 @@
 // The communication stage's backend interface. A backend moves contiguous buffers; the public
 // Communicator (comm.cpp) validates tensors, makes them contiguous, resolves the algorithm and
-// orders started work. Backends: comm_mpi*.cpp (CPU, MPI), comm_nccl.cpp (CUDA), and the
-// PyTorch binding's torch.distributed backend (python/switchyard/csrc/binding.cpp).
+// orders started work. Backends: comm_mpi.cpp (CPU, MPI) and comm_nccl.cpp (CUDA, NCCL), which
+// both run the 2DH and pipelined all-to-alls of comm_a2a_hierarchical.cpp, and the PyTorch
+// binding's torch.distributed backend (python/switchyard/csrc/binding.cpp, flat only).
 #pragma once
 
 #include <chrono>

@@ -1,14 +1,18 @@
 // The MPI backend: set-up (MPI_Init_thread when needed, communicators per node and across nodes),
 // flat all-to-all(v), all-gather-v, all-reduce and barrier. Every collective is non-blocking
-// (MPI_I*) and polled against the time limit. The hierarchical all-to-alls: comm_mpi_a2a.cpp.
+// (MPI_I*) and polled against the time limit. The hierarchical all-to-alls are the shared ones
+// (comm_a2a_hierarchical.cpp) over MpiBackend::Subgroups: MPI_Ialltoallv on the node and
+// cross-node communicators, memcpy for the re-layouts.
 #include "comm/comm_mpi.h"
-
 
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <vector>
+
+#include "comm/comm_a2a_hierarchical.h"
 
 namespace switchyard::comm {
 
@@ -192,6 +196,71 @@ void MpiBackend::abort_timed_out(const char* what, double seconds) {
   std::_Exit(1);  // MPI_Abort does not return; in case it does
 }
 
+// ---- the hierarchical all-to-alls' steps ---------------------------------------------------
+
+class MpiBackend::Subgroups final : public SubgroupExchanger {
+ public:
+  // `start`: the start of the collective, which the time limit counts from.
+  Subgroups(MpiBackend& backend, Clock::time_point start) : backend_(backend), start_(start) {}
+
+  int start_exchange(Group group, const char* send, const std::int64_t* send_counts,
+                     const std::int64_t* send_displs, char* recv, const std::int64_t* recv_counts,
+                     const std::int64_t* recv_displs, std::size_t elem_size,
+                     const char* what) override {
+    const bool node = group == Group::kNode;
+    const int members = node ? backend_.local_size_ : backend_.size_ / backend_.local_size_;
+    Pending& p = pending_.emplace_back();  // a deque: MPI keeps the arrays' addresses
+    to_mpi(send_counts, send_displs, members, p.send_counts, p.send_displs, what);
+    to_mpi(recv_counts, recv_displs, members, p.recv_counts, p.recv_displs, what);
+    const MPI_Datatype unit = unit_type(elem_size);
+    SY_MPI_CHECK(MPI_Ialltoallv(distinct_send(send, recv), p.send_counts.data(),
+                                p.send_displs.data(), unit, recv, p.recv_counts.data(),
+                                p.recv_displs.data(), unit, node ? backend_.intra_ : backend_.inter_,
+                                &p.request));
+    return static_cast<int>(pending_.size()) - 1;
+  }
+
+  void wait(int ticket, const char* what) override {
+    backend_.wait(&pending_[ticket].request, 1, what, start_);
+  }
+
+  void copy(char* dst, const char* src, std::int64_t bytes) override {
+    std::memcpy(dst, src, static_cast<std::size_t>(bytes));
+  }
+
+  char* scratch(int slot, std::int64_t bytes) override {
+    std::vector<char>& buffer = backend_.stage_[slot];
+    if (static_cast<std::int64_t>(buffer.size()) < bytes) {
+      buffer.clear();
+      buffer.shrink_to_fit();  // free the old one first: the stages can be large
+      buffer.resize(static_cast<std::size_t>(bytes));
+    }
+    return buffer.data();
+  }
+
+ private:
+  struct Pending {
+    std::vector<int> send_counts, send_displs, recv_counts, recv_displs;
+    MPI_Request request = MPI_REQUEST_NULL;
+  };
+
+  // Element counts and displacements as MPI counts; throws where one exceeds int.
+  static void to_mpi(const std::int64_t* counts, const std::int64_t* displs, int members,
+                     std::vector<int>& c, std::vector<int>& d, const char* what) {
+    c.resize(members);
+    d.resize(members);
+    for (int i = 0; i < members; ++i) {
+      c[i] = mpi_count(counts[i], what);
+      d[i] = mpi_count(displs[i], what);
+    }
+    if (members > 0) mpi_count(displs[members - 1] + counts[members - 1], what);
+  }
+
+  MpiBackend& backend_;
+  Clock::time_point start_;
+  std::deque<Pending> pending_;
+};
+
 // ---- collectives ----------------------------------------------------------------------------
 
 void MpiBackend::all_to_all(const void* send, void* recv, std::int64_t count_per_peer,
@@ -202,10 +271,11 @@ void MpiBackend::all_to_all(const void* send, void* recv, std::int64_t count_per
                                                 count_per_peer);
     const std::vector<std::int64_t> recv_counts(size_, count_per_peer);
     const bool pipelined = algorithm == A2AAlgorithm::kPipelined;
-    all_to_all_hierarchical(static_cast<const char*>(send), node_counts.data(),
+    Subgroups subgroups(*this, start);
+    hierarchical_all_to_all(subgroups, rank_, size_, local_size_, pipelined ? pipeline_chunks_ : 1,
+                            static_cast<const char*>(send), node_counts.data(),
                             static_cast<char*>(recv), recv_counts.data(), elem_size,
-                            pipelined ? pipeline_chunks_ : 1,
-                            pipelined ? "all_to_all (pipelined)" : "all_to_all (2dh)", start);
+                            pipelined ? "all_to_all (pipelined)" : "all_to_all (2dh)");
     return;
   }
   const char* what = "all_to_all (flat)";
@@ -230,9 +300,10 @@ void MpiBackend::all_to_all_v(const void* send, const std::int64_t* send_counts,
     SY_MPI_CHECK(MPI_Iallgather(send_counts, size_, MPI_INT64_T, node_counts.data(), size_,
                                 MPI_INT64_T, intra_, &request));
     wait(&request, 1, what, start);
-    all_to_all_hierarchical(static_cast<const char*>(send), node_counts.data(),
-                            static_cast<char*>(recv), recv_counts, elem_size,
-                            pipelined ? pipeline_chunks_ : 1, what, start);
+    Subgroups subgroups(*this, start);
+    hierarchical_all_to_all(subgroups, rank_, size_, local_size_, pipelined ? pipeline_chunks_ : 1,
+                            static_cast<const char*>(send), node_counts.data(),
+                            static_cast<char*>(recv), recv_counts, elem_size, what);
     return;
   }
   const char* what = "all_to_all_v (flat)";

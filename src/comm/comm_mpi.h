@@ -1,4 +1,4 @@
-// The MPI backend (CPU buffers). Internal to comm_mpi*.cpp: the only files that include mpi.h.
+// The MPI backend (CPU buffers). Internal to comm_mpi.cpp: the only file that includes mpi.h.
 #pragma once
 
 #include <mpi.h>
@@ -64,11 +64,9 @@ class MpiBackend final : public CommBackend {
   void wait(MPI_Request* requests, int count, const char* what, Clock::time_point start);
   [[noreturn]] void abort_timed_out(const char* what, double seconds);
 
-  // 2DH and pipelined (comm_mpi_a2a.cpp): counts[l_s * n + dst] = elements that the rank with
-  // local index l_s on this node sends to rank dst; recv_counts[src] = elements from src.
-  void all_to_all_hierarchical(const char* send, const std::int64_t* node_send_counts, char* recv,
-                               const std::int64_t* recv_counts, std::size_t elem_size, int chunks,
-                               const char* what, Clock::time_point start);
+  // The steps of the shared 2DH and pipelined all-to-alls (comm_a2a_hierarchical.h): exchanges
+  // over intra_ and inter_, memcpy and host scratch. Defined in comm_mpi.cpp.
+  class Subgroups;
 
   MPI_Comm comm_ = MPI_COMM_NULL;   // a duplicate of the caller's communicator
   MPI_Comm intra_ = MPI_COMM_NULL;  // the ranks of this node (hierarchical algorithms only)
@@ -79,7 +77,7 @@ class MpiBackend final : public CommBackend {
   int pipeline_chunks_ = 1;
   bool threads_ok_ = false;
   // Scratch of the hierarchical algorithms, grown as needed (one collective runs at a time).
-  std::vector<char> stage_send_, stage_recv_, stage_relayout_, stage_out_;
+  std::vector<char> stage_[4];
 };
 
 // The MPI datatype that moves elements of `elem_size` bytes (bits unchanged).

@@ -1,7 +1,10 @@
 // The NCCL backend (CUDA buffers of one GPU): set-up from an ncclUniqueId (made here, or by rank 0
-// and broadcast over MPI) or over a caller's ncclComm_t; all_to_all(_v) and variable
+// and broadcast over MPI) or over a caller's ncclComm_t; the flat all_to_all(_v) and variable
 // all_gather_v as grouped ncclSend/ncclRecv, equal all_gather_v as ncclAllGather, all_reduce and
-// barrier as ncclAllReduce. The only file that includes nccl.h.
+// barrier as ncclAllReduce. The 2DH and pipelined all-to-alls are the shared ones
+// (comm_a2a_hierarchical.cpp) over NcclBackend::Subgroups: grouped ncclSend/ncclRecv among the
+// node's or the cross-node ranks, cudaMemcpyAsync for the re-layouts, all on the backend's stream.
+// The only file that includes nccl.h.
 //
 // Streams: the collectives run on the backend's own stream, joined to the caller's current stream
 // by events both ways (so they are ordered as if they ran on it). NCCL is not handed
@@ -28,6 +31,7 @@
 #include <thread>
 #include <vector>
 
+#include "comm/comm_a2a_hierarchical.h"
 #include "core/cuda_check.cuh"
 #include "core/device_cuda.h"
 #include "switchyard/device.h"
@@ -121,7 +125,7 @@ class NcclBackend final : public CommBackend {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   int local_size() const override { return local_size_; }
-  bool hierarchical_ok() const override { return false; }
+  bool hierarchical_ok() const override { return hierarchical_ok_; }
   bool threads_ok() const override { return false; }
 
   void all_to_all(const void* send, void* recv, std::int64_t count_per_peer, std::size_t elem_size,
@@ -161,12 +165,22 @@ class NcclBackend final : public CommBackend {
 
   void set_local_size(const CommOptions& options);
 
+  // The steps of the shared 2DH and pipelined all-to-alls (defined below the collectives).
+  class Subgroups;
+  // Runs them inside run(): host buffers staged as the flat all-to-all stages them.
+  void run_hierarchical(const void* send, std::size_t send_bytes, void* recv,
+                        std::size_t recv_bytes, const std::int64_t* node_send_counts,
+                        const std::int64_t* recv_counts, std::size_t elem_size,
+                        A2AAlgorithm algorithm, const char* what);
+
   ncclComm_t comm_ = nullptr;
   bool owned_ = false;
   int device_ = 0;
   int rank_ = 0;
   int size_ = 1;
   int local_size_ = 1;
+  bool hierarchical_ok_ = false;  // size_ a multiple of local_size_, each node's ranks consecutive
+  int pipeline_chunks_ = 1;
   cudaStream_t stream_ = nullptr;
   cudaEvent_t ready_ = nullptr;            // the caller's stream reached the collective
   cudaEvent_t done_ = nullptr;             // the collective completed on stream_
@@ -175,11 +189,18 @@ class NcclBackend final : public CommBackend {
   void* pinned_[2] = {nullptr, nullptr};   // their pinned host copies
   std::size_t scratch_bytes_[2] = {0, 0};
   std::vector<Staged> to_host_;  // copied from pinned_ to the caller when run() completes
+  void* stage_[4] = {};          // device scratch of the hierarchical all-to-alls (stream-ordered)
+  std::size_t stage_bytes_[4] = {};
 };
 
 NcclBackend::NcclBackend(ncclComm_t comm, const ncclUniqueId* id, int rank, int size, int device,
                          const CommOptions& options)
-    : comm_(comm), owned_(comm == nullptr), device_(device), rank_(rank), size_(size) {
+    : comm_(comm),
+      owned_(comm == nullptr),
+      device_(device),
+      rank_(rank),
+      size_(size),
+      pipeline_chunks_(options.pipeline_chunks) {
   const int gpus = cuda::device_count();
   SY_CHECK(gpus > 0, "make_nccl_communicator: no usable GPU on rank ", rank,
            " (the NCCL backend needs CUDA tensors; use make_mpi_communicator on CPU)");
@@ -232,6 +253,9 @@ NcclBackend::~NcclBackend() {
     }
   }
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+  for (void* stage : stage_) {
+    if (stage != nullptr) cudaFree(stage);
+  }
   for (int slot = 0; slot < 2; ++slot) {
     if (scratch_[slot] != nullptr) cudaFree(scratch_[slot]);
     if (pinned_[slot] != nullptr) cudaFreeHost(pinned_[slot]);
@@ -242,9 +266,12 @@ NcclBackend::~NcclBackend() {
 }
 
 // Ranks per node: the option, else LOCAL_SIZE, else the ranks on this machine (host names
-// gathered over the communicator). Checked equal on every rank, as the MPI backend does.
+// gathered over the communicator). Checked equal on every rank, as the MPI backend does. Nodes
+// are consecutive blocks of local_size ranks for the hierarchical algorithms: assumed when given,
+// checked against the host names when found from them (the same answer on every rank).
 void NcclBackend::set_local_size(const CommOptions& options) {
   int local = options.local_size > 0 ? options.local_size : env_local_size();
+  bool consecutive = true;
   if (local == 0) {
     const std::uint64_t mine = host_hash();
     std::vector<std::uint64_t> all(size_);
@@ -252,6 +279,7 @@ void NcclBackend::set_local_size(const CommOptions& options) {
     all_gather_v(&mine, 1, all.data(), ones.data(), sizeof mine);
     local = 0;
     for (std::uint64_t h : all) local += h == mine ? 1 : 0;
+    for (int p = 0; p < size_; ++p) consecutive = consecutive && all[p] == all[p - p % local];
   }
   std::vector<std::int64_t> range = {-local, local};
   all_reduce(range.data(), 2, DType::kI64, ReduceOp::kMax);
@@ -261,6 +289,7 @@ void NcclBackend::set_local_size(const CommOptions& options) {
            options.local_size > 0 ? "CommOptions::local_size" : "LOCAL_SIZE",
            ") exceed the number of ranks (", size_, ")");
   local_size_ = local;
+  hierarchical_ok_ = consecutive && size_ % local == 0;
 }
 
 // ---- errors and waiting ---------------------------------------------------------------------
@@ -397,23 +426,23 @@ void NcclBackend::exchange(const char* send, const std::int64_t* send_bytes,
   SY_NCCL(ncclGroupEnd());
 }
 
-namespace {
-
-void check_flat(A2AAlgorithm algorithm, const char* op) {
-  SY_CHECK(algorithm == A2AAlgorithm::kFlat, op, ": the NCCL backend runs the flat all-to-all ",
-           "only, not ", to_string(algorithm));
-}
-
-}  // namespace
-
 void NcclBackend::all_to_all(const void* send, void* recv, std::int64_t count_per_peer,
                              std::size_t elem_size, A2AAlgorithm algorithm) {
-  check_flat(algorithm, "all_to_all");
-  const char* what = "all_to_all (flat)";
   const std::int64_t piece = count_per_peer * static_cast<std::int64_t>(elem_size);
+  const std::size_t total = static_cast<std::size_t>(piece) * size_;
+  if (algorithm != A2AAlgorithm::kFlat) {
+    const std::vector<std::int64_t> node_counts(static_cast<std::size_t>(local_size_) * size_,
+                                                count_per_peer);
+    const std::vector<std::int64_t> recv_counts(size_, count_per_peer);
+    run_hierarchical(send, total, recv, total, node_counts.data(), recv_counts.data(), elem_size,
+                     algorithm,
+                     algorithm == A2AAlgorithm::kPipelined ? "all_to_all (pipelined)"
+                                                           : "all_to_all (2dh)");
+    return;
+  }
+  const char* what = "all_to_all (flat)";
   std::vector<std::int64_t> bytes(size_, piece), displ(size_);
   for (int p = 0; p < size_; ++p) displ[p] = piece * p;
-  const std::size_t total = static_cast<std::size_t>(piece) * size_;
   run(what, [&](Clock::time_point start) {
     const Staged s = stage(send, total, 0, true);
     const Staged r = stage(recv, total, 1, false);
@@ -426,8 +455,6 @@ void NcclBackend::all_to_all(const void* send, void* recv, std::int64_t count_pe
 void NcclBackend::all_to_all_v(const void* send, const std::int64_t* send_counts, void* recv,
                                const std::int64_t* recv_counts, std::size_t elem_size,
                                A2AAlgorithm algorithm) {
-  check_flat(algorithm, "all_to_all_v");
-  const char* what = "all_to_all_v (flat)";
   const auto es = static_cast<std::int64_t>(elem_size);
   std::vector<std::int64_t> sb(size_), sd(size_), rb(size_), rd(size_);
   std::int64_t s_total = 0, r_total = 0;
@@ -439,6 +466,22 @@ void NcclBackend::all_to_all_v(const void* send, const std::int64_t* send_counts
     s_total += sb[p];
     r_total += rb[p];
   }
+  if (algorithm != A2AAlgorithm::kFlat) {
+    // Every rank of the node needs the node's send counts to lay out the two stages: gathered
+    // from every rank (one ncclAllGather of n counts each), this node's rows kept.
+    std::vector<std::int64_t> all_counts(static_cast<std::size_t>(size_) * size_);
+    const std::vector<std::int64_t> per_rank(size_, size_);
+    all_gather_v(send_counts, size_, all_counts.data(), per_rank.data(), sizeof(std::int64_t));
+    const std::int64_t* node_counts =
+        all_counts.data() + static_cast<std::size_t>(rank_ / local_size_) * local_size_ * size_;
+    run_hierarchical(send, static_cast<std::size_t>(s_total), recv,
+                     static_cast<std::size_t>(r_total), node_counts, recv_counts, elem_size,
+                     algorithm,
+                     algorithm == A2AAlgorithm::kPipelined ? "all_to_all_v (pipelined)"
+                                                           : "all_to_all_v (2dh)");
+    return;
+  }
+  const char* what = "all_to_all_v (flat)";
   run(what, [&](Clock::time_point start) {
     const Staged s = stage(send, static_cast<std::size_t>(s_total), 0, true);
     const Staged r = stage(recv, static_cast<std::size_t>(r_total), 1, false);
@@ -495,6 +538,127 @@ void NcclBackend::barrier() {
     const std::int32_t one = 1;
     const Staged d = stage(&one, sizeof one, 0, true);
     SY_NCCL(ncclAllReduce(d.device, d.device, 1, ncclInt32, ncclSum, comm_, stream_));
+  });
+}
+
+// ---- the hierarchical all-to-alls' steps ---------------------------------------------------
+
+// Exchanges are queued when started and enqueued, all queued ones in one NCCL group, at the first
+// wait() for one of them: the shared algorithm starts chunk k+1's intra-node exchange before it
+// waits for chunk k's, so the pipelined form puts chunk k's inter-node exchange and the next
+// chunks' intra-node ones in the same group, where NCCL runs them at the same time. Copies are
+// enqueued on the stream at once; SubgroupExchanger's contract makes that reordering safe.
+class NcclBackend::Subgroups final : public SubgroupExchanger {
+ public:
+  Subgroups(NcclBackend& backend, Clock::time_point start) : b_(backend), start_(start) {}
+
+  int start_exchange(Group group, const char* send, const std::int64_t* send_counts,
+                     const std::int64_t* send_displs, char* recv, const std::int64_t* recv_counts,
+                     const std::int64_t* recv_displs, std::size_t elem_size,
+                     const char* what) override {
+    const int L = b_.local_size_, node = b_.rank_ / L, local = b_.rank_ % L;
+    const bool intra = group == Group::kNode;
+    Queued q;
+    q.what = what;
+    q.me = intra ? local : node;
+    const int members = intra ? L : b_.size_ / L;
+    const auto es = static_cast<std::int64_t>(elem_size);
+    for (int i = 0; i < members; ++i) {
+      q.peers.push_back(intra ? node * L + i : i * L + local);
+      q.send.push_back(send + send_displs[i] * es);
+      q.send_bytes.push_back(send_counts[i] * es);
+      q.recv.push_back(recv + recv_displs[i] * es);
+      q.recv_bytes.push_back(recv_counts[i] * es);
+    }
+    SY_CHECK(q.send_bytes[q.me] == q.recv_bytes[q.me], what, ": rank ", b_.rank_,
+             " sends itself ", q.send_bytes[q.me], " bytes but expects ", q.recv_bytes[q.me]);
+    queued_.push_back(std::move(q));
+    return static_cast<int>(queued_.size()) - 1;
+  }
+
+  void wait(int ticket, const char*) override {
+    if (ticket >= enqueued_) enqueue_queued();
+  }
+
+  void copy(char* dst, const char* src, std::int64_t bytes) override {
+    SY_CUDA_CHECK(cudaMemcpyAsync(dst, src, static_cast<std::size_t>(bytes),
+                                  cudaMemcpyDeviceToDevice, b_.stream_));
+  }
+
+  char* scratch(int slot, std::int64_t bytes) override {
+    const auto size = static_cast<std::size_t>(bytes);
+    if (b_.stage_bytes_[slot] < size) {
+      // Stream-ordered: the old buffer is freed after the work already on the stream, with no
+      // host wait (which the time limit would not cover).
+      if (b_.stage_[slot] != nullptr) SY_CUDA_CHECK(cudaFreeAsync(b_.stage_[slot], b_.stream_));
+      b_.stage_[slot] = nullptr;
+      b_.stage_bytes_[slot] = 0;
+      SY_CUDA_CHECK(cudaMallocAsync(&b_.stage_[slot], size, b_.stream_));
+      b_.stage_bytes_[slot] = size;
+    }
+    return static_cast<char*>(b_.stage_[slot]);
+  }
+
+ private:
+  struct Queued {
+    std::string what;
+    int me = 0;              // this rank's index in the group
+    std::vector<int> peers;  // the members' ranks in the communicator
+    std::vector<const char*> send;
+    std::vector<char*> recv;
+    std::vector<std::int64_t> send_bytes, recv_bytes;
+  };
+
+  // Own pieces as device copies, then every other piece of every queued exchange in one group.
+  // Each pair of ranks queues its exchanges in the same order, which is how NCCL matches several
+  // sends to one peer within a group.
+  void enqueue_queued() {
+    const char* what = queued_[enqueued_].what.c_str();
+    for (std::size_t e = enqueued_; e < queued_.size(); ++e) {
+      const Queued& q = queued_[e];
+      if (q.send_bytes[q.me] > 0) copy(q.recv[q.me], q.send[q.me], q.send_bytes[q.me]);
+    }
+    b_.check(ncclGroupStart(), "ncclGroupStart()", what, start_);
+    for (std::size_t e = enqueued_; e < queued_.size(); ++e) {
+      const Queued& q = queued_[e];
+      const int m = static_cast<int>(q.peers.size());
+      for (int i = 1; i < m; ++i) {  // a ring order from this rank, as exchange() uses
+        const int to = (q.me + i) % m, from = (q.me - i + m) % m;
+        if (q.send_bytes[to] > 0) {
+          b_.check(ncclSend(q.send[to], static_cast<std::size_t>(q.send_bytes[to]), ncclInt8,
+                            q.peers[to], b_.comm_, b_.stream_),
+                   "ncclSend", q.what.c_str(), start_);
+        }
+        if (q.recv_bytes[from] > 0) {
+          b_.check(ncclRecv(q.recv[from], static_cast<std::size_t>(q.recv_bytes[from]), ncclInt8,
+                            q.peers[from], b_.comm_, b_.stream_),
+                   "ncclRecv", q.what.c_str(), start_);
+        }
+      }
+    }
+    b_.check(ncclGroupEnd(), "ncclGroupEnd()", what, start_);
+    enqueued_ = static_cast<int>(queued_.size());
+  }
+
+  NcclBackend& b_;
+  Clock::time_point start_;
+  std::vector<Queued> queued_;
+  int enqueued_ = 0;  // queued_[0, enqueued_) are on the stream
+};
+
+void NcclBackend::run_hierarchical(const void* send, std::size_t send_bytes, void* recv,
+                                   std::size_t recv_bytes, const std::int64_t* node_send_counts,
+                                   const std::int64_t* recv_counts, std::size_t elem_size,
+                                   A2AAlgorithm algorithm, const char* what) {
+  const int chunks = algorithm == A2AAlgorithm::kPipelined ? pipeline_chunks_ : 1;
+  run(what, [&](Clock::time_point start) {
+    const Staged s = stage(send, send_bytes, 0, true);
+    const Staged r = stage(recv, recv_bytes, 1, false);
+    Subgroups subgroups(*this, start);
+    hierarchical_all_to_all(subgroups, rank_, size_, local_size_, chunks,
+                            static_cast<const char*>(s.device), node_send_counts,
+                            static_cast<char*>(r.device), recv_counts, elem_size, what);
+    copy_back(r);
   });
 }
 

@@ -1,6 +1,6 @@
-// Hierarchical all-to-all over MPI: 2DH (Tutel's two-dimensional hierarchical all-to-all) and
-// its pipelined form (PlanMoE's Pipe-A2A idea). Ranks form N nodes of L consecutive ranks; rank
-// r = g * L + l has node g and local index l.
+// Hierarchical all-to-all: 2DH (Tutel's two-dimensional hierarchical all-to-all) and its
+// pipelined form (PlanMoE's Pipe-A2A idea), over any backend's SubgroupExchanger. Ranks form N
+// nodes of L consecutive ranks; rank r = g * L + l has node g and local index l.
 //
 //   1. pack:     my piece for rank (g', l') goes to block [l'][g'] (grouped by local peer)
 //   2. intra:    all-to-all among the L ranks of my node; from local peer l_s I get the pieces
@@ -13,60 +13,50 @@
 // [c*k/K, c*(k+1)/K)); the four steps run per chunk, and chunk k+1's intra-node exchange is in
 // flight while chunk k's inter-node exchange is. K = 1 is 2DH. Only bytes move, so every
 // algorithm gives the flat all-to-all's result bit for bit.
+#include "comm/comm_a2a_hierarchical.h"
+
 #include <algorithm>
-#include <cstring>
 #include <string>
 #include <vector>
 
-#include "comm/comm_mpi.h"
-
 namespace switchyard::comm {
 namespace {
+
+using Group = SubgroupExchanger::Group;
 
 std::int64_t chunk_begin(std::int64_t c, int k, int chunks) { return c * k / chunks; }
 std::int64_t chunk_size(std::int64_t c, int k, int chunks) {
   return c * (k + 1) / chunks - c * k / chunks;
 }
 
-char* grow(std::vector<char>& buffer, std::int64_t bytes) {
-  if (static_cast<std::int64_t>(buffer.size()) < bytes) {
-    buffer.clear();
-    buffer.shrink_to_fit();
-    buffer.resize(bytes);
-  }
-  return buffer.data();
-}
-
 // One exchange (intra or inter) of one chunk: counts and displacements in elements, relative to
 // the chunk's region of the stage buffers, which start at send_offset / recv_offset.
 struct Exchange {
-  std::vector<int> send_counts, send_displs, recv_counts, recv_displs;
+  std::vector<std::int64_t> send_counts, send_displs, recv_counts, recv_displs;
   std::int64_t send_offset = 0, recv_offset = 0;
   std::int64_t send_total = 0, recv_total = 0;
-  MPI_Request request = MPI_REQUEST_NULL;
+  int ticket = -1;
 };
 
-void set_counts(std::vector<int>& counts, std::vector<int>& displs, std::int64_t& total,
-                const std::vector<std::int64_t>& values, const char* what) {
-  counts.resize(values.size());
+void set_counts(std::vector<std::int64_t>& counts, std::vector<std::int64_t>& displs,
+                std::int64_t& total, const std::vector<std::int64_t>& values) {
+  counts = values;
   displs.resize(values.size());
   total = 0;
   for (std::size_t i = 0; i < values.size(); ++i) {
-    counts[i] = mpi_count(values[i], what);
-    displs[i] = mpi_count(total, what);
+    displs[i] = total;
     total += values[i];
   }
-  mpi_count(total, what);
 }
 
 }  // namespace
 
-void MpiBackend::all_to_all_hierarchical(const char* send, const std::int64_t* node_send_counts,
-                                         char* recv, const std::int64_t* recv_counts,
-                                         std::size_t elem_size, int chunks, const char* what,
-                                         Clock::time_point start) {
-  const int n = size_, L = local_size_, N = n / L;
-  const int l = rank_ % L;
+void hierarchical_all_to_all(SubgroupExchanger& x, int rank, int size, int local_size, int chunks,
+                             const char* send, const std::int64_t* node_send_counts, char* recv,
+                             const std::int64_t* recv_counts, std::size_t elem_size,
+                             const char* what) {
+  const int n = size, L = local_size, N = n / L;
+  const int l = rank % L;
   const int K = chunks;
   const std::int64_t es = static_cast<std::int64_t>(elem_size);
   // S(l_s, dst): elements the rank (g, l_s) of this node sends to dst.
@@ -81,6 +71,7 @@ void MpiBackend::all_to_all_hierarchical(const char* send, const std::int64_t* n
 
   // Counts of both exchanges for every chunk, and where each chunk's region starts.
   std::vector<Exchange> intra(K), inter(K);
+  char *a_send_buf = nullptr, *a_recv_buf = nullptr, *b_send_buf = nullptr, *b_recv_buf = recv;
   {
     std::int64_t a_send = 0, a_recv = 0, b_recv = 0;
     std::vector<std::int64_t> to(std::max(L, N)), from(std::max(L, N));
@@ -94,8 +85,8 @@ void MpiBackend::all_to_all_hierarchical(const char* send, const std::int64_t* n
         }
       }
       Exchange& a = intra[k];
-      set_counts(a.send_counts, a.send_displs, a.send_total, to, what);
-      set_counts(a.recv_counts, a.recv_displs, a.recv_total, from, what);
+      set_counts(a.send_counts, a.send_displs, a.send_total, to);
+      set_counts(a.recv_counts, a.recv_displs, a.recv_total, from);
       a.send_offset = a_send;
       a.recv_offset = a_recv;
       a_send += a.send_total;
@@ -110,23 +101,18 @@ void MpiBackend::all_to_all_hierarchical(const char* send, const std::int64_t* n
         }
       }
       Exchange& b = inter[k];
-      set_counts(b.send_counts, b.send_displs, b.send_total, to, what);
-      set_counts(b.recv_counts, b.recv_displs, b.recv_total, from, what);
+      set_counts(b.send_counts, b.send_displs, b.send_total, to);
+      set_counts(b.recv_counts, b.recv_displs, b.recv_total, from);
       b.send_offset = a.recv_offset;  // the relayout buffer mirrors the intra receive buffer
       b.recv_offset = b_recv;
       b_recv += b.recv_total;
     }
-    grow(stage_send_, a_send * es);
-    grow(stage_recv_, a_recv * es);
-    grow(stage_relayout_, a_recv * es);
-    if (K > 1) grow(stage_out_, b_recv * es);
+    a_send_buf = x.scratch(0, a_send * es);
+    a_recv_buf = x.scratch(1, a_recv * es);
+    b_send_buf = x.scratch(2, a_recv * es);
+    // With one chunk the inter-node exchange delivers in source order straight into recv.
+    if (K > 1) b_recv_buf = x.scratch(3, b_recv * es);
   }
-  char* a_send_buf = stage_send_.data();
-  char* a_recv_buf = stage_recv_.data();
-  char* b_send_buf = stage_relayout_.data();
-  // With one chunk the inter-node exchange delivers in source order straight into recv.
-  char* b_recv_buf = K > 1 ? stage_out_.data() : recv;
-  const MPI_Datatype unit = unit_type(elem_size);
 
   // 1. pack chunk k: blocks [l'][g'] of my pieces' chunk k.
   const auto pack = [&](int k) {
@@ -135,7 +121,7 @@ void MpiBackend::all_to_all_hierarchical(const char* send, const std::int64_t* n
       for (int gp = 0; gp < N; ++gp) {
         const int dst = gp * L + lp;
         const std::int64_t c = my_counts[dst], m = chunk_size(c, k, K);
-        if (m > 0) std::memcpy(out, send + (send_displ[dst] + chunk_begin(c, k, K)) * es, m * es);
+        if (m > 0) x.copy(out, send + (send_displ[dst] + chunk_begin(c, k, K)) * es, m * es);
         out += m * es;
       }
     }
@@ -155,7 +141,7 @@ void MpiBackend::all_to_all_hierarchical(const char* send, const std::int64_t* n
     for (int gp = 0; gp < N; ++gp) {
       for (int ls = 0; ls < L; ++ls) {
         const std::int64_t m = chunk_size(S(ls, gp * L + l), k, K);
-        if (m > 0) std::memcpy(out, in + block_offset[std::size_t(ls) * N + gp] * es, m * es);
+        if (m > 0) x.copy(out, in + block_offset[std::size_t(ls) * N + gp] * es, m * es);
         out += m * es;
       }
     }
@@ -165,35 +151,36 @@ void MpiBackend::all_to_all_hierarchical(const char* send, const std::int64_t* n
     const char* in = b_recv_buf + inter[k].recv_offset * es;
     for (int src = 0; src < n; ++src) {
       const std::int64_t c = recv_counts[src], m = chunk_size(c, k, K);
-      if (m > 0) std::memcpy(recv + (recv_displ[src] + chunk_begin(c, k, K)) * es, in, m * es);
+      if (m > 0) x.copy(recv + (recv_displ[src] + chunk_begin(c, k, K)) * es, in, m * es);
       in += m * es;
     }
   };
-  const auto start_exchange = [&](Exchange& x, const char* in, char* out, MPI_Comm comm) {
-    SY_MPI_CHECK(MPI_Ialltoallv(distinct_send(in + x.send_offset * es, out + x.recv_offset * es),
-                                x.send_counts.data(), x.send_displs.data(),
-                                unit, out + x.recv_offset * es, x.recv_counts.data(),
-                                x.recv_displs.data(), unit, comm, &x.request));
-  };
-
   const std::string intra_what = std::string(what) + ", intra-node exchange";
   const std::string inter_what = std::string(what) + ", inter-node exchange";
+  const auto start_exchange = [&](Exchange& e, Group group, const char* in, char* out) {
+    const std::string& step = group == Group::kNode ? intra_what : inter_what;
+    e.ticket = x.start_exchange(group, in + e.send_offset * es, e.send_counts.data(),
+                                e.send_displs.data(), out + e.recv_offset * es,
+                                e.recv_counts.data(), e.recv_displs.data(), elem_size,
+                                step.c_str());
+  };
+
   pack(0);
-  start_exchange(intra[0], a_send_buf, a_recv_buf, intra_);
+  start_exchange(intra[0], Group::kNode, a_send_buf, a_recv_buf);
   for (int k = 0; k < K; ++k) {
     if (k + 1 < K) {  // the next chunk's intra-node exchange overlaps this chunk's inter-node one
       pack(k + 1);
-      start_exchange(intra[k + 1], a_send_buf, a_recv_buf, intra_);
+      start_exchange(intra[k + 1], Group::kNode, a_send_buf, a_recv_buf);
     }
-    wait(&intra[k].request, 1, intra_what.c_str(), start);
+    x.wait(intra[k].ticket, intra_what.c_str());
     relayout(k);
-    start_exchange(inter[k], b_send_buf, b_recv_buf, inter_);
+    start_exchange(inter[k], Group::kAcrossNodes, b_send_buf, b_recv_buf);
     if (k > 0) {
-      wait(&inter[k - 1].request, 1, inter_what.c_str(), start);
+      x.wait(inter[k - 1].ticket, inter_what.c_str());
       unpack(k - 1);
     }
   }
-  wait(&inter[K - 1].request, 1, inter_what.c_str(), start);
+  x.wait(inter[K - 1].ticket, inter_what.c_str());
   if (K > 1) unpack(K - 1);
 }
 
