@@ -210,7 +210,10 @@ __global__ void rows_to_experts(const index_t* __restrict__ off, index_t E, inde
     index_t lo = 0, hi = E - 1;  // the last e with off[e] <= r
     while (lo < hi) {
       const index_t mid = (lo + hi + 1) / 2;
-      if (off[mid] <= r) lo = mid; else hi = mid - 1;
+      if (off[mid] <= r)
+        lo = mid;
+      else
+        hi = mid - 1;
     }
     row_expert[r] = lo;
   }
@@ -238,8 +241,7 @@ bool ffn_cuda_grouped(const FfnShape& s, index_t rows) {
 
 Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Parameter& fc2_w,
                         const Parameter& fc1_b, const Parameter& fc2_b, const Tensor& rows,
-                        const Tensor& offsets, std::vector<index_t> off,
-                        FfnExperts::Saved& saved) {
+                        const Tensor& offsets, std::vector<index_t> off, FfnExperts::Saved& saved) {
   const Device dev = rows.device();
   DeviceScope scope(dev.index);
   const cudaStream_t stream = as_cuda_stream(current_stream(dev).handle);
@@ -263,7 +265,7 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
   const Tensor row_expert = Tensor::empty({R}, DType::kI64, dev);
   if (R > 0) {
     rows_to_experts<<<grid(R), 256, 0, stream>>>(off_dev.data<index_t>(), E, R,
-                                                  row_expert.data<index_t>());
+                                                 row_expert.data<index_t>());
     SY_CUDA_CHECK_LAUNCH();
   }
   dispatch_float_cuda(s.dtype, "ffn_forward_cuda", [&](auto tag) {
@@ -305,8 +307,8 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
     }
     if (b2 && !grouped && R > 0) {
       with_pack_width<T>(d, {yp, b2}, [&](auto v) {
-        add_bias<T, v()><<<row_blocks(R), 256, 0, stream>>>(yp, b2, row_expert.data<index_t>(), R,
-                                                            d);
+        add_bias<T, v()>
+            <<<row_blocks(R), 256, 0, stream>>>(yp, b2, row_expert.data<index_t>(), R, d);
       });
       SY_CUDA_CHECK_LAUNCH();
     }

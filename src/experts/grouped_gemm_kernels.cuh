@@ -46,11 +46,11 @@ struct Params {
   const T* a;
   const T* b;
   T* c;
-  const index_t* offsets;  // [E+1], device, non-decreasing
-  int num_groups;          // E
-  index_t rows;            // rows of the packed operands (offsets are clamped to [0, rows])
-  int m, n, k;             // kRows*: n, k fixed; kOuter: m, n fixed
-  float beta;              // kOuter only: C = beta C + ...
+  const index_t* offsets;   // [E+1], device, non-decreasing
+  int num_groups;           // E
+  index_t rows;             // rows of the packed operands (offsets are clamped to [0, rows])
+  int m, n, k;              // kRows*: n, k fixed; kOuter: m, n fixed
+  float beta;               // kOuter only: C = beta C + ...
   const T* bias = nullptr;  // kRows* only: [E, N], added to group e's rows before rounding
   int relu = 0;             // kRows* only: then max(0, .)
 };
@@ -439,9 +439,9 @@ inline void check_alignment(const void* a, const void* b, const void* c, const c
 // The default tile shape.
 using DefaultConfig = TileConfig<128, 128, 64, 3, 2, 4, 2>;
 
-// Which kernel run_varying_m / run_varying_k use: kAuto takes the sm_90a wgmma kernel where it is available
-// (compute capability 9.0, sm_90a build, the groups' tile prefix fits in shared memory), else
-// mma.sync; the others force one (kSm90 falls back to mma.sync where unavailable).
+// Which kernel run_varying_m / run_varying_k use: kAuto takes the sm_90a wgmma kernel where it is
+// available (compute capability 9.0, sm_90a build, the groups' tile prefix fits in shared memory),
+// else mma.sync; the others force one (kSm90 falls back to mma.sync where unavailable).
 enum class Kernel { kAuto, kMma, kSm90 };
 
 }  // namespace switchyard::grouped_gemm_detail
@@ -494,35 +494,26 @@ void run_varying_m(const T* a, const T* b, bool trans_b, T* c, const index_t* of
                                       bias, relu);
       }))
     return;
-  if (trans_b) {
-    Params<T, Form::kRowsBt> p{a,
-                               b,
-                               c,
-                               offsets,
-                               static_cast<int>(num_groups),
-                               rows,
-                               0,
-                               static_cast<int>(n),
-                               static_cast<int>(k),
-                               0.0f,
-                               bias,
-                               relu};
-    launch<T, Cfg, Form::kRowsBt>(p, stream);
-  } else {
-    Params<T, Form::kRowsB> p{a,
-                              b,
-                              c,
-                              offsets,
-                              static_cast<int>(num_groups),
-                              rows,
-                              0,
-                              static_cast<int>(n),
-                              static_cast<int>(k),
-                              0.0f,
-                              bias,
-                              relu};
-    launch<T, Cfg, Form::kRowsB>(p, stream);
-  }
+  auto run = [&](auto form) {
+    constexpr Form F = decltype(form)::value;
+    Params<T, F> p{a,
+                   b,
+                   c,
+                   offsets,
+                   static_cast<int>(num_groups),
+                   rows,
+                   0,
+                   static_cast<int>(n),
+                   static_cast<int>(k),
+                   0.0f,
+                   bias,
+                   relu};
+    launch<T, Cfg, F>(p, stream);
+  };
+  if (trans_b)
+    run(std::integral_constant<Form, Form::kRowsBt>{});
+  else
+    run(std::integral_constant<Form, Form::kRowsB>{});
 }
 
 template <class T, class Cfg = DefaultConfig, class Sm90Cfg = void>

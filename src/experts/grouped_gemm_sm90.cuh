@@ -79,8 +79,8 @@ struct Sm90Params {
   const index_t* offsets;
   int num_groups;
   index_t rows;
-  int m, n, k;  // varying M: n, k; varying K (Form::kOuter): m, n
-  float beta;   // varying K: C = beta C + ..., beta 0 or 1
+  int m, n, k;                 // varying M: n, k; varying K (Form::kOuter): m, n
+  float beta;                  // varying K: C = beta C + ..., beta 0 or 1
   const void* bias = nullptr;  // varying M: [E, N] of T, added to group e's rows
   int relu = 0;                // varying M: then max(0, .)
 };
@@ -331,8 +331,8 @@ __global__ void __launch_bounds__(384, 1)
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   {
-    Params<T, F> pp{nullptr, nullptr, nullptr, p.offsets, p.num_groups, p.rows,
-                    p.m,     p.n,     p.k,     p.beta};
+    Params<T, F> pp{nullptr, nullptr, nullptr, p.offsets, p.num_groups,
+                    p.rows,  p.m,     p.n,     p.k,       p.beta};
     tile_prefix<Sm90PrefixCfg<Cfg>>(pp, tile_start);  // ends with __syncthreads
   }
   const int total = tile_start[p.num_groups];
@@ -376,9 +376,11 @@ __global__ void __launch_bounds__(384, 1)
             // Aᵀ and B k-tiles: rows [lo + kt BK, + BK) of [R, M] and [R, N], 64-column boxes.
             const int r = static_cast<int>(ta.lo) + kt * BK;
 #pragma unroll
-            for (int j = 0; j < BM / 64; ++j) tma_load_2d(sa + j * kBox, &tma_a, fb, ta.m0 + j * 64, r);
+            for (int j = 0; j < BM / 64; ++j)
+              tma_load_2d(sa + j * kBox, &tma_a, fb, ta.m0 + j * 64, r);
 #pragma unroll
-            for (int j = 0; j < BN / 64; ++j) tma_load_2d(sb + j * kBox, &tma_b, fb, ta.n0 + j * 64, r);
+            for (int j = 0; j < BN / 64; ++j)
+              tma_load_2d(sb + j * kBox, &tma_b, fb, ta.n0 + j * 64, r);
           } else {
             tma_load_2d(sa, &tma_a, fb, kt * BK, static_cast<int>(ta.lo) + ta.m0);
             if constexpr (kTransB) {
@@ -413,8 +415,8 @@ __global__ void __launch_bounds__(384, 1)
         const int col = ta.n0 + wtid * 8;
         uint4 v = make_uint4(0, 0, 0, 0);
         if (col < p.n)
-          v = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.bias) +
-                                              offset_of(e, p.n) + col);
+          v = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.bias) + offset_of(e, p.n) +
+                                              col);
         *reinterpret_cast<uint4*>(bias_s + wtid * 16) = v;
       }
 #pragma unroll
@@ -558,11 +560,11 @@ __global__ void __launch_bounds__(384, 1)
                 y += old.y;
               }
               if constexpr (!kOuter)
-                epilogue_bias_relu<T>(x, y,
-                                      p.bias ? static_cast<const T*>(p.bias) + offset_of(e, p.n) +
-                                                   ta.n0 + col
-                                             : nullptr,
-                                      p.relu);
+                epilogue_bias_relu<T>(
+                    x, y,
+                    p.bias ? static_cast<const T*>(p.bias) + offset_of(e, p.n) + ta.n0 + col
+                           : nullptr,
+                    p.relu);
               *dst = pack2<T>(x, y);
             }
           }
@@ -738,8 +740,7 @@ void launch_sm90_outer(const T* a, const T* b, T* c, const index_t* offsets, ind
                      static_cast<int>(n),
                      0,
                      static_cast<float>(beta)};
-  const index_t bound =
-      num_groups * ((m + Cfg::BM - 1) / Cfg::BM) * ((n + Cfg::BN - 1) / Cfg::BN);
+  const index_t bound = num_groups * ((m + Cfg::BM - 1) / Cfg::BM) * ((n + Cfg::BN - 1) / Cfg::BN);
   launch_sm90_kernel<T, Cfg, Form::kOuter>(rows_map(a, m), rows_map(b, n), p, bound, stream);
 }
 
