@@ -36,12 +36,13 @@ FfnShape ffn_shape(const MoEConfig& cfg, index_t num_experts, index_t hidden,
                   cfg.has_fc2_bias, cfg.dtype,     cfg.device, first_expert};
 }
 
-// The capacity a packed dropless plan reports: the largest count, aligned as the CPU router does.
-index_t packed_dropless_capacity(const MoEConfig& cfg, index_t most) {
+// The capacity a packed dropless plan reports: the largest count, aligned as the CPU router does
+// (the call's alignment, RouteArgs::alignment).
+index_t packed_dropless_capacity(const MoEConfig& cfg, int alignment, index_t most) {
   SlotRules rules;
   rules.rules = cfg.rules;
   rules.capacity_factor = 0;
-  rules.alignment = cfg.overlap_degree;
+  rules.alignment = alignment;
   return compute_capacity(rules, 1, cfg.num_experts, 1, most);
 }
 
@@ -291,7 +292,7 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
         most = std::max(most, c);
       }
       s.dropped_choices = T * k - kept;
-      if (s.capacity < 0) s.capacity = packed_dropless_capacity(cfg, most);
+      if (s.capacity < 0) s.capacity = packed_dropless_capacity(cfg, args.alignment, most);
     }
   }
   if (opt.training) {
