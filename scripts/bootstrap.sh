@@ -10,7 +10,7 @@ packages=(
   libopenblas-dev                        # CPU GEMMs
   libcli11-dev nlohmann-json3-dev libfmt-dev  # the switchyard command-line tool
   libopenmpi-dev openmpi-bin             # the MPI communicator and its mpirun tests
-  python3-torch python3-pytest python3-numpy pybind11-dev python3-dev  # the PyTorch binding
+  python3-torch libtorch-dev python3-pytest python3-numpy pybind11-dev python3-dev  # the PyTorch binding
 )
 # shellcheck disable=SC2206  # word splitting is intended
 packages+=(${SY_EXTRA_PACKAGES:-})

@@ -88,7 +88,7 @@ Tensor forward_impl(const FfnShape& s, const Parameter& fc1_w, const Parameter& 
       for (index_t j = 0; j < d; ++j)
         op[offset_of(r, d) + j] =
             store<T>(yp[offset_of(r, d) + j] + (b2p ? b2p[offset_of(e, d) + j] : W(0)));
-  saved = FfnExperts::Saved{x, hpre, act, std::move(off)};
+  saved = FfnExperts::Saved{x, hpre, act, std::move(off), Tensor(), false};
   return out;
 }
 

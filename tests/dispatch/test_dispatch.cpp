@@ -89,8 +89,9 @@ TEST_P(DispatchCpu, BackwardIsTheExactAdjoint) {
   // Padding rows get zero gradient.
   const std::vector<double> rc = plan.row_choice.to_vector(), dov = dout.to_vector();
   for (index_t r = 0; r < plan.num_rows; ++r)
-    if (rc[r] < 0)
+    if (rc[r] < 0) {
       for (index_t l = 0; l < d; ++l) EXPECT_EQ(dov[r * d + l], 0.0);
+    }
 }
 
 TEST_P(DispatchCpu, WeightGradientMatchesFiniteDifferences) {
@@ -130,7 +131,9 @@ TEST_P(DispatchCpu, WeightGradientMatchesFiniteDifferences) {
     pm.weight = Tensor::from_vector(wm, {T, k}, DType::kF64);
     const double fd = (f(pp) - f(pm)) / 2e-6;
     EXPECT_NEAR(g[i], fd, 1e-7) << "choice " << i;
-    if (row[i] < 0) EXPECT_EQ(g[i], 0.0) << "a dropped choice gets no weight gradient";
+    if (row[i] < 0) {
+      EXPECT_EQ(g[i], 0.0) << "a dropped choice gets no weight gradient";
+    }
   }
 }
 

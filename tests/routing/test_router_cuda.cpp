@@ -91,7 +91,9 @@ void expect_same_plan(const RoutingPlan& cpu, const RoutingPlan& gpu, double tol
   EXPECT_EQ(gpu.offsets.to_vector(), cpu.offsets.to_vector());
   EXPECT_EQ(gpu.expert_count.to_vector(), cpu.expert_count.to_vector());
   EXPECT_EQ(gpu.num_rows, cpu.num_rows);
-  if (gpu.capacity >= 0) EXPECT_EQ(gpu.capacity, cpu.capacity);
+  if (gpu.capacity >= 0) {
+    EXPECT_EQ(gpu.capacity, cpu.capacity);
+  }
 }
 
 TEST(RouterCuda, MatchesTheCpuRouterForwardAndBackward) {
