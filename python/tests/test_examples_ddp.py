@@ -1,6 +1,7 @@
-"""helloworld_ddp: two CPU processes (gloo) train the MoE model under DistributedDataParallel.
-The ranks' parameters must stay identical, and equal to one process applying the average of the
-two ranks' gradients."""
+"""helloworld_ddp: two CPU processes (gloo) train the expert-parallel MoE model under
+DistributedDataParallel. The gate must stay identical on the ranks, and every parameter equal to
+one process holding all the experts: the gate stepped on the mean of the ranks' gradients (DDP),
+each expert on the sum (its gradient holds every rank's tokens; DDP ignores it)."""
 
 import os
 import re
@@ -28,37 +29,68 @@ def free_port():
         return s.getsockname()[1]
 
 
-def reference_params(world):
-    """The parameters after STEPS SGD steps of one process on the mean of the ranks' gradients."""
+def quiet(*_):
+    pass
+
+
+def is_expert(name):
+    return "._moe_layer.experts." in "." + name
+
+
+def reference_model(world):
+    """One process holding every rank's experts, as the ranks start: the gate seeded 1 like
+    theirs, the experts of rank r (seeded r + 1) at rows [r * n, (r + 1) * n)."""
     args = helloworld_ddp.parse_args(SMALL)
-    model = helloworld_ddp.ExampleModel(args, log=lambda *a: None)
+    n = args.num_local_experts
+    model = helloworld_ddp.ExampleModel(
+        helloworld_ddp.parse_args(SMALL + ["--num_local_experts", str(n * world)]), log=quiet)
+    ranks = [dict(helloworld_ddp.ExampleModel(args, rank=r, log=quiet).named_parameters())
+             for r in range(world)]
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_expert(name):
+                p.copy_(torch.cat([r[name] for r in ranks]))
+    return model
+
+
+def reference_params(world):
+    """The parameters after STEPS SGD steps of the one-process model on the ranks' batches."""
+    args = helloworld_ddp.parse_args(SMALL)
+    model = reference_model(world)
     batches = [helloworld_ddp.make_batch(args, r) for r in range(world)]
-    params = list(model.parameters())
+    names, params = zip(*model.named_parameters())
     for _ in range(STEPS):
         total = [torch.zeros_like(p) for p in params]
-        for x, y in batches:
+        for x, y in batches:  # each rank's tokens routed on their own, as on the ranks
             loss = F.nll_loss(model(x), y) + args.l_aux_wt * model._moe_layer.l_aux
             for t, g in zip(total, torch.autograd.grad(loss, params)):
                 t += g
         with torch.no_grad():
-            for p, t in zip(params, total):
-                p -= LR * (t / world)
+            for name, p, t in zip(names, params, total):
+                p -= LR * (t if is_expert(name) else t / world)
     return model.state_dict()
 
 
 def check_ranks(prefix, world):
     saved = [torch.load(f"{prefix}.rank{r}.pt") for r in range(world)]
     reference = reference_params(world)
+    initial = reference_model(world).state_dict()
     assert set(saved[0]) == set(reference)
-    initial = helloworld_ddp.ExampleModel(helloworld_ddp.parse_args(SMALL),
-                                          log=lambda *a: None).state_dict()
-    for name, value in saved[0].items():
-        for other in saved[1:]:
-            assert torch.equal(value, other[name]), f"{name} differs between the ranks"
-        torch.testing.assert_close(value, reference[name], atol=1e-5, rtol=1e-4,
-                                   msg=lambda m: f"{name}: {m}")
-    moved = [n for n in initial if not torch.equal(initial[n], saved[0][n])]
+    for r, state in enumerate(saved):
+        for name, value in state.items():
+            want = reference[name]
+            if is_expert(name):
+                n = value.size(0)
+                want = want[r * n:(r + 1) * n]
+            else:
+                assert torch.equal(value, saved[0][name]), f"{name} differs between the ranks"
+            torch.testing.assert_close(value, want, atol=1e-5, rtol=1e-4,
+                                       msg=lambda m: f"rank {r} {name}: {m}")
+    moved = [n for n in initial if not torch.equal(initial[n], reference[n])]
     assert "_moe_layer.gates.0.wg.weight" in moved and "_moe_layer.experts.batched_fc1_w" in moved
+    # The ranks' experts are their own: rank 1's are not rank 0's.
+    assert not torch.equal(saved[0]["_moe_layer.experts.batched_fc1_w"],
+                           saved[1]["_moe_layer.experts.batched_fc1_w"])
 
 
 def test_helloworld_ddp_two_spawned_processes_keep_identical_replicas(tmp_path):

@@ -1,5 +1,5 @@
-"""Tutel's helloworld_ddp on switchyard: the MoE model trained data-parallel under torch
-DistributedDataParallel, CPU processes talking through gloo.
+"""Tutel's helloworld_ddp on switchyard: the MoE model trained under torch
+DistributedDataParallel, expert parallel, CPU processes talking through gloo.
 
     python -m switchyard.examples.helloworld_ddp [--num_processes 2] [--flags]
     torchrun --nproc_per_node 2 -m switchyard.examples.helloworld_ddp [--flags]
@@ -8,13 +8,13 @@ Run directly, the example starts --num_processes ranks itself (torch.multiproces
 on 127.0.0.1 at a free port, gloo over the loopback interface unless GLOO_SOCKET_IFNAME is set);
 under torchrun it joins the process group that torchrun describes in the environment.
 
-Data parallel only: every rank holds all the experts (the same initial parameters everywhere,
-which DDP also broadcasts from rank 0), trains on its own batch, and DDP averages the gradients
-of every parameter, experts included, so the replicas stay identical. Tutel's helloworld_ddp
-instead keeps its experts rank-local (expert parallelism) and hides them from DDP; the switchyard
-binding does not do expert parallelism yet, so each MoE layer here is given a process group of
-its own rank alone. Rank 0 prints Tutel's per-step line `STEP-N: loss = L, step_time = S sec,
-perf = P tflops.` (its own batch's loss; the flops of one rank).
+As in Tutel's example, the MoE layer is expert parallel over the world: each rank holds
+--num_local_experts experts of its own (seeded rank + 1) and a replica of the gate (seeded 1).
+The experts are marked `skip_allreduce` by scan_expert_func and listed in the model's
+`_ddp_params_and_buffers_to_ignore`, so DDP averages only the gate's gradients; each expert's
+gradient already holds every rank's tokens (the all-to-all's backward brings them). Rank 0
+prints Tutel's per-step line `STEP-N: loss = L, step_time = S sec, perf = P tflops.` (its own
+batch's loss; the flops of one rank).
 """
 
 import argparse
@@ -65,8 +65,13 @@ def parse_args(argv=None):
 
 
 class ExampleModel(torch.nn.Module):
-    def __init__(self, args, moe_group=None, log=print):
+    """Tutel's model: one MoE layer, its output summed over features, log-softmax over tokens.
+    `rank` seeds the experts; `group` (default: the world, once torch.distributed is
+    initialised) is the layer's expert-parallel group."""
+
+    def __init__(self, args, rank=0, group=None, log=print):
         super().__init__()
+        self._ddp_params_and_buffers_to_ignore = []
         self._moe_layer = tutel_moe.moe_layer(
             gate_type={"type": "top", "k": args.top, "fp32_gate": args.fp32_gate,
                        "capacity_factor": args.capacity_factor},
@@ -74,9 +79,9 @@ class ExampleModel(torch.nn.Module):
                      "hidden_size_per_expert": args.hidden_size,
                      "activation_fn": lambda x: F.relu(x)},
             model_dim=args.model_dim,
-            # The same seeds on every rank: the experts are replicas, not shards.
-            seeds=(1, 1, 1),
-            group=moe_group)
+            scan_expert_func=lambda name, param: setattr(param, "skip_allreduce", True),
+            seeds=(1, rank + 1, 1),  # the gate alike on every rank, the experts not
+            group=group)
         local = sum(p.numel() for _, p in
                     self._moe_layer.get_parameter_iterator(param_type="local_experts"))
         shared = sum(p.numel() for _, p in
@@ -86,6 +91,9 @@ class ExampleModel(torch.nn.Module):
 
     def forward(self, x):
         return F.log_softmax(torch.sum(self._moe_layer(x), dim=2), dim=1)
+
+    def add_param_to_skip_allreduce(self, param_name):
+        self._ddp_params_and_buffers_to_ignore.append(param_name)
 
 
 def make_batch(args, rank):
@@ -97,13 +105,6 @@ def make_batch(args, rank):
     return x, y
 
 
-def own_rank_group():
-    """A process group of this rank alone (every rank takes part in creating each group)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    groups = [dist.new_group([r]) for r in range(world)]
-    return groups[rank]
-
-
 def train(args):
     """One rank's work, inside an initialised default process group."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -113,7 +114,10 @@ def train(args):
             print(*what, flush=True)
 
     torch.set_default_dtype(_DTYPES[args.dtype])
-    model = ExampleModel(args, moe_group=own_rank_group(), log=log)
+    model = ExampleModel(args, rank=rank, log=log)
+    for name, param in model.named_parameters():
+        if hasattr(param, "skip_allreduce"):
+            model.add_param_to_skip_allreduce(name)
     model = torch.nn.parallel.DistributedDataParallel(model)  # CPU: no device_ids
     log(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
@@ -131,7 +135,7 @@ def train(args):
         loss = F.nll_loss(model(x), y)
         if args.l_aux_wt:
             loss = loss + args.l_aux_wt * moe_layer.l_aux
-        loss.backward()  # DDP averages the gradients over the ranks here
+        loss.backward()  # DDP averages the gate's gradients over the ranks here
         optimizer.step()
         t_stop = time.perf_counter()
         # Tutel's count: 2 expert GEMMs of 2*T*d*h flops per routed token, x3 for fwd+bwd.
