@@ -3,12 +3,18 @@
 //
 // The reference is a one-process layer with the same configuration and seed that routes each
 // rank's token block separately (capacity and slots are per rank, ROUTING.md §3) and sums the
-// expert gradients over the blocks. In f64 the expert-parallel y, dx, losses and gradients must
-// match it to rounding: expert parameters against the reference's slice for this rank's experts,
+// expert gradients over the blocks. The expert-parallel y, dx, losses and gradients must match
+// it to rounding: expert parameters against the reference's slice for this rank's experts,
 // replicated parameters (gate, shared expert) after summing over ranks.
+//
+// Two builds of this file: test_moe_expert_parallel runs on CPU ranks over MPI in f64;
+// test_moe_expert_parallel_nccl (SY_EP_TEST_NCCL) on one GPU per rank over NCCL, in the dtype
+// SY_EP_TEST_DTYPE names (f32 or bf16; DESIGN.md §7's tolerances), and skips every case where a
+// rank has no GPU of its own. The reference layer runs on the same GPU in the same dtype.
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -20,6 +26,9 @@
 #include "reference/compare.h"
 #include "reference/random.h"
 #include "switchyard/switchyard.h"
+#ifdef SY_EP_TEST_NCCL
+#include "dist/gpu_ranks.h"
+#endif
 
 namespace sy = switchyard;
 using sy::A2AAlgorithm;
@@ -33,14 +42,65 @@ using sy::Tensor;
 
 namespace {
 
-constexpr double kTol = 1e-12;  // f64; sums run in a different order across ranks
-
-std::shared_ptr<sy::Communicator> world() {
-  static std::shared_ptr<sy::Communicator> c = sy::make_mpi_communicator();
+// The communicator, made once (making one is collective) and freed before MPI_Finalize.
+std::shared_ptr<sy::Communicator>& world_slot() {
+  static std::shared_ptr<sy::Communicator> c;
   return c;
+}
+class FreeCommunicator : public ::testing::Environment {
+ public:
+  void TearDown() override { world_slot().reset(); }
+};
+[[maybe_unused]] ::testing::Environment* const kFreeCommunicator =
+    ::testing::AddGlobalTestEnvironment(new FreeCommunicator);
+
+#ifdef SY_EP_TEST_NCCL
+constexpr bool kOnGpus = true;
+bool backend_available() { return sy_dist::gpus_for_every_rank(); }
+std::shared_ptr<sy::Communicator> make_world() { return sy::make_nccl_communicator(); }
+DType test_dtype() {
+  const char* env = std::getenv("SY_EP_TEST_DTYPE");
+  const std::string name = env ? env : "f32";
+  if (name == "bf16") return DType::kBF16;
+  if (name != "f32") {
+    std::fprintf(stderr, "SY_EP_TEST_DTYPE must be f32 or bf16, got '%s'\n", name.c_str());
+    std::abort();
+  }
+  return DType::kF32;
+}
+#else
+constexpr bool kOnGpus = false;
+bool backend_available() { return true; }
+std::shared_ptr<sy::Communicator> make_world() { return sy::make_mpi_communicator(); }
+DType test_dtype() { return DType::kF64; }
+#endif
+
+#define SKIP_WITHOUT_BACKEND()                                                             \
+  do {                                                                                     \
+    if (!backend_available()) GTEST_SKIP() << "NCCL test skipped: no GPU for every rank"; \
+  } while (0)
+
+const std::shared_ptr<sy::Communicator>& world() {
+  if (!world_slot()) world_slot() = make_world();
+  return world_slot();
 }
 int rank() { return world()->rank(); }
 int ranks() { return world()->size(); }
+sy::Device test_device() { return world()->device(); }
+
+// Relative L2 tolerance (DESIGN.md §7): sums run in a different order across ranks, and in
+// f32/bf16 the expert GEMMs see other row counts than the reference's.
+double tol() {
+  switch (test_dtype()) {
+    case DType::kF64: return 1e-12;
+    case DType::kF32: return 1e-5;
+    default: return 3e-2;
+  }
+}
+// Scalars (losses): relative to their size, absolute below 1.
+void expect_near(double got, double want, const char* what) {
+  EXPECT_NEAR(got, want, tol() * std::max(1.0, std::abs(want))) << what;
+}
 
 MoEConfig base_config() {
   MoEConfig cfg;
@@ -48,7 +108,8 @@ MoEConfig base_config() {
   cfg.hidden_size = 6;
   cfg.num_experts = 2 * ranks();
   cfg.top_k = 2;
-  cfg.dtype = DType::kF64;
+  cfg.dtype = test_dtype();
+  cfg.device = test_device();
   cfg.seed = 7;
   cfg.shared_expert_hidden = 5;
   return cfg;
@@ -60,12 +121,13 @@ index_t tokens_of(int q, bool uneven) {
   return q == ranks() - 1 ? 0 : 9 + 3 * q;
 }
 
-// x of rank q; `positive` makes every feature > 0 (see ExpertNoRankRoutesTo).
+// x of rank q in the test's dtype on its device; `positive` makes every feature > 0 (see
+// ExpertNoRankRoutesTo).
 Tensor input_of(int q, index_t T, index_t d, std::uint64_t salt, bool positive = false) {
   std::vector<double> v = sy_ref::randn(static_cast<std::size_t>(T * d), salt * 100 + q);
   if (positive)
     for (double& a : v) a = std::abs(a) + 0.5;
-  return Tensor::from_vector(v, {T, d}, DType::kF64);
+  return Tensor::from_vector(v, {T, d}, test_dtype()).to(test_device());
 }
 
 struct Case {
@@ -88,9 +150,7 @@ std::string describe(const Case& c) {
 }
 
 std::vector<double> summed_over_ranks(const Tensor& t) {
-  Tensor c = t.clone();
-  world()->all_reduce(c);
-  return c.to_vector();
+  return world()->all_reduce(t.to_vector(), sy::ReduceOp::kSum);
 }
 
 // Sets the gate rows of `expert` to -3 in both layers: with positive inputs no token picks it.
@@ -174,10 +234,10 @@ void check_case(const Case& c, MoEConfig cfg, bool starve = false) {
     }
   }
 
-  EXPECT_TRUE(sy_ref::rel_l2_within(got.y.to_vector(), want.y.to_vector(), kTol)) << "y";
-  EXPECT_TRUE(sy_ref::rel_l2_within(dx.to_vector(), want_dx.to_vector(), kTol)) << "dx";
-  EXPECT_NEAR(got.losses.aux, want.losses.aux, kTol) << "aux loss";
-  EXPECT_NEAR(got.losses.z, want.losses.z, kTol) << "z loss";
+  EXPECT_TRUE(sy_ref::rel_l2_within(got.y.to_vector(), want.y.to_vector(), tol())) << "y";
+  EXPECT_TRUE(sy_ref::rel_l2_within(dx.to_vector(), want_dx.to_vector(), tol())) << "dx";
+  expect_near(got.losses.aux, want.losses.aux, "aux loss");
+  expect_near(got.losses.z, want.losses.z, "z loss");
   EXPECT_EQ(got.stats.tokens_per_expert, want.stats.tokens_per_expert);
   EXPECT_EQ(got.stats.dropped_choices, want.stats.dropped_choices);
   if (starve) {
@@ -197,11 +257,11 @@ void check_case(const Case& c, MoEConfig cfg, bool starve = false) {
     sy::Parameter& q = ref.parameter(p->name);
     if (p->replicated) {
       EXPECT_TRUE(sy_ref::bitwise_equal(p->value.to_vector(), q.value.to_vector()));
-      EXPECT_TRUE(sy_ref::rel_l2_within(summed_over_ranks(p->grad), q.grad.to_vector(), kTol));
+      EXPECT_TRUE(sy_ref::rel_l2_within(summed_over_ranks(p->grad), q.grad.to_vector(), tol()));
     } else {
       EXPECT_EQ(p->name.rfind("experts.", 0), 0u) << "only routed experts are per rank";
       EXPECT_TRUE(sy_ref::bitwise_equal(p->value.to_vector(), stored_part(cfg, *p, q.value)));
-      EXPECT_TRUE(sy_ref::rel_l2_within(p->grad.to_vector(), stored_part(cfg, *p, q.grad), kTol));
+      EXPECT_TRUE(sy_ref::rel_l2_within(p->grad.to_vector(), stored_part(cfg, *p, q.grad), tol()));
     }
   }
 }
@@ -246,11 +306,13 @@ void check_overlaps_capacities_and_k(const MoEConfig& cfg, int adaptive_r,
 }
 
 TEST(MoEExpertParallel, MatchesOneProcessForEveryAlgorithmOverlapCapacityAndK) {
+  SKIP_WITHOUT_BACKEND();
   for (A2AAlgorithm a : kAlgorithms)
     check_overlaps_capacities_and_k(base_config(), -1, [a](int) { return a; });
 }
 
 TEST(MoEExpertParallel, DataParallelCallsMatchOneProcess) {
+  SKIP_WITHOUT_BACKEND();
   for (int overlap : {1, 2})
     for (const CfLayout& cl : kCapacities)
       for (int k : {1, 2}) {
@@ -265,6 +327,7 @@ TEST(MoEExpertParallel, DataParallelCallsMatchOneProcess) {
 }
 
 TEST(MoEExpertParallel, RankWithZeroTokens) {
+  SKIP_WITHOUT_BACKEND();
   for (Layout layout : {Layout::kPacked, Layout::kPadded})
     for (int overlap : {1, 4})
       for (A2AAlgorithm a : {A2AAlgorithm::kFlat, A2AAlgorithm::kPipelined})
@@ -283,6 +346,7 @@ TEST(MoEExpertParallel, RankWithZeroTokens) {
 }
 
 TEST(MoEExpertParallel, ExpertNoRankRoutesTo) {
+  SKIP_WITHOUT_BACKEND();
   for (const CfLayout& cl : kCapacities) {
     Case c;
     c.cf = cl.cf;
@@ -293,6 +357,7 @@ TEST(MoEExpertParallel, ExpertNoRankRoutesTo) {
 }
 
 TEST(MoEExpertParallel, GatedExpertsWithoutBiasesAndPrescore) {
+  SKIP_WITHOUT_BACKEND();
   MoEConfig cfg = base_config();
   cfg.activation = sy::Activation::kSwiGLU;
   cfg.has_fc1_bias = false;
@@ -327,7 +392,8 @@ void check_against_all_tokens_at_once(const MoEConfig& cfg, const sy::LossWeight
       if (q == r) offset = total;
       total += tokens_of(q, uneven);
     }
-    Tensor X = Tensor::empty({total, d}, DType::kF64), DY = Tensor::empty({total, d}, DType::kF64);
+    Tensor X = Tensor::empty({total, d}, cfg.dtype, cfg.device);
+    Tensor DY = Tensor::empty({total, d}, cfg.dtype, cfg.device);
     for (int q = 0, at = 0; q < ranks(); at += static_cast<int>(tokens_of(q, uneven)), ++q) {
       X.narrow(0, at, tokens_of(q, uneven)).copy_from(input_of(q, tokens_of(q, uneven), d, 3));
       DY.narrow(0, at, tokens_of(q, uneven)).copy_from(input_of(q, tokens_of(q, uneven), d, 4));
@@ -335,24 +401,24 @@ void check_against_all_tokens_at_once(const MoEConfig& cfg, const sy::LossWeight
     const sy::ForwardResult want = ref.forward(X, {});
     const Tensor want_dx = ref.backward(DY, lw);
     EXPECT_TRUE(
-        sy_ref::rel_l2_within(got.y.to_vector(), want.y.narrow(0, offset, T).to_vector(), kTol));
+        sy_ref::rel_l2_within(got.y.to_vector(), want.y.narrow(0, offset, T).to_vector(), tol()));
     EXPECT_TRUE(
-        sy_ref::rel_l2_within(dx.to_vector(), want_dx.narrow(0, offset, T).to_vector(), kTol));
+        sy_ref::rel_l2_within(dx.to_vector(), want_dx.narrow(0, offset, T).to_vector(), tol()));
     if (sum_aux) {
       const double aux_sum =
           world()->all_reduce(std::vector<double>{got.losses.aux}, sy::ReduceOp::kSum)[0];
-      EXPECT_NEAR(aux_sum, want.losses.aux, kTol);
+      expect_near(aux_sum, want.losses.aux, "summed aux loss");
       EXPECT_GT(want.losses.aux, 0.0);
     }
     for (sy::Parameter* p : ep.parameters()) {
       SCOPED_TRACE(p->name);
       sy::Parameter& q = ref.parameter(p->name);
       if (p->replicated)
-        EXPECT_TRUE(sy_ref::rel_l2_within(summed_over_ranks(p->grad), q.grad.to_vector(), kTol));
+        EXPECT_TRUE(sy_ref::rel_l2_within(summed_over_ranks(p->grad), q.grad.to_vector(), tol()));
       else
         EXPECT_TRUE(sy_ref::rel_l2_within(
             p->grad.to_vector(),
-            q.grad.narrow(0, ep.first_local_expert(), ep.num_local_experts()).to_vector(), kTol));
+            q.grad.narrow(0, ep.first_local_expert(), ep.num_local_experts()).to_vector(), tol()));
     }
   }
 }
@@ -362,6 +428,7 @@ void check_against_all_tokens_at_once(const MoEConfig& cfg, const sy::LossWeight
 // The Switch loss counts tokens(e) and T over all ranks: the ranks' losses sum to the loss of one
 // process routing every token at once, and so do the gate gradients.
 TEST(MoEExpertParallel, SwitchLossUsesGlobalCounts) {
+  SKIP_WITHOUT_BACKEND();
   MoEConfig cfg = base_config();
   cfg.aux_loss = sy::AuxLoss::kSwitch;
   cfg.capacity_factor = 0.0;
@@ -370,6 +437,7 @@ TEST(MoEExpertParallel, SwitchLossUsesGlobalCounts) {
 
 // Gate noise and input jitter draw by global token index: the same numbers as one process.
 TEST(MoEExpertParallel, GateNoiseAndJitterFollowGlobalTokenIndices) {
+  SKIP_WITHOUT_BACKEND();
   MoEConfig cfg = base_config();
   cfg.capacity_factor = 0.0;
   cfg.gate_noise = 1.0;
@@ -378,6 +446,7 @@ TEST(MoEExpertParallel, GateNoiseAndJitterFollowGlobalTokenIndices) {
 }
 
 TEST(MoEExpertParallel, ConfigDifferingAcrossRanksFailsOnEveryRank) {
+  SKIP_WITHOUT_BACKEND();
   MoEConfig cfg = base_config();
   if (rank() == ranks() - 1) cfg.num_experts = 4 * ranks();
   EXPECT_NE(
@@ -403,6 +472,7 @@ TEST(MoEExpertParallel, ConfigDifferingAcrossRanksFailsOnEveryRank) {
 }
 
 TEST(MoEExpertParallel, UnsupportedSetupsFailClearlyOnEveryRank) {
+  SKIP_WITHOUT_BACKEND();
   MoEConfig cfg = base_config();
   cfg.num_experts = 2 * ranks() + 1;
   EXPECT_NE(error_of([&] { MoELayer layer(cfg, world()); }).find("must be a multiple of the"),
@@ -424,6 +494,7 @@ TEST(MoEExpertParallel, UnsupportedSetupsFailClearlyOnEveryRank) {
 // adaptive_r must divide the world size (E >= W) or the ranks sharing an expert (E < W); every
 // rank gets the same error and the layer stays usable, in step.
 TEST(MoEExpertParallel, AdaptiveRThatDoesNotFitFailsOnEveryRank) {
+  SKIP_WITHOUT_BACKEND();
   const Tensor x = input_of(rank(), 12, 8, 5);
   MoELayer layer(base_config(), world());
   for (int r : {3, 2 * ranks()}) {
@@ -457,6 +528,7 @@ TEST(MoEExpertParallel, AdaptiveRThatDoesNotFitFailsOnEveryRank) {
 // Fewer experts than ranks (Tutel's sharded experts): every valid adaptive_r (the default s,
 // data parallel, 1, and the divisors of s), overlap 1/2/4, every capacity rule, k = 1 and 2.
 TEST(MoEExpertParallel, ShardedExpertsMatchOneProcess) {
+  SKIP_WITHOUT_BACKEND();
   std::vector<index_t> expert_counts = {1};
   if (ranks() == 4) expert_counts.push_back(2);
   for (index_t E : expert_counts) {
@@ -476,6 +548,7 @@ TEST(MoEExpertParallel, ShardedExpertsMatchOneProcess) {
 // Sharded experts with gated FFNs (gate and up rows sliced alike), no fc1 bias, an fc2 bias
 // whose columns do not split evenly (d = 10), uneven tokens and the hierarchical all-to-all.
 TEST(MoEExpertParallel, ShardedGatedExpertsWithUnevenBiasColumns) {
+  SKIP_WITHOUT_BACKEND();
   MoEConfig cfg = base_config();
   cfg.num_experts = 1;
   cfg.model_dim = 10;
@@ -498,6 +571,7 @@ TEST(MoEExpertParallel, ShardedGatedExpertsWithUnevenBiasColumns) {
 // r-way sharded experts per call on a layer that stores whole experts (E = W and E = 2W): groups
 // of r ranks gather their experts' hidden slices for the call and reduce the gradients back.
 TEST(MoEExpertParallel, AdaptiveRShardsWholeExpertsPerCall) {
+  SKIP_WITHOUT_BACKEND();
   for (index_t per_rank : {1, 2}) {
     MoEConfig cfg = base_config();
     cfg.num_experts = per_rank * ranks();
@@ -516,6 +590,7 @@ TEST(MoEExpertParallel, AdaptiveRShardsWholeExpertsPerCall) {
 // overlap_degree experts, so y, dx and the expert gradients are bitwise those of one chunk;
 // otherwise pieces of each expert's rows, equal to rounding (the GEMMs see other row counts).
 TEST(MoEExpertParallel, PackedOverlapGivesTheSameResults) {
+  SKIP_WITHOUT_BACKEND();
   for (index_t E : {4 * static_cast<index_t>(ranks()), index_t{1}}) {
     MoEConfig cfg = base_config();
     cfg.num_experts = E;
@@ -537,14 +612,14 @@ TEST(MoEExpertParallel, PackedOverlapGivesTheSameResults) {
         y1 = y;
         dx1 = dx;
         grad1 = grad;
-      } else if (whole_experts) {
+      } else if (whole_experts && !kOnGpus) {  // the GPU may pick other GEMM kernels
         EXPECT_TRUE(sy_ref::bitwise_equal(y, y1)) << "y";
         EXPECT_TRUE(sy_ref::bitwise_equal(dx, dx1)) << "dx";
         EXPECT_TRUE(sy_ref::bitwise_equal(grad, grad1)) << "fc1 gradient";
       } else {
-        EXPECT_TRUE(sy_ref::rel_l2_within(y, y1, kTol)) << "y";
-        EXPECT_TRUE(sy_ref::rel_l2_within(dx, dx1, kTol)) << "dx";
-        EXPECT_TRUE(sy_ref::rel_l2_within(grad, grad1, kTol)) << "fc1 gradient";
+        EXPECT_TRUE(sy_ref::rel_l2_within(y, y1, tol())) << "y";
+        EXPECT_TRUE(sy_ref::rel_l2_within(dx, dx1, tol())) << "dx";
+        EXPECT_TRUE(sy_ref::rel_l2_within(grad, grad1, tol())) << "fc1 gradient";
       }
     }
   }
