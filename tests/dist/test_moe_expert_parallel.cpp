@@ -75,8 +75,8 @@ std::shared_ptr<sy::Communicator> make_world() { return sy::make_mpi_communicato
 DType test_dtype() { return DType::kF64; }
 #endif
 
-#define SKIP_WITHOUT_BACKEND()                                                             \
-  do {                                                                                     \
+#define SKIP_WITHOUT_BACKEND()                                                            \
+  do {                                                                                    \
     if (!backend_available()) GTEST_SKIP() << "NCCL test skipped: no GPU for every rank"; \
   } while (0)
 
@@ -92,9 +92,12 @@ sy::Device test_device() { return world()->device(); }
 // f32/bf16 the expert GEMMs see other row counts than the reference's.
 double tol() {
   switch (test_dtype()) {
-    case DType::kF64: return 1e-12;
-    case DType::kF32: return 1e-5;
-    default: return 3e-2;
+    case DType::kF64:
+      return 1e-12;
+    case DType::kF32:
+      return 1e-5;
+    default:
+      return 3e-2;
   }
 }
 // Scalars (losses): relative to their size, absolute below 1.
