@@ -4,15 +4,20 @@
     python3 -m pip install --no-build-isolation --target DIR .     # anywhere (PEP 668 systems)
 
 The extension is compiled against the torch that runs this script (once per torch version). It
-compiles the library's sources itself (the list mirrors src/CMakeLists.txt without the MPI and
-NCCL backends), links OpenBLAS (found with pkg-config; SY_BLAS_LIBS and SY_BLAS_INCLUDE
-override) and OpenMP. SY_PY_DEBUG=1 builds with -O0 -g.
+compiles the library's sources itself (the list mirrors src/CMakeLists.txt without the MPI
+backend), links OpenBLAS (found with pkg-config; SY_BLAS_LIBS and SY_BLAS_INCLUDE override) and
+OpenMP. SY_PY_DEBUG=1 builds with -O0 -g.
 
 CUDA: when torch sees a GPU at build time (or SY_PY_CUDA=1 with a CUDA toolkit and a CUDA build
 of torch), the extension is a CUDAExtension that also compiles src/**/*.cu with nvcc, defines
 SY_WITH_CUDA and links cuBLAS. Architectures come from TORCH_CUDA_ARCH_LIST (e.g. "9.0a" or
 "8.0;9.0a"; default "9.0a", as CMAKE_CUDA_ARCHITECTURES defaults to 90a). SY_PY_CUDA=0 builds
 the CPU-only extension.
+
+NCCL (expert parallelism on CUDA ranks): a CUDA build also compiles the NCCL backend where it
+finds nccl.h and libnccl.so.2, first under SY_NCCL_HOME, then in the nvidia-nccl package that
+torch loads its NCCL from, then in the CUDA toolkit. It links by soname, so at run time the
+extension shares the libnccl that torch has loaded. SY_PY_NCCL=0 leaves it out.
 """
 
 import glob
@@ -34,15 +39,16 @@ def rel(path):
 STAGES = ["core", "routing", "dispatch", "experts", "layer"]
 
 
-def core_sources():
+def core_sources(with_nccl):
     srcs = []
     for stage in STAGES:
         srcs += sorted(glob.glob(os.path.join(ROOT, "src", stage, "*.cpp")))
-    # The communication stage without MPI and NCCL: its backend-neutral files, the no-MPI stub
-    # and the NCCL factories (which then throw a clear error).
+    # The communication stage without MPI: its backend-neutral files, the no-MPI stub and the
+    # NCCL factories (which throw a clear error where the NCCL backend is left out).
     for path in sorted(glob.glob(os.path.join(ROOT, "src", "comm", "*.cpp"))):
         name = os.path.basename(path)
-        if ("_mpi" in name and "no_mpi" not in name) or name == "comm_nccl.cpp":
+        if ("_mpi" in name and "no_mpi" not in name) or (name == "comm_nccl.cpp" and
+                                                          not with_nccl):
             continue
         srcs.append(path)
     return [rel(s) for s in srcs]
@@ -85,6 +91,39 @@ def cuda_arch_flags():
         flags += [f"-gencode=arch=compute_{num},code=sm_{num}",
                   f"-gencode=arch=compute_{num},code=compute_{num}"]
     return flags
+
+
+def find_nccl():
+    """(include dir, library dir) of nccl.h and libnccl.so.2, or None (see the module docstring).
+    The header and the library may come from different places (torch's NCCL package may lack
+    the header): NCCL keeps its ABI within a major version."""
+    if os.environ.get("SY_PY_NCCL", "") == "0":
+        return None
+    bases = []
+    home = os.environ.get("SY_NCCL_HOME")
+    if home:
+        bases.append(home)
+    try:
+        import nvidia  # torch's own CUDA libraries (pip's nvidia-* packages), NCCL among them
+        for root in nvidia.__path__:
+            for lib in sorted(glob.glob(os.path.join(root, "**", "libnccl.so.2"), recursive=True)):
+                bases.append(os.path.dirname(os.path.dirname(lib)))
+    except ImportError:
+        pass
+    if CUDA_HOME:
+        bases.append(CUDA_HOME)
+
+    def first(paths):
+        return next((os.path.dirname(p) for p in paths if os.path.exists(p)), None)
+
+    inc = first(os.path.join(b, "include", "nccl.h") for b in bases)
+    libdir = first(os.path.join(b, lib, "libnccl.so.2") for b in bases for lib in ("lib", "lib64"))
+    if inc and libdir:
+        return inc, libdir
+    if home:
+        raise RuntimeError(f"switchyard: no nccl.h or libnccl.so.2 under SY_NCCL_HOME={home} or "
+                           "torch's and the CUDA toolkit's directories")
+    return None
 
 
 def pkg_config(*args):
@@ -135,9 +174,17 @@ def extension():
         include_dirs=[os.path.join(ROOT, "include"), os.path.join(ROOT, "src")],
         extra_link_args=["-fopenmp", *blas_ldflags],
     )
-    sources = ["python/switchyard/csrc/binding.cpp"] + core_sources()
     if not want_cuda():
+        sources = ["python/switchyard/csrc/binding.cpp"] + core_sources(with_nccl=False)
         return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **common)
+    nccl = find_nccl()
+    sources = ["python/switchyard/csrc/binding.cpp"] + core_sources(with_nccl=nccl is not None)
+    macros = [("SY_WITH_CUDA", "1")]
+    if nccl is not None:
+        macros.append(("SY_WITH_NCCL", "1"))
+        common["include_dirs"].append(nccl[0])
+        common["extra_link_args"] += [f"-L{nccl[1]}", "-l:libnccl.so.2", f"-Wl,-rpath,{nccl[1]}"]
+    print(f"switchyard: NCCL backend {'in ' + nccl[1] if nccl else 'left out (not found)'}")
     # The flags of src/CMakeLists.txt for .cu files: C++17 (what CMake gives nvcc), -lineinfo,
     # OpenMP in host code; --expt-relaxed-constexpr comes with torch's own nvcc flags. torch
     # also defines __CUDA_NO_HALF_OPERATORS__ and friends, which the library's kernels do not
@@ -146,10 +193,11 @@ def extension():
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
             "-U__CUDA_NO_HALF2_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
             *(["-O0", "-g"] if debug else ["-O3"]), *cuda_arch_flags()]
-    # SY_WITH_CUDA for every source, as CMake defines it for the whole library: .cpp files learn
-    # through it which backends exist, binding.cpp that it may hand CUDA tensors over.
+    # SY_WITH_CUDA (and SY_WITH_NCCL) for every source, as CMake defines them for the whole
+    # library: .cpp files learn through them which backends exist, binding.cpp that it may hand
+    # CUDA tensors over.
     return CUDAExtension(sources=sources + cuda_sources(),
-                         define_macros=[("SY_WITH_CUDA", "1")],
+                         define_macros=macros,
                          libraries=["cublas"],
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **common)
 

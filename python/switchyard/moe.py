@@ -91,15 +91,42 @@ def _world_size(group):
 
 
 class _TorchDistOps:
-    """The collectives of expert parallelism on CPU ranks, run by torch.distributed on the
-    caller's process group (gloo). The C++ layer's torch.distributed backend (binding.cpp) calls
-    them from inside forward and backward, on the caller's thread, with uint8 tensors that view
-    the switchyard buffers (no copy) and split sizes in bytes; all_reduce gets typed tensors."""
+    """Expert parallelism over the caller's process group. On CPU ranks its methods are the
+    collectives, run by torch.distributed (gloo): the C++ layer's torch.distributed backend
+    (binding.cpp) calls them from inside forward and backward, on the caller's thread, with uint8
+    tensors that view the switchyard buffers (no copy) and split sizes in bytes; all_reduce gets
+    typed tensors. CUDA ranks exchange through an NCCL communicator instead, made once per GPU
+    from an ncclUniqueId that the group's first rank broadcasts over the group."""
 
     def __init__(self, group):
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
+        self._nccl = {}  # (GPU index, use_2dh) -> _C.Communicator
+
+    def nccl_communicator(self, device_index, use_2dh):
+        """The group's NCCL communicator on GPU `device_index` (collective the first time)."""
+        key = (device_index, bool(use_2dh))
+        if key not in self._nccl:
+            if not _C.built_with_nccl:  # the same answer on every rank: no rank waits
+                raise NotImplementedError(
+                    "moe_layer: expert parallelism on CUDA ranks needs the NCCL backend, which "
+                    "this build of the switchyard binding lacks (setup.py builds it where it "
+                    "finds nccl.h and libnccl: torch's nvidia-nccl package, SY_NCCL_HOME or the "
+                    "CUDA toolkit; docs/python.md)")
+            uid = [_C.nccl_unique_id() if self.rank == 0 else None]
+            with torch.cuda.device(device_index):  # an NCCL group broadcasts from this GPU
+                dist.broadcast_object_list(uid, src=self._global_rank(0), group=self.group)
+            self._nccl[key] = _C.nccl_communicator(uid[0], self.rank, self.size, device_index,
+                                                   bool(use_2dh))
+        return self._nccl[key]
+
+    def _global_rank(self, group_rank):
+        if self.group is None:
+            return group_rank
+        if hasattr(dist, "get_global_rank"):  # torch >= 2.0
+            return dist.get_global_rank(self.group, group_rank)
+        return dist.distributed_c10d._get_global_rank(self.group, group_rank)
 
     def all_to_all_v(self, send, send_splits, recv, recv_splits):
         dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group)
@@ -314,12 +341,16 @@ def _weak_callbacks(obj):
 class _Engine:
     """One C++ layer for one gate index and one configuration, and its Python callbacks."""
 
-    def __init__(self, cfg, py_gate, py_experts, dist_ops=None):
+    def __init__(self, cfg, py_gate, py_experts, dist_ops=None, use_2dh=False):
         self.cfg = cfg
         self.py_gate, self.py_experts = py_gate, py_experts
         gf, gb = _weak_callbacks(py_gate) if py_gate else (None, None)
         ef, eb = _weak_callbacks(py_experts) if py_experts else (None, None)
-        self.layer = _C.Layer(dict(cfg), gf, gb, ef, eb, dist_ops)
+        comm = None
+        if dist_ops is not None and cfg["device"] != "cpu":  # CUDA ranks: NCCL
+            comm = dist_ops.nccl_communicator(int(cfg["device"].split(":")[1]), use_2dh)
+            dist_ops = None
+        self.layer = _C.Layer(dict(cfg), gf, gb, ef, eb, dist_ops, comm)
         self.names = self.layer.param_names()
         self.shapes = [tuple(s) for s in self.layer.param_shapes()]
         self.dtypes = [_SY_TO_TORCH[d] for d in self.layer.param_dtypes()]
@@ -715,11 +746,6 @@ class MOELayer(nn.Module):
         gate = self.gates[gi]
         o = self.options
         device = _device_name(device)
-        if device != "cpu" and self._dist is not None:
-            raise NotImplementedError(
-                f"moe_layer: expert parallelism over {self.world_size} ranks runs on CPU ranks "
-                f"(gloo) only for now; the layer is on {device}. CUDA ranks need the NCCL "
-                "backend, which the binding does not build yet (issue 7, item 4)")
         if device != "cpu" and not _C.built_with_cuda:
             raise NotImplementedError(
                 f"moe_layer: the layer is on {device}, but this build of the switchyard binding "
@@ -787,7 +813,7 @@ class MOELayer(nn.Module):
                     return y.reshape(rows.size(0), -1)
 
                 py_experts = _PyModule(run_experts, list(self.experts.parameters()))
-            eng = _Engine(cfg, py_gate, py_experts, self._dist)
+            eng = _Engine(cfg, py_gate, py_experts, self._dist, self.use_2dh)
             self._engines[key] = eng
         return eng
 

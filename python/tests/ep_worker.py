@@ -2,8 +2,11 @@
 environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) on gloo. For each case it checks the
 2-rank layer against one process holding all the experts (a group of size 1) that routes each
 rank's tokens separately: outputs, l_aux, input gradients, the gate's gradients (this rank's
-tokens) and this rank's expert gradients (everyone's tokens). Prints "PASS <case>" per case."""
+tokens) and this rank's expert gradients (everyone's tokens). Prints "PASS <case>" per case.
+With SY_EP_DEVICE=cuda each rank runs on its own GPU (cuda:<rank>), exchanging through the
+binding's NCCL communicator; the reference runs on the same GPU."""
 
+import os
 import sys
 
 import torch
@@ -13,6 +16,7 @@ from switchyard import moe
 
 D, H, T = 8, 12, 10
 ATOL, RTOL = 1e-5, 1e-4
+DEVICE = os.environ.get("SY_EP_DEVICE", "cpu")
 
 
 def close(name, got, want):
@@ -48,10 +52,13 @@ def run_case(name, single, k, cf, per_device, adaptive_r=None):
                                 layer.num_local_experts, sharded))
     close("gate weight", layer.gates[0].wg.weight, ref.gates[0].wg.weight)
     assert set(layer.state_dict()) == set(ref.state_dict())
+    device = torch.device(f"cuda:{rank}" if DEVICE == "cuda" else "cpu")
+    layer.to(device)
+    ref.to(device)
 
     g = torch.Generator().manual_seed(7)
-    xs = [torch.randn(T, D, generator=g) for _ in range(world)]
-    ws = [torch.randn(T, D, generator=g) for _ in range(world)]
+    xs = [torch.randn(T, D, generator=g).to(device) for _ in range(world)]
+    ws = [torch.randn(T, D, generator=g).to(device) for _ in range(world)]
 
     x = xs[rank].clone().requires_grad_(True)
     y = layer(x, adaptive_r=adaptive_r)
@@ -94,6 +101,8 @@ def bad_config():
 def main():
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    if DEVICE == "cuda":
+        torch.cuda.set_device(rank)
     groups = [dist.new_group([r]) for r in range(world)]  # collective: every rank makes all
     single = groups[rank]
     cases = sys.argv[1:]

@@ -1,5 +1,6 @@
 """Expert parallelism over torch.distributed: 2 CPU ranks (gloo), started with torchrun's
-environment, against one process holding all the experts (ep_worker.py does the checking)."""
+environment, against one process holding all the experts (ep_worker.py does the checking); and
+2 GPU ranks exchanging through the binding's NCCL communicator where torch sees 2 GPUs."""
 
 import os
 import re
@@ -8,7 +9,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import torch.distributed as dist
+
+from switchyard import _C
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is needed")
@@ -22,14 +26,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(*cases, world=2):
+def launch(*cases, world=2, device="cpu"):
     """Runs ep_worker.py on `world` ranks; returns each rank's stdout."""
     port = str(free_port())
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                    LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                   GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+                   GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", SY_EP_DEVICE=device)
         procs.append(subprocess.Popen([sys.executable, WORKER, *cases], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = []
@@ -51,6 +55,22 @@ def test_two_ranks_equal_one_process_holding_all_experts(k, cf):
     name = f"k{k}_cf{cf:g}"
     for out in launch(name):
         assert f"PASS {name}" in out
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("case", ["k1_cf1", "k2_cf0", "data_parallel", "sharded"])
+def test_two_gpu_ranks_over_nccl_equal_one_process_holding_all_experts(case):
+    for out in launch(case, device="cuda"):
+        assert f"PASS {case}" in out
+
+
+def test_nccl_entry_points_fail_clearly_without_the_nccl_backend():
+    if _C.built_with_nccl:
+        pytest.skip("this build has the NCCL backend")
+    with pytest.raises(_C.Error, match="no NCCL backend"):
+        _C.nccl_unique_id()
+    with pytest.raises(_C.Error, match="no NCCL backend"):
+        _C.nccl_communicator(bytes(128), 0, 2, 0)
 
 
 def test_data_parallel_call_adaptive_r_0():

@@ -81,6 +81,11 @@ constexpr bool kBuiltWithCuda = true;
 #else
 constexpr bool kBuiltWithCuda = false;
 #endif
+#ifdef SY_WITH_NCCL
+constexpr bool kBuiltWithNccl = true;
+#else
+constexpr bool kBuiltWithNccl = false;
+#endif
 
 sy::Device to_sy_device(const c10::Device& d, const char* what) {
   if (d.is_cpu()) return sy::Device::cpu();
@@ -358,10 +363,11 @@ sy::MoEConfig config_from_dict(py::dict in) {
 
 class Layer {
  public:
-  // dist_ops: None for one process, else the Python collectives of the caller's process group
-  // (an object with rank and size attributes and the methods TorchDistBackend calls).
+  // Expert parallelism, at most one of: dist_ops, the Python collectives of the caller's process
+  // group (an object with rank and size attributes and the methods TorchDistBackend calls; CPU
+  // layers), or comm, a Communicator (nccl_communicator(); CUDA layers). Neither: one process.
   Layer(py::dict cfg, py::object gate_fwd, py::object gate_bwd, py::object experts_fwd,
-        py::object experts_bwd, py::object dist_ops) {
+        py::object experts_bwd, py::object dist_ops, py::object comm_obj) {
     std::shared_ptr<sy::Gate> gate;
     std::shared_ptr<sy::ExpertNetwork> experts;
     if (!gate_fwd.is_none()) gate = std::make_shared<PyGate>(gate_fwd, gate_bwd);
@@ -370,10 +376,13 @@ class Layer {
     device_ = config.device;
     TorchStreamScope scope(device_);  // the layer's buffers are allocated on torch's stream
     std::shared_ptr<sy::Communicator> comm;
-    if (!dist_ops.is_none()) {
+    if (!comm_obj.is_none()) {
+      SY_CHECK(dist_ops.is_none(), "switchyard: a layer takes dist_ops or a communicator, not both");
+      comm = comm_obj.cast<std::shared_ptr<sy::Communicator>>();
+    } else if (!dist_ops.is_none()) {
       if (!device_.is_cpu())
-        throw sy::Error("switchyard: expert parallelism over torch.distributed runs on CPU ranks "
-                        "(gloo) only; CUDA ranks need the NCCL backend, not in this binding yet");
+        throw sy::Error("switchyard: the torch.distributed collectives serve CPU ranks (gloo); "
+                        "CUDA ranks exchange through an NCCL communicator");
       const int rank = dist_ops.attr("rank").cast<int>();
       const int size = dist_ops.attr("size").cast<int>();
       comm = sy::comm::make_communicator(std::make_unique<TorchDistBackend>(dist_ops, rank, size),
@@ -512,11 +521,36 @@ PYBIND11_MODULE(_C, m) {
     }
   });
 
+  // Whether this build has the NCCL backend (CUDA builds that found nccl.h and libnccl).
+  m.attr("built_with_nccl") = kBuiltWithNccl;
+  py::class_<sy::Communicator, std::shared_ptr<sy::Communicator>>(m, "Communicator")
+      .def_property_readonly("rank", &sy::Communicator::rank)
+      .def_property_readonly("size", &sy::Communicator::size)
+      .def_property_readonly("backend", &sy::Communicator::backend_name);
+  // A new ncclUniqueId (128 bytes), made on one rank and sent to the others by the caller.
+  m.def("nccl_unique_id", [] { return py::bytes(sy::nccl_unique_id()); });
+  // The NCCL communicator of `size` ranks on GPU `device`, from the id every rank received
+  // (collective: every rank calls it). Algorithm: 2DH with use_2dh, else flat (Tutel's default).
+  m.def(
+      "nccl_communicator",
+      [](const py::bytes& unique_id, int rank, int size, int device, bool use_2dh) {
+        sy::CommOptions options;
+        options.cuda_device = device;
+        options.algorithm = use_2dh ? sy::A2AAlgorithm::k2DH : sy::A2AAlgorithm::kFlat;
+        const std::string id = unique_id;
+        py::gil_scoped_release no_gil;  // the ranks meet inside NCCL's initialisation
+        return sy::make_nccl_communicator(id, rank, size, options);
+      },
+      py::arg("unique_id"), py::arg("rank"), py::arg("size"), py::arg("device"),
+      py::arg("use_2dh") = false);
+
   py::class_<Layer>(m, "Layer")
-      .def(py::init<py::dict, py::object, py::object, py::object, py::object, py::object>(),
+      .def(py::init<py::dict, py::object, py::object, py::object, py::object, py::object,
+                    py::object>(),
            py::arg("config"), py::arg("gate_forward") = py::none(),
            py::arg("gate_backward") = py::none(), py::arg("experts_forward") = py::none(),
-           py::arg("experts_backward") = py::none(), py::arg("dist_ops") = py::none())
+           py::arg("experts_backward") = py::none(), py::arg("dist_ops") = py::none(),
+           py::arg("comm") = py::none())
       .def("param_names", &Layer::param_names)
       .def("param_shapes", &Layer::param_shapes)
       .def("param_dtypes", &Layer::param_dtypes)
