@@ -18,6 +18,7 @@
 
 #include "bench_configs.h"
 #include "commands.h"
+#include "core/math_mode.h"
 #include "experts/gemm.h"
 #include "flag_checks.h"
 #include "progress.h"
@@ -40,6 +41,7 @@ struct BenchFlags {
   std::string out;
   bool list = false;
   std::uint64_t seed = 1;
+  bool use_tensorcore = false;  // f32 on CUDA: TF32 expert GEMMs, and a TF32 dense baseline
 };
 
 // The two layouts a config is timed in: padded at capacity_factor 1 (fixed shapes, drops) and
@@ -70,6 +72,7 @@ void wait_for(const Tensor& t) { synchronize(current_stream(t.device())); }
 // compares the MoE layer with the best the same library does on one matrix.
 std::optional<double> dense_gemm_ms(index_t m, index_t n, index_t k, DType dtype, Device device,
                                     const BenchFlags& f) {
+  const Tf32Scope tf32(f.use_tensorcore);  // the same math as the layer's expert GEMMs
   const Tensor a = random_normal(m, k, f.seed, 100, dtype, device);
   const Tensor b = random_normal(n, k, f.seed, 101, dtype, device);
   Tensor c = Tensor::empty({m, n}, dtype, device);
@@ -99,6 +102,7 @@ nlohmann::ordered_json run_case(const BenchConfig& bc, const LayoutCase& lc, DTy
   cfg.dtype = dtype;
   cfg.device = device;
   cfg.seed = f.seed;
+  cfg.use_tensorcore = f.use_tensorcore;
   cfg.capacity_factor = lc.capacity_factor;
   cfg.layout = lc.layout;
   const std::string label = fmt::format("{} {}", bc.name, to_string(lc.layout));
@@ -186,6 +190,7 @@ nlohmann::ordered_json run_case(const BenchConfig& bc, const LayoutCase& lc, DTy
   j["layout"] = to_string(lc.layout);
   j["capacity_factor"] = lc.capacity_factor;
   j["activation"] = to_string(bc.activation);
+  j["use_tensorcore"] = f.use_tensorcore;
   j["ms_fwd"] = ms_fwd;
   j["ms_bwd"] = ms_bwd;
   j["tflops"] = tflops;
@@ -301,6 +306,8 @@ Command add_bench_command(CLI::App& app) {
   sub->add_option("--seed", f.seed, "Seed of the inputs and the parameters");
   sub->add_option("--out", f.out, "Also append the JSON lines to this file");
   sub->add_flag("--list", f.list, "List the named configs and exit");
+  sub->add_flag("--use_tensorcore", f.use_tensorcore,
+                "f32 on CUDA: TF32 tensor cores for the expert GEMMs and the dense baseline");
   return [flags] { return run_bench(*flags); };
 }
 

@@ -176,6 +176,9 @@ Command add_train_command(CLI::App& app) {
   sub->add_option("--rules", f.rules, "tutel|megatron")->group(kRouting);
   sub->add_option("--gate", f.gate, "linear|cosine")->group(kRouting);
   sub->add_flag("--fp32_gate", c.fp32_gate, "Gate weights and GEMM in f32")->group(kRouting);
+  sub->add_flag("--use_tensorcore", c.use_tensorcore,
+                "f32 on CUDA: TF32 tensor cores for the expert GEMMs (the gate stays FP32)")
+      ->group(kModel);
   sub->add_option("--cosine_proj_dim", c.cosine_proj_dim, "Cosine gate projection width")
       ->check(at_least(1))
       ->group(kRouting);

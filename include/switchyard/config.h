@@ -52,6 +52,10 @@ struct MoEConfig {
   DType dtype = DType::kF32;
   Device device;
   std::uint64_t seed = 1;  // parameter initialisation and the noise/jitter streams
+  // CUDA, f32: the expert matrix products may run on TF32 tensor cores (Tutel's use_tensorcore;
+  // about 3 decimal digits per product instead of FP32's 7). The gate's product stays FP32 so
+  // that routing does not change. No effect on the CPU or in other dtypes.
+  bool use_tensorcore = false;
 
   // Gate.
   RuleSet rules = RuleSet::kTutel;

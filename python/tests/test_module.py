@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import switchyard
 from switchyard import _C, moe
 
-from conftest import DEVICES, needs_cuda
+from conftest import DEVICES, needs_cuda, rel_l2
 from reference import reference_moe
 
 D, H, E = 6, 5, 4
@@ -553,3 +553,40 @@ def test_input_and_layer_on_different_devices_is_an_error():
         layer(torch.randn(3, D, device="cuda"))
     with pytest.raises(ValueError, match="input on cpu"):
         layer.cuda()(torch.randn(3, D))
+
+
+def test_torchs_tf32_switch_reaches_only_cuda_layers():
+    """Tutel's use_tensorcore is torch.backends.cuda.matmul.allow_tf32: a CUDA layer's f32
+    experts follow it; a CPU layer computes in FP32 whatever it says."""
+    layer = small()
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        cfg = layer._config(0, torch.float32, 1, torch.device("cpu"))[0]
+        assert cfg["use_tensorcore"] is False
+        if _C.built_with_cuda:
+            cfg = layer._config(0, torch.float32, 1, torch.device("cuda", 0))[0]
+            assert cfg["use_tensorcore"] is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@needs_cuda
+def test_tf32_experts_on_cuda_stay_within_tf32_precision():
+    torch.manual_seed(3)
+    layer = moe.moe_layer(gate_type={"type": "top", "k": 2, "capacity_factor": 0.0},
+                          model_dim=256, experts={"type": "ffn", "num_experts_per_device": 8,
+                                                  "hidden_size_per_expert": 512})
+    x = torch.randn(1024, 256)
+    want = layer(x)
+    layer.cuda()
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        exact = layer(x.cuda()).cpu()
+        torch.backends.cuda.matmul.allow_tf32 = True
+        tf32 = layer(x.cuda()).cpu()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert rel_l2(exact, want) < 1e-5
+    assert 1e-5 < rel_l2(tf32, want) < 1e-2

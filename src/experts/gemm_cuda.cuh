@@ -1,6 +1,6 @@
 // Row-major GEMMs through cuBLAS for CUDA sources: C[m, n] = alpha op(A) op(B) + beta C, with
-// batches of matrices a fixed stride apart. f32 is true FP32 (no TF32), f16/bf16 accumulate in
-// f32, f64 in f64.
+// batches of matrices a fixed stride apart. f32 is true FP32 unless the calling thread allows
+// TF32 (core/math_mode.h), f16/bf16 accumulate in f32, f64 in f64.
 #pragma once
 
 #include <cublas_v2.h>
@@ -9,6 +9,7 @@
 
 #include "core/cuda_check.cuh"
 #include "core/cuda_math.cuh"
+#include "core/math_mode.h"
 
 #define SY_CUBLAS_CHECK(expr)                                                                   \
   do {                                                                                          \
@@ -42,8 +43,10 @@ void gemm(cublasHandle_t h, bool ta, bool tb, index_t m, index_t n, index_t k, c
   if (m == 0 || n == 0 || batch == 0) return;
   using A = cuda_acc_t<T>;
   const A alpha_v = static_cast<A>(alpha), beta_v = static_cast<A>(beta);
-  const cublasComputeType_t compute =
-      std::is_same_v<T, double> ? CUBLAS_COMPUTE_64F : CUBLAS_COMPUTE_32F;
+  cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
+  if constexpr (std::is_same_v<T, double>) compute = CUBLAS_COMPUTE_64F;
+  if constexpr (std::is_same_v<T, float>)
+    if (tf32_allowed()) compute = CUBLAS_COMPUTE_32F_FAST_TF32;
   auto i32 = [](index_t v) {
     SY_CHECK(v <= 2147483647, "cuBLAS dimension ", v, " exceeds int");
     return static_cast<int>(v);

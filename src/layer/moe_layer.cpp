@@ -7,6 +7,7 @@
 
 #include "core/backend.h"
 #include "core/dtype_dispatch.h"
+#include "core/math_mode.h"
 #include "core/ops.h"
 #include "dispatch/dispatch.h"
 #include "experts/ffn.h"
@@ -182,6 +183,7 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
   SY_CHECK(x_in.dim() >= 1 && x_in.size(-1) == cfg.model_dim, "forward: x ",
            shape_str(x_in.sizes()), " has ", x_in.dim() >= 1 ? x_in.size(-1) : 0,
            " columns, the layer was built for model_dim=", cfg.model_dim);
+  const Tf32Scope tf32(cfg.use_tensorcore);  // the gate opts out below
   const int k = resolve_top_k(cfg, opt);
   const double cf = resolve_capacity_factor(cfg, opt);
   const Layout layout = resolve_layout(cfg, opt, cf);
@@ -210,7 +212,10 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
     xg = Tensor::zeros({T, d}, cfg.dtype, dev);
     add_inplace(xg, x, &jitter);  // xg = x * jitter
   }
-  Tensor logits = m.gate->forward(xg, opt.training);
+  Tensor logits = [&] {
+    const Tf32Scope exact(false);  // routing decisions in FP32 whatever use_tensorcore says
+    return m.gate->forward(xg, opt.training);
+  }();
   SY_CHECK(logits.dim() == 2 && logits.size(0) == T && logits.size(1) == E,
            "gate: logits must be [", T, ", ", E, "], got ", shape_str(logits.sizes()));
 
@@ -330,6 +335,7 @@ Tensor MoELayer::backward(const Tensor& dy_in, const LossWeights& weights) {
            dtype_name(dy_in.dtype()));
   SY_CHECK(std::isfinite(weights.aux) && std::isfinite(weights.z),
            "backward: loss weights must be finite, got aux=", weights.aux, ", z=", weights.z);
+  const Tf32Scope tf32(cfg.use_tensorcore);  // the gate opts out below
   const index_t d = cfg.model_dim, T = m.x.size(0);
   const Tensor dy = dy_in.reshape({T, d}).to(cfg.dtype).contiguous();
   m.saved = false;
@@ -351,7 +357,10 @@ Tensor MoELayer::backward(const Tensor& dy_in, const LossWeights& weights) {
     dlogits = route_backward_cuda(cfg, m.plan, m.router, dweight, weights);
 #endif
   }
-  const Tensor dx_gate = m.gate->backward(dlogits).to(cfg.dtype);
+  const Tensor dx_gate = [&] {
+    const Tf32Scope exact(false);
+    return m.gate->backward(dlogits).to(cfg.dtype);
+  }();
   add_inplace(dx, dx_gate, m.jitter.defined() ? &m.jitter : nullptr);
   if (m.shared) add_inplace(dx, m.shared->backward(dy));
   // Free what the forward saved (one backward per forward).

@@ -92,6 +92,34 @@ TEST_P(MoELayerCuda, RunsAreBitwiseReproducible) {
   EXPECT_EQ(run(), run());
 }
 
+// use_tensorcore: the f32 expert GEMMs run on TF32 tensor cores (results move off the FP32 run,
+// within TF32's precision of the CPU's), while the gate stays FP32 (routing equals the CPU's).
+TEST(MoELayerCudaTf32, ExpertGemmsUseTf32AndRoutingStaysFp32) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  MoEConfig cfg;  // large enough that cuBLAS picks tensor-core kernels
+  cfg.model_dim = 256;
+  cfg.hidden_size = 512;
+  cfg.num_experts = 8;
+  cfg.capacity_factor = 0.0;
+  MoELayer cpu(cfg);
+  cfg.device = Device::cuda(0);
+  MoELayer fp32(cfg);
+  cfg.use_tensorcore = true;
+  MoELayer tf32(cfg);
+  const Tensor x = Tensor::from_vector(randn(1024 * 256, 4), {1024, 256}, DType::kF32);
+  const Tensor xg = x.to(cfg.device);
+  const ForwardResult want = cpu.forward(x);
+  const ForwardResult exact = fp32.forward(xg);
+  const ForwardResult got = tf32.forward(xg);
+  EXPECT_EQ(got.stats.tokens_per_expert, want.stats.tokens_per_expert);
+  EXPECT_LT(rel_l2(exact.y.to_vector(), want.y.to_vector()), 1e-5);
+  const double tf32_error = rel_l2(got.y.to_vector(), want.y.to_vector());
+  EXPECT_LT(tf32_error, 1e-2);
+  EXPECT_GT(tf32_error, 1e-5) << "the expert GEMMs did not run in TF32";
+  const std::vector<double> dx = cpu.backward(x, {}).to_vector();
+  EXPECT_LT(rel_l2(tf32.backward(xg, {}).to_vector(), dx), 1e-2);
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Cases, MoELayerCuda,
     ::testing::Values(
@@ -118,7 +146,6 @@ TEST(MoELayerCudaErrors, CosineGateAndMixedDevicesAreRejected) {
   layer.forward(Tensor::zeros({4, 8}, DType::kF32, cfg.device));
   EXPECT_THROW(layer.backward(Tensor::zeros({4, 8}, DType::kF32)), Error);  // dy on the CPU
 }
-
 
 // Megatron/DeepSeek-style routing (sigmoid, expert bias, groups, scaling, Switch loss, z-loss)
 // and Tutel's batch-prioritized routing route on the GPU: the layer still matches the CPU.
@@ -161,9 +188,9 @@ TEST(MoELayerCudaRouting, MegatronAndBatchPrioritizedOptionsMatchTheCpu) {
       EXPECT_NEAR(rg.losses.z, r.losses.z, 1e-5 * std::fabs(r.losses.z));
       EXPECT_NEAR(rg.aux_loss.to_vector()[0], r.losses.aux, 1e-5 * std::fabs(r.losses.aux));
       const LossWeights w{.aux = 0.01, .z = 0.001};
-      EXPECT_LT(rel_l2(gpu.backward(dy.to(cfg.device), w).to_vector(),
-                       cpu.backward(dy, w).to_vector()),
-                1e-5);
+      EXPECT_LT(
+          rel_l2(gpu.backward(dy.to(cfg.device), w).to_vector(), cpu.backward(dy, w).to_vector()),
+          1e-5);
       if (cfg.expert_bias) {
         cpu.update_expert_bias(0.01);
         gpu.update_expert_bias(0.01);

@@ -141,6 +141,16 @@ TEST(MoELayerCpu, TwoRunsAreBitwiseEqual) {
   expect_bitwise_equal(first, step(b, x, dy));  // a twin
 }
 
+// use_tensorcore is a CUDA f32 option: the CPU computes in FP32 either way.
+TEST(MoELayerCpu, UseTensorcoreChangesNothingOnTheCpu) {
+  MoEConfig cfg = small_config(DType::kF32);
+  const auto [x, dy] = inputs(cfg, 97, 36);
+  MoELayer fp32(cfg);
+  cfg.use_tensorcore = true;
+  MoELayer tf32(cfg);
+  expect_bitwise_equal(step(fp32, x, dy), step(tf32, x, dy));
+}
+
 TEST(MoELayerCpu, ThreadCountDoesNotChangeResults) {
   MoEConfig cfg = small_config(DType::kF32);
   cfg.model_dim = 32;

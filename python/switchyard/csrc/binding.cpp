@@ -236,8 +236,8 @@ class TorchDistBackend final : public sy::comm::CommBackend {
   bool hierarchical_ok() const override { return false; }
   bool threads_ok() const override { return false; }
 
-  void all_to_all(const void* send, void* recv, std::int64_t count_per_peer,
-                  std::size_t elem_size, sy::A2AAlgorithm) override {
+  void all_to_all(const void* send, void* recv, std::int64_t count_per_peer, std::size_t elem_size,
+                  sy::A2AAlgorithm) override {
     const std::vector<std::int64_t> counts(size_, count_per_peer);
     all_to_all_v(send, counts.data(), recv, counts.data(), elem_size, sy::A2AAlgorithm::kFlat);
   }
@@ -265,7 +265,8 @@ class TorchDistBackend final : public sy::comm::CommBackend {
   void all_reduce(void* data, std::int64_t count, sy::DType dtype, sy::ReduceOp op) override {
     call("all_reduce", [&] {
       const auto options = torch::TensorOptions().dtype(to_torch_dtype(dtype));
-      at::Tensor t = count == 0 ? torch::empty({0}, options) : at::from_blob(data, {count}, options);
+      at::Tensor t =
+          count == 0 ? torch::empty({0}, options) : at::from_blob(data, {count}, options);
       ops_.attr("all_reduce")(t, op == sy::ReduceOp::kSum ? "sum" : "max");
     });
   }
@@ -320,6 +321,7 @@ sy::MoEConfig config_from_dict(py::dict in) {
   c.top_k = take<int>(d, "top_k", c.top_k);
   c.dtype = sy::parse_dtype(take<std::string>(d, "dtype", sy::dtype_name(c.dtype)));
   c.seed = take<uint64_t>(d, "seed", c.seed);
+  c.use_tensorcore = take<bool>(d, "use_tensorcore", c.use_tensorcore);
   c.rules = sy::parse_rule_set(take<std::string>(d, "rules", sy::to_string(c.rules)));
   c.gate = sy::parse_gate_type(take<std::string>(d, "gate", sy::to_string(c.gate)));
   c.fp32_gate = take<bool>(d, "fp32_gate", c.fp32_gate);
@@ -377,12 +379,14 @@ class Layer {
     TorchStreamScope scope(device_);  // the layer's buffers are allocated on torch's stream
     std::shared_ptr<sy::Communicator> comm;
     if (!comm_obj.is_none()) {
-      SY_CHECK(dist_ops.is_none(), "switchyard: a layer takes dist_ops or a communicator, not both");
+      SY_CHECK(dist_ops.is_none(),
+               "switchyard: a layer takes dist_ops or a communicator, not both");
       comm = comm_obj.cast<std::shared_ptr<sy::Communicator>>();
     } else if (!dist_ops.is_none()) {
       if (!device_.is_cpu())
-        throw sy::Error("switchyard: the torch.distributed collectives serve CPU ranks (gloo); "
-                        "CUDA ranks exchange through an NCCL communicator");
+        throw sy::Error(
+            "switchyard: the torch.distributed collectives serve CPU ranks (gloo); "
+            "CUDA ranks exchange through an NCCL communicator");
       const int rank = dist_ops.attr("rank").cast<int>();
       const int size = dist_ops.attr("size").cast<int>();
       comm = sy::comm::make_communicator(std::make_unique<TorchDistBackend>(dist_ops, rank, size),
@@ -416,8 +420,8 @@ class Layer {
   // Returns (y, l_aux, l_z, stats). `params` in the order of param_names(), each contiguous with
   // the shape and dtype of param_shapes()/param_dtypes().
   py::tuple forward(const at::Tensor& x, const std::vector<at::Tensor>& params,
-                    std::optional<double> capacity_factor, std::optional<int> top_k,
-                    bool training, std::optional<int> adaptive_r) {
+                    std::optional<double> capacity_factor, std::optional<int> top_k, bool training,
+                    std::optional<int> adaptive_r) {
     TorchStreamScope scope(device_);
     point_values(params);
     sy::ForwardOptions opt;

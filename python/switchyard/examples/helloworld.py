@@ -1,9 +1,11 @@
 """Tutel's helloworld on switchyard: python -m switchyard.examples.helloworld [--flags]
 
-Same flags and the same per-step line as tutel/examples/helloworld.py, on the CPU. Started as
-torchrun starts ranks (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment), it runs
-expert parallel over gloo as Tutel's does: each rank holds --num_local_experts experts, the
-gate's gradients are averaged over the ranks, and rank 0 prints.
+Same flags and the same per-step line as tutel/examples/helloworld.py. --device cpu (the
+default) or cuda (GPU LOCAL_RANK; needs a CUDA build of the binding); --use_tensorcore lets f32
+expert GEMMs use TF32, as Tutel's switches torch's allow_tf32. Started as torchrun starts ranks
+(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment), it runs expert parallel as
+Tutel's does (gloo on CPU ranks, NCCL on GPU ranks): each rank holds --num_local_experts
+experts, the gate's gradients are averaged over the ranks, and rank 0 prints.
 """
 
 import argparse
@@ -14,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from switchyard import _C
 from switchyard import moe as tutel_moe
 
 
@@ -47,13 +50,23 @@ def main(argv=None):
               "bfloat16": torch.bfloat16}
     if args.dtype not in dtypes:
         p.error(f"unrecognized --dtype {args.dtype}: expected one of {', '.join(dtypes)}")
-    if args.device != "cpu":
-        p.error("this build of the switchyard binding runs on the CPU only: use --device cpu")
+    if args.device not in ("cpu", "cuda"):
+        p.error(f"unrecognized --device {args.device}: expected cpu or cuda")
+    on_gpu = args.device == "cuda"
+    if on_gpu and not (_C.built_with_cuda and torch.cuda.is_available()):
+        p.error("--device cuda needs a GPU and a CUDA build of the switchyard binding "
+                "(docs/python.md)")
+    if args.use_tensorcore:
+        torch.backends.cuda.matmul.allow_tf32 = True
     torch.set_default_dtype(dtypes[args.dtype])
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else \
+        torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")  # env:// from torchrun's variables
+        dist.init_process_group("nccl" if on_gpu else "gloo")  # env:// from torchrun's variables
     rank = dist.get_rank() if world > 1 else 0
     log = print if rank == 0 else (lambda *a, **k: None)
 
@@ -82,14 +95,14 @@ def main(argv=None):
         def forward(self, x):
             return F.log_softmax(torch.sum(self._moe_layer(x), dim=2), dim=1)
 
-    model = ExampleModel()
+    model = ExampleModel().to(device)
     log(model)
     # Tutel's placeholders give each rank its own checkpoint (its experts differ).
     args.checkpoint_path = args.checkpoint_path.replace("{rank}", str(rank)).replace(
         "{size}", str(world))
     if args.checkpoint_path:
         try:
-            model.load_state_dict(torch.load(args.checkpoint_path))
+            model.load_state_dict(torch.load(args.checkpoint_path, map_location=device))
         except FileNotFoundError:
             log("Checkpoint not loaded: file `%s` is not found. Will train the model from "
                   "start." % args.checkpoint_path)
@@ -97,16 +110,21 @@ def main(argv=None):
 
     torch.manual_seed(0)
     x = torch.randn([args.batch_size, args.num_tokens, args.model_dim],
-                    dtype=torch.float32).to(torch.get_default_dtype())
-    y = torch.LongTensor(args.batch_size).random_(1)
+                    dtype=torch.float32).to(device, torch.get_default_dtype())
+    y = torch.LongTensor(args.batch_size).random_(1).to(device)
     log("[Benchmark] world_size = %s, dtype = %s, model_dim = %s, hidden_size = %s, samples = %s, "
           "num_local_experts = %s, topK = %s, a2a_ffn_overlap_degree = %s, parallel_type = `%s`, "
-          "device = `cpu`" % (world, args.dtype, args.model_dim, args.hidden_size,
-                              args.batch_size * args.num_tokens, args.num_local_experts, args.top,
-                              args.a2a_ffn_overlap_degree, args.parallel_type))
+          "device = `%s`" % (world, args.dtype, args.model_dim, args.hidden_size,
+                             args.batch_size * args.num_tokens, args.num_local_experts, args.top,
+                             args.a2a_ffn_overlap_degree, args.parallel_type, device))
+
+    def synchronize():
+        if on_gpu:
+            torch.cuda.synchronize(device)
 
     average_time = 0.0
     for i in range(args.num_steps):
+        synchronize()
         t_start = time.perf_counter()
         if not args.eval:
             optimizer.zero_grad()
@@ -126,6 +144,7 @@ def main(argv=None):
         else:
             with torch.no_grad():
                 loss = F.nll_loss(model(x), y)
+        synchronize()
         t_stop = time.perf_counter()
         # Tutel's count: 2 expert GEMMs of 2*T*d*h flops per routed token, x3 for fwd+bwd.
         mm_coef = 1 if args.eval else 3
