@@ -48,7 +48,10 @@ struct MoEConfig {
   index_t model_dim = 0;    // d
   index_t hidden_size = 0;  // h, per expert
   index_t num_experts = 0;  // E
-  int top_k = 2;            // k; clamped to E, 0 is an error
+  // The experts' output width, and so the layer's (Tutel's output_dim): fc2 maps h to it and y is
+  // [..., output_dim]. 0: model_dim. Shared experts have the same output width.
+  index_t output_dim = 0;
+  int top_k = 2;  // k; clamped to E, 0 is an error
   DType dtype = DType::kF32;
   Device device;
   std::uint64_t seed = 1;  // parameter initialisation and the noise/jitter streams
@@ -93,6 +96,8 @@ struct MoEConfig {
   bool has_fc1_bias = true;
   bool has_fc2_bias = true;
   index_t shared_expert_hidden = 0;  // hidden size of one shared expert on every token; 0: none
+
+  index_t out_dim() const { return output_dim > 0 ? output_dim : model_dim; }
 };
 
 // Per-call overrides; none of them moves or re-shards weights. Under expert parallelism every

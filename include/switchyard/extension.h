@@ -35,8 +35,10 @@ class ExpertNetwork {
   virtual ~ExpertNetwork() = default;
   // rows [R, d]: rows [offsets[e], offsets[e+1]) go to local expert e; offsets is an i64 tensor
   // of E+1 entries, on the host where the host knows them without a sync (the padded layout),
-  // else on rows' device (read them there to keep the step free of host syncs). Returns [R, d_out] in rows' dtype. When training, saves what
-  // backward needs; an evaluation forward (training = false) must leave that state untouched.
+  // else on rows' device (read them there to keep the step free of host syncs). Returns [R, d_out]
+  // in rows' dtype, d_out = MoEConfig::out_dim() (model_dim unless output_dim is set). When
+  // training, saves what backward needs; an evaluation forward (training = false) must leave that
+  // state untouched.
   virtual Tensor forward(const Tensor& rows, const Tensor& offsets, bool training) = 0;
   // drows_out [R, d_out] -> drows [R, d]; accumulates the gradients of parameters().
   virtual Tensor backward(const Tensor& drows_out) = 0;

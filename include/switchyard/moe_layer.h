@@ -15,13 +15,13 @@
 // same seed. With fewer experts than ranks (Tutel's sharded experts; E must divide the world
 // size) the s = world_size / E ranks r with r / s == e share expert e, each holding hidden slice
 // r % s of it (num_local_experts() = 1, first_local_expert() = e); ForwardOptions::adaptive_r
-// picks how a call splits the work (src/layer/expert_layout.h). Each rank routes its own tokens (capacity and slots per rank, ROUTING.md §3); the
-// padded buffer [E, C, d] travels by all_to_all to the experts' ranks and back; the packed
-// (dropless) buffer by all_to_all_v. forward, backward, update_expert_bias and the constructor
-// are collective: every rank calls them in the same order with the same options.
-// Gradients: expert parameters (Parameter::replicated == false) are complete on their rank; the
-// gate's and the shared experts' (replicated == true) hold this rank's tokens' share only: the
-// caller sums them over ranks (e.g. Communicator::all_reduce), as Tutel's users do.
+// picks how a call splits the work (src/layer/expert_layout.h). Each rank routes its own tokens
+// (capacity and slots per rank, ROUTING.md §3); the padded buffer [E, C, d] travels by all_to_all
+// to the experts' ranks and back; the packed (dropless) buffer by all_to_all_v. forward, backward,
+// update_expert_bias and the constructor are collective: every rank calls them in the same order
+// with the same options. Gradients: expert parameters (Parameter::replicated == false) are complete
+// on their rank; the gate's and the shared experts' (replicated == true) hold this rank's tokens'
+// share only: the caller sums them over ranks (e.g. Communicator::all_reduce), as Tutel's users do.
 // CUDA layers take an NCCL communicator (see docs/parallelism.md for what is checked there).
 #pragma once
 
@@ -87,9 +87,9 @@ class MoELayer {
   index_t num_local_experts() const;
   index_t first_local_expert() const;
 
-  // x [..., d] on the layer's device, any floating dtype (cast to the layer's dtype).
-  // T = 0 gives an empty output. Throws switchyard::Error on bad input, NaN/Inf in x or the
-  // logits, or bad options; the layer stays usable.
+  // x [..., d] on the layer's device, any floating dtype (cast to the layer's dtype); y is
+  // [..., cfg.out_dim()]. T = 0 gives an empty output. Throws switchyard::Error on bad input,
+  // NaN/Inf in x or the logits, or bad options; the layer stays usable.
   ForwardResult forward(const Tensor& x, const ForwardOptions& options = {});
 
   // dy: same shape as the last forward's y. Returns dx (shape and dtype of that x) and

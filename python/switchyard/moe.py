@@ -218,18 +218,19 @@ class CosineTopKGate(nn.Module):
 class FusedExpertsNetwork(nn.Module):
     """Tutel's 'ffn' experts: y = act(x fc1_w[e]ᵀ + fc1_bias[e]) fc2_w[e] + fc2_bias[e].
 
-    batched_fc1_w [E, h, d] ([E, 2h, d] for swiglu/geglu), batched_fc2_w [E, h, d] (stored
-    transposed, as Tutel), batched_fc1_bias [E, h], batched_fc2_bias [E, d]; each expert
-    initialised like a fresh nn.Linear."""
+    batched_fc1_w [E, h, d] ([E, 2h, d] for swiglu/geglu), batched_fc2_w [E, h, o] (stored
+    transposed, as Tutel), batched_fc1_bias [E, h], batched_fc2_bias [E, o], with o the
+    output_dim (default model_dim); each expert initialised like a fresh nn.Linear."""
 
     def __init__(self, model_dim, num_experts, hidden_size, activation_fn=None,
                  activation_fn_with_self=None, has_fc1_bias=True, has_fc2_bias=True,
-                 prefix_doc="experts", sharded_count=1):
+                 prefix_doc="experts", sharded_count=1, output_dim=None):
         super().__init__()
         if activation_fn is not None and activation_fn_with_self is not None:
             raise ValueError(f"{prefix_doc}: give activation_fn or activation_fn_with_self, "
                              "not both")
         self.model_dim, self.hidden_size, self.num_experts = model_dim, hidden_size, num_experts
+        self.output_dim = int(output_dim) if output_dim else model_dim
         if activation_fn_with_self is not None:
             self.native_activation = None
             self.activation_fn = lambda h: activation_fn_with_self(h, self)
@@ -239,13 +240,13 @@ class FusedExpertsNetwork(nn.Module):
         gated = self.native_activation in ("swiglu", "geglu")
         h1 = 2 * hidden_size if gated else hidden_size
         self.batched_fc1_w = nn.Parameter(torch.empty(num_experts, h1, model_dim))
-        self.batched_fc2_w = nn.Parameter(torch.empty(num_experts, hidden_size, model_dim))
+        self.batched_fc2_w = nn.Parameter(torch.empty(num_experts, hidden_size, self.output_dim))
         self.batched_fc1_bias = (nn.Parameter(torch.empty(num_experts, h1))
                                  if has_fc1_bias else None)
         # Sharded experts (hidden_size is then this rank's slice): each of the sharded_count
-        # ranks holds ceil(d / sharded_count) columns of the expert's fc2 bias, as in Tutel.
+        # ranks holds ceil(o / sharded_count) columns of the expert's fc2 bias, as in Tutel.
         self.sharded_count = sharded_count
-        bias_cols = -(-model_dim // sharded_count)
+        bias_cols = -(-self.output_dim // sharded_count)
         self.batched_fc2_bias = (nn.Parameter(torch.empty(num_experts, bias_cols))
                                  if has_fc2_bias else None)
         self.reset_parameters()
@@ -264,12 +265,12 @@ class FusedExpertsNetwork(nn.Module):
                 self.batched_fc2_bias.uniform_(-b2, b2)
 
     def extra_repr(self):
-        return "model_dim=%d, hidden_size=%d, local_experts=%d, activation=%s" % (
-            self.model_dim, self.hidden_size, self.num_experts,
+        return "model_dim=%d, hidden_size=%d, output_dim=%d, local_experts=%d, activation=%s" % (
+            self.model_dim, self.hidden_size, self.output_dim, self.num_experts,
             self.native_activation or "python callable")
 
     def forward(self, x, ctx=None):
-        """x [E, C, d] -> [E, C, d] in torch (the Python path; the native path is in C++)."""
+        """x [E, C, d] -> [E, C, o] in torch (the Python path; the native path is in C++)."""
         h = torch.matmul(x, self.batched_fc1_w.transpose(1, 2))
         if self.batched_fc1_bias is not None:
             h = h + self.batched_fc1_bias.unsqueeze(1)
@@ -566,7 +567,7 @@ class MOELayer(nn.Module):
                 model_dim, 1, int(shared_expert_hidden), act,
                 has_fc1_bias=self.experts.batched_fc1_bias is not None,
                 has_fc2_bias=self.experts.batched_fc2_bias is not None,
-                prefix_doc="shared_experts")
+                prefix_doc="shared_experts", output_dim=self.experts.output_dim)
         else:
             self.shared_experts = None
 
@@ -643,11 +644,9 @@ class MOELayer(nn.Module):
             raise TypeError("moe_layer: experts of type 'ffn' need 'hidden_size_per_expert'")
         hidden = experts.pop("hidden_size_per_expert")
         output_dim = experts.pop("output_dim", None)
-        if output_dim is not None and output_dim != self.model_dim:
-            raise NotImplementedError(
-                f"moe_layer: output_dim={output_dim} differs from model_dim={self.model_dim}; "
-                "the switchyard core's experts map d to d for now (MoELayer checks expert "
-                "outputs are [rows, model_dim])")
+        if output_dim is not None and (not isinstance(output_dim, int) or output_dim < 0):
+            raise ValueError("moe_layer: output_dim must be an int >= 0 (0 or None: model_dim), "
+                             f"got {output_dim!r}")
         activation_fn = experts.pop("activation_fn", None)
         activation_fn_with_self = experts.pop("activation_fn_with_self", None)
         has_fc1_bias = experts.pop("has_fc1_bias", True)
@@ -663,7 +662,8 @@ class MOELayer(nn.Module):
         self.experts = FusedExpertsNetwork(self.model_dim, self.num_local_experts,
                                            hidden // self.sharded_count, activation_fn,
                                            activation_fn_with_self, bool(has_fc1_bias),
-                                           bool(has_fc2_bias), sharded_count=self.sharded_count)
+                                           bool(has_fc2_bias), sharded_count=self.sharded_count,
+                                           output_dim=output_dim)
         self._custom_experts = False
 
     def _build_gate(self, g):
@@ -767,6 +767,7 @@ class MOELayer(nn.Module):
         aux = o["aux_loss"] or ("gshard" if self.is_gshard_loss else "load_importance")
         cfg = dict(
             model_dim=self.model_dim,
+            output_dim=0 if self._custom_experts else self.experts.output_dim,
             hidden_size=1 if python_experts else self._hidden_size,
             num_experts=self.num_global_experts, top_k=int(gate.top_k),
             dtype=_TORCH_TO_SY[dtype], device=device, seed=self._seed + gi, rules=o["rules"],
@@ -910,7 +911,9 @@ class MOELayer(nn.Module):
             l_aux = torch.tensor(aux, dtype=eng.routing_dtype, device=device)
             l_z = torch.tensor(z, dtype=eng.routing_dtype, device=device)
 
-        y = y.view(list(original_shape[:-reserve_dims]) + list(reserve_shape))
+        out_dim = cfg["output_dim"] or self.model_dim
+        y = y.view(list(original_shape[:-reserve_dims]) +
+                   (list(reserve_shape) if out_dim == self.model_dim else [out_dim]))
         y = y.to(original_dtype)
         self.l_aux = y.l_aux = l_aux
         self.l_z = y.l_z = l_z

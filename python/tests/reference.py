@@ -19,9 +19,10 @@ def capacity(T, E, k, cf, needed):
 
 def reference_moe(x, wg, w1, w2, b1=None, b2=None, k=2, cf=1.0, bpr=False, normalize=True,
                   postscore=True, act=F.relu, logits=None):
-    """x [T, d], wg [E, d], w1 [E, h, d], w2 [E, h, d], b1 [E, h], b2 [E, d].
-    Returns (y [T, d], l_aux, info) with gradients through autograd."""
+    """x [T, d], wg [E, d], w1 [E, h, d], w2 [E, h, o], b1 [E, h], b2 [E, o] (o: the experts'
+    output width). Returns (y [T, o], l_aux, info) with gradients through autograd."""
     T, d = x.shape
+    o_dim = w2.shape[2]
     E = w1.shape[0]
     k = min(k, E)
     if logits is None:
@@ -49,7 +50,7 @@ def reference_moe(x, wg, w1, w2, b1=None, b2=None, k=2, cf=1.0, bpr=False, norma
 
     ys = []
     for t in range(T):
-        acc = torch.zeros(d, dtype=x.dtype)
+        acc = torch.zeros(o_dim, dtype=x.dtype)
         for j in range(k):
             if slot[t, j] >= C:
                 continue
@@ -63,7 +64,7 @@ def reference_moe(x, wg, w1, w2, b1=None, b2=None, k=2, cf=1.0, bpr=False, norma
                 o = o + b2[e]
             acc = acc + (w[t, j] * o if postscore else o)
         ys.append(acc)
-    y = torch.stack(ys) if T else x.new_zeros(0, d)
+    y = torch.stack(ys) if T else x.new_zeros(0, o_dim)
 
     first = torch.zeros(E, dtype=x.dtype)
     for t in range(T):

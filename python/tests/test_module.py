@@ -435,8 +435,8 @@ def test_bad_arguments():
         moe.moe_layer(gate_type={"type": "top"}, model_dim=D, experts={"type": "moe"})
     with pytest.raises(ValueError, match="activation_fn"):
         moe.moe_layer(gate_type={"type": "top"}, model_dim=D, experts=ffn(activation_fn="tanhh"))
-    with pytest.raises(NotImplementedError, match="output_dim"):
-        moe.moe_layer(gate_type={"type": "top"}, model_dim=D, experts=ffn(output_dim=3))
+    with pytest.raises(ValueError, match="output_dim"):
+        moe.moe_layer(gate_type={"type": "top"}, model_dim=D, experts=ffn(output_dim=-1))
     with pytest.raises(ValueError, match="parallel_type"):
         moe.moe_layer(gate_type={"type": "top"}, model_dim=D, experts=ffn(), parallel_type="x")
     with pytest.raises(switchyard.Error, match="num_groups"):

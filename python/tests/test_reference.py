@@ -20,11 +20,13 @@ GRID = list(itertools.product([1, 2, 3], [1.0, 0.5, 0.0, -0.5], [False, True], [
                               [False, True]))
 
 
-def make_layer(k, cf, bpr, norm, bias, postscore=True, activation=F.relu, **kw):
+def make_layer(k, cf, bpr, norm, bias, postscore=True, activation=F.relu, output_dim=None,
+               **kw):
     layer = moe.moe_layer(
         gate_type={"type": "top", "k": k, "capacity_factor": cf}, model_dim=D,
         experts={"type": "ffn", "num_experts_per_device": E, "hidden_size_per_expert": H,
-                 "activation_fn": activation, "has_fc1_bias": bias, "has_fc2_bias": bias},
+                 "activation_fn": activation, "has_fc1_bias": bias, "has_fc2_bias": bias,
+                 "output_dim": output_dim},
         batch_prioritized_routing=bpr, normalize_gate=norm, is_postscore=postscore, **kw)
     return layer.double()
 
@@ -40,7 +42,7 @@ def check_against_reference(layer, k, cf, bpr, norm, postscore=True, act=F.relu,
     """The layer (f64) on `device` against the reference on the CPU."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, D, dtype=torch.float64, generator=g)
-    dy = torch.randn(T, D, dtype=torch.float64, generator=g)
+    dy = torch.randn(T, layer.experts.output_dim, dtype=torch.float64, generator=g)
     aux_w = 0.37
 
     layer.to(device)
@@ -102,6 +104,23 @@ def test_activations_native_and_python(act, device):
     fn = {"gelu": F.gelu, "silu": F.silu}.get(act, act) if isinstance(act, str) else act
     layer = make_layer(2, 0.0, False, True, True, activation=act)
     check_against_reference(layer, 2, 0.0, False, True, act=fn, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("output_dim,postscore,act,cf",
+                         [(3, True, "relu", 1.0), (9, False, "relu", 0.0),
+                          (4, True, lambda h: torch.tanh(h), 0.5)],
+                         ids=["narrower", "wider_prescore", "narrower_lambda"])
+def test_output_dim_matches_reference(output_dim, postscore, act, cf, device):
+    """Tutel's output_dim: fc2_w [E, h, o], fc2_bias [E, o], y [..., o] (native and Python)."""
+    fn = F.relu if act == "relu" else act
+    layer = make_layer(2, cf, False, True, True, postscore=postscore, activation=act,
+                       output_dim=output_dim)
+    assert layer.experts.batched_fc2_w.shape == (E, H, output_dim)
+    assert layer.experts.batched_fc2_bias.shape == (E, output_dim)
+    check_against_reference(layer, 2, cf, False, True, postscore=postscore, act=fn, device=device)
+    x = torch.randn(2, 5, D, dtype=torch.float64).to(device)
+    assert layer.to(device)(x).shape == (2, 5, output_dim)
 
 
 @pytest.mark.parametrize("device", DEVICES)

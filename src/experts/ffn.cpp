@@ -35,24 +35,26 @@ FfnExperts::FfnExperts(const FfnShape& s, const std::string& prefix, bool replic
   SY_CHECK(s.num_experts >= 1, "experts: num_experts must be >= 1, got ", s.num_experts);
   SY_CHECK(s.model_dim >= 1, "experts: model_dim must be >= 1, got ", s.model_dim);
   SY_CHECK(s.hidden_size >= 1, "experts: hidden_size must be >= 1, got ", s.hidden_size);
+  SY_CHECK(s.output_dim >= 0, "experts: output_dim must be >= 0 (0: model_dim), got ",
+           s.output_dim);
   SY_CHECK(is_floating(s.dtype), "experts: dtype must be floating, got ", dtype_name(s.dtype));
-  const index_t E = s.num_experts, d = s.model_dim, h = s.hidden_size;
+  const index_t E = s.num_experts, d = s.model_dim, h = s.hidden_size, o = s.out_dim();
   const index_t h1 = is_gated(s.activation) ? 2 * h : h;
   fc1_w_ = make_param(prefix + "batched_fc1_w", {E, h1, d}, s, replicated);
-  fc2_w_ = make_param(prefix + "batched_fc2_w", {E, h, d}, s, replicated);
+  fc2_w_ = make_param(prefix + "batched_fc2_w", {E, h, o}, s, replicated);
   if (s.has_fc1_bias) fc1_b_ = make_param(prefix + "batched_fc1_bias", {E, h1}, s, replicated);
-  if (s.has_fc2_bias) fc2_b_ = make_param(prefix + "batched_fc2_bias", {E, d}, s, replicated);
+  if (s.has_fc2_bias) fc2_b_ = make_param(prefix + "batched_fc2_bias", {E, o}, s, replicated);
   SY_CHECK(s.first_expert >= 0, "experts: first_expert must be >= 0, got ", s.first_expert);
-  // Like nn.Linear(d, h1) and nn.Linear(h, d) per expert: U(±1/sqrt(fan_in)) for both. Draws are
+  // Like nn.Linear(d, h1) and nn.Linear(h, o) per expert: U(±1/sqrt(fan_in)) for both. Draws are
   // numbered over all experts, so local expert e gets global expert first_expert + e's values.
   const index_t f = s.first_expert;
   fill_uniform(fc1_w_.value, 1.0 / std::sqrt(static_cast<double>(d)), seed, init_id + 0,
                f * h1 * d);
-  fill_uniform(fc2_w_.value, 1.0 / std::sqrt(static_cast<double>(h)), seed, init_id + 1, f * h * d);
+  fill_uniform(fc2_w_.value, 1.0 / std::sqrt(static_cast<double>(h)), seed, init_id + 1, f * h * o);
   if (s.has_fc1_bias)
     fill_uniform(fc1_b_.value, 1.0 / std::sqrt(static_cast<double>(d)), seed, init_id + 2, f * h1);
   if (s.has_fc2_bias)
-    fill_uniform(fc2_b_.value, 1.0 / std::sqrt(static_cast<double>(h)), seed, init_id + 3, f * d);
+    fill_uniform(fc2_b_.value, 1.0 / std::sqrt(static_cast<double>(h)), seed, init_id + 3, f * o);
 }
 
 std::vector<Parameter*> FfnExperts::parameters() {
@@ -117,8 +119,8 @@ Tensor FfnExperts::backward(const Tensor& dy) {
 Tensor FfnExperts::backward_from(const Tensor& dy, Saved saved) {
   SY_CHECK(saved.x.defined(), "experts: backward called without a training forward");
   const index_t R = saved.x.size(0);
-  SY_CHECK(dy.dim() == 2 && dy.size(0) == R && dy.size(1) == shape_.model_dim,
-           "experts: gradient must be [", R, ", ", shape_.model_dim, "]");
+  SY_CHECK(dy.dim() == 2 && dy.size(0) == R && dy.size(1) == shape_.out_dim(),
+           "experts: gradient must be [", R, ", ", shape_.out_dim(), "]");
   SY_CHECK(dy.device() == shape_.device, "experts: gradient is on ", to_string(dy.device()),
            ", the experts on ", to_string(shape_.device));
 #ifdef SY_WITH_CUDA

@@ -1,7 +1,8 @@
 // FFN experts (Tutel's FusedExpertsNetwork): per local expert e,
 //   y = act(x · fc1_w[e]ᵀ + fc1_bias[e]) · fc2_w[e] + fc2_bias[e]
 // fc1_w [E, h, d] (gated: [E, 2h, d], rows [0,h) gate, [h,2h) up, act(gate) * up),
-// fc2_w [E, h, d] (stored transposed, as Tutel), fc1_bias [E, h or 2h], fc2_bias [E, d].
+// fc2_w [E, h, o] (stored transposed, as Tutel), fc1_bias [E, h or 2h], fc2_bias [E, o]; rows in
+// are [R, d], rows out [R, o], o = the output width (model_dim unless output_dim says otherwise).
 // Each expert is initialised like a fresh nn.Linear: weights and biases U(±1/sqrt(fan_in)).
 #pragma once
 
@@ -26,6 +27,9 @@ struct FfnShape {
   // first_expert + num_experts) of the layer); initialisation draws the values those experts
   // have in a layer holding all of them.
   index_t first_expert = 0;
+  index_t output_dim = 0;  // o; 0: model_dim
+
+  index_t out_dim() const { return output_dim > 0 ? output_dim : model_dim; }
 };
 
 class FfnExperts final : public ExpertNetwork {

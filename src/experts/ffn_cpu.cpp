@@ -41,14 +41,14 @@ Tensor forward_impl(const FfnShape& s, const Parameter& fc1_w, const Parameter& 
                     std::vector<index_t> off, FfnExperts::Saved& saved) {
   using W = acc_t<T>;
   const DType wd = routing_dtype(s.dtype);
-  const index_t R = rows.size(0), d = s.model_dim, h = s.hidden_size;
+  const index_t R = rows.size(0), d = s.model_dim, h = s.hidden_size, o = s.out_dim();
   const bool gated = is_gated(s.activation);
   const index_t h1 = gated ? 2 * h : h;
   const Tensor w1 = as_arith(fc1_w, wd), w2 = as_arith(fc2_w, wd);
   const Tensor b1 = as_arith(fc1_b, wd), b2 = as_arith(fc2_b, wd);
   Tensor x = rows.to(wd).contiguous();
   Tensor hpre = Tensor::empty({R, h1}, wd), act = Tensor::empty({R, h}, wd);
-  Tensor y = Tensor::empty({R, d}, wd);
+  Tensor y = Tensor::empty({R, o}, wd);
   W* hp = hpre.data<W>();
   W* ap = act.data<W>();
   W* yp = y.data<W>();
@@ -76,18 +76,18 @@ Tensor forward_impl(const FfnShape& s, const Parameter& fc1_w, const Parameter& 
   }
   for (index_t e = 0; e < E; ++e) {  // y = act · fc2_w
     const index_t r0 = off[e], n = off[e + 1] - off[e];
-    gemm_raw(false, false, n, d, h, 1.0, ap + offset_of(r0, h), h,
-             w2.data<W>() + offset_of(e, h * d), d, 0.0, yp + offset_of(r0, d), d);
+    gemm_raw(false, false, n, o, h, 1.0, ap + offset_of(r0, h), h,
+             w2.data<W>() + offset_of(e, h * o), o, 0.0, yp + offset_of(r0, o), o);
   }
-  Tensor out = Tensor::empty({R, d}, s.dtype);
+  Tensor out = Tensor::empty({R, o}, s.dtype);
   T* op = out.data<T>();
   const W* b2p = b2.defined() ? b2.data<W>() : nullptr;
 #pragma omp parallel for schedule(static)
   for (index_t e = 0; e < E; ++e)
     for (index_t r = off[e]; r < off[e + 1]; ++r)
-      for (index_t j = 0; j < d; ++j)
-        op[offset_of(r, d) + j] =
-            store<T>(yp[offset_of(r, d) + j] + (b2p ? b2p[offset_of(e, d) + j] : W(0)));
+      for (index_t j = 0; j < o; ++j)
+        op[offset_of(r, o) + j] =
+            store<T>(yp[offset_of(r, o) + j] + (b2p ? b2p[offset_of(e, o) + j] : W(0)));
   saved = FfnExperts::Saved{x, hpre, act, std::move(off), Tensor(), false};
   return out;
 }
@@ -114,6 +114,7 @@ Tensor backward_impl(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Para
   using W = acc_t<T>;
   const DType wd = routing_dtype(s.dtype);
   const index_t R = sv.x.size(0), d = s.model_dim, h = s.hidden_size, E = s.num_experts;
+  const index_t o = s.out_dim();
   const bool gated = is_gated(s.activation);
   const index_t h1 = gated ? 2 * h : h;
   const std::vector<index_t>& off = sv.offsets;
@@ -130,17 +131,17 @@ Tensor backward_impl(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Para
   // are stored in the arithmetic dtype; f16/bf16 grads go through an f32 buffer.
   const bool direct = s.dtype == wd;
   Tensor gw1 = direct ? fc1_w.grad : Tensor::zeros({E, h1, d}, wd);
-  Tensor gw2 = direct ? fc2_w.grad : Tensor::zeros({E, h, d}, wd);
+  Tensor gw2 = direct ? fc2_w.grad : Tensor::zeros({E, h, o}, wd);
   W* dap = da.data<W>();
   W* dhp = dh.data<W>();
   for (index_t e = 0; e < E; ++e) {
     const index_t r0 = off[e], n = off[e + 1] - off[e];
     if (n == 0) continue;
     // da = dy · fc2_wᵀ ; d fc2_w = actᵀ · dy
-    gemm_raw(false, true, n, h, d, 1.0, dyp + offset_of(r0, d), d,
-             w2.data<W>() + offset_of(e, h * d), d, 0.0, dap + offset_of(r0, h), h);
-    gemm_raw(true, false, h, d, n, 1.0, ap + offset_of(r0, h), h, dyp + offset_of(r0, d), d, 1.0,
-             gw2.data<W>() + offset_of(e, h * d), d);
+    gemm_raw(false, true, n, h, o, 1.0, dyp + offset_of(r0, o), o,
+             w2.data<W>() + offset_of(e, h * o), o, 0.0, dap + offset_of(r0, h), h);
+    gemm_raw(true, false, h, o, n, 1.0, ap + offset_of(r0, h), h, dyp + offset_of(r0, o), o, 1.0,
+             gw2.data<W>() + offset_of(e, h * o), o);
   }
 #pragma omp parallel for schedule(static)
   for (index_t r = 0; r < R; ++r) {
@@ -176,9 +177,9 @@ Tensor backward_impl(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Para
     accumulate<T>(fc1_b.grad, g.data<W>());
   }
   if (fc2_b.value.defined()) {
-    Tensor g = Tensor::empty({E, d}, wd);
+    Tensor g = Tensor::empty({E, o}, wd);
     for (index_t e = 0; e < E; ++e)
-      column_sums(dyp, d, off[e], off[e + 1], g.data<W>() + offset_of(e, d));
+      column_sums(dyp, o, off[e], off[e + 1], g.data<W>() + offset_of(e, o));
     accumulate<T>(fc2_b.grad, g.data<W>());
   }
   return dx.to(s.dtype);

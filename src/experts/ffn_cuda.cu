@@ -235,7 +235,8 @@ void per_expert(const std::vector<index_t>& off, F&& f) {
 bool ffn_cuda_grouped(const FfnShape& s, index_t rows) {
   const index_t h1 = is_gated(s.activation) ? 2 * s.hidden_size : s.hidden_size;
   return dispatch_float_cuda(s.dtype, "ffn_cuda_grouped", [&](auto tag) {
-    return use_grouped_gemm<decltype(tag)>(rows, s.num_experts, s.model_dim, h1);
+    return use_grouped_gemm<decltype(tag)>(rows, s.num_experts, s.model_dim, h1) &&
+           s.out_dim() % 8 == 0;  // the grouped kernel's alignment, as use_grouped_gemm asks of d
   });
 }
 
@@ -247,6 +248,7 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
   const cudaStream_t stream = as_cuda_stream(current_stream(dev).handle);
   cublasHandle_t h = cublas_handle(dev.index, stream);
   const index_t R = rows.size(0), d = s.model_dim, hid = s.hidden_size, E = s.num_experts;
+  const index_t o = s.out_dim();
   const bool gated = is_gated(s.activation);
   const index_t h1 = gated ? 2 * hid : hid;
   const Tensor x = rows.contiguous();
@@ -260,7 +262,7 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
   const bool relu = !gated && s.activation == Activation::kRelu;
   const bool fused_act = grouped && relu;
   Tensor hpre = fused_act ? Tensor() : Tensor::empty({R, h1}, s.dtype, dev);
-  Tensor act = Tensor::empty({R, hid}, s.dtype, dev), y = Tensor::empty({R, d}, s.dtype, dev);
+  Tensor act = Tensor::empty({R, hid}, s.dtype, dev), y = Tensor::empty({R, o}, s.dtype, dev);
   const Tensor off_dev = offsets.to(dev).contiguous();  // a copy only for host offsets
   const Tensor row_expert = Tensor::empty({R}, DType::kI64, dev);
   if (R > 0) {
@@ -296,19 +298,19 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
       });
       SY_CUDA_CHECK_LAUNCH();
     }
-    if (grouped) {  // y = act · fc2_w + b2, fc2_w [E, hid, d]
-      grouped_varying_m<T>(ap, w2, false, yp, off_dev.data<index_t>(), E, R, d, hid, stream, b2);
+    if (grouped) {  // y = act · fc2_w + b2, fc2_w [E, hid, o]
+      grouped_varying_m<T>(ap, w2, false, yp, off_dev.data<index_t>(), E, R, o, hid, stream, b2);
     } else {
       per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {  // y = act · fc2_w
-        gemm<T>(h, false, false, n, d, hid, ap + offset_of(r0, hid), hid, n * hid,
-                w2 + offset_of(e, hid * d), d, hid * d, 0.0, yp + offset_of(r0, d), d, n * d,
+        gemm<T>(h, false, false, n, o, hid, ap + offset_of(r0, hid), hid, n * hid,
+                w2 + offset_of(e, hid * o), o, hid * o, 0.0, yp + offset_of(r0, o), o, n * o,
                 batch);
       });
     }
     if (b2 && !grouped && R > 0) {
-      with_pack_width<T>(d, {yp, b2}, [&](auto v) {
+      with_pack_width<T>(o, {yp, b2}, [&](auto v) {
         add_bias<T, v()>
-            <<<row_blocks(R), 256, 0, stream>>>(yp, b2, row_expert.data<index_t>(), R, d);
+            <<<row_blocks(R), 256, 0, stream>>>(yp, b2, row_expert.data<index_t>(), R, o);
       });
       SY_CUDA_CHECK_LAUNCH();
     }
@@ -324,6 +326,7 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
   const cudaStream_t stream = as_cuda_stream(current_stream(dev).handle);
   cublasHandle_t h = cublas_handle(dev.index, stream);
   const index_t R = sv.x.size(0), d = s.model_dim, hid = s.hidden_size, E = s.num_experts;
+  const index_t o = s.out_dim();
   const bool gated = is_gated(s.activation);
   const index_t h1 = gated ? 2 * hid : hid;
   const std::vector<index_t>& off = sv.offsets;
@@ -347,16 +350,16 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
     T* dap = static_cast<T*>(da.data_ptr());
     const index_t* offp = off_dev.data<index_t>();
     if (grouped) {  // da = dy · fc2_wᵀ ; d fc2_w += actᵀ · dy
-      grouped_varying_m<T>(dyp, w2, true, dap, offp, E, R, hid, d, stream);
-      grouped_varying_k<T>(ap, dyp, g2, offp, E, R, hid, d, 1.0, stream);
+      grouped_varying_m<T>(dyp, w2, true, dap, offp, E, R, hid, o, stream);
+      grouped_varying_k<T>(ap, dyp, g2, offp, E, R, hid, o, 1.0, stream);
     } else {
       per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {
         // da = dy · fc2_wᵀ ; d fc2_w += actᵀ · dy
-        gemm<T>(h, false, true, n, hid, d, dyp + offset_of(r0, d), d, n * d,
-                w2 + offset_of(e, hid * d), d, hid * d, 0.0, dap + offset_of(r0, hid), hid, n * hid,
+        gemm<T>(h, false, true, n, hid, o, dyp + offset_of(r0, o), o, n * o,
+                w2 + offset_of(e, hid * o), o, hid * o, 0.0, dap + offset_of(r0, hid), hid, n * hid,
                 batch);
-        gemm<T>(h, true, false, hid, d, n, ap + offset_of(r0, hid), hid, n * hid,
-                dyp + offset_of(r0, d), d, n * d, 1.0, g2 + offset_of(e, hid * d), d, hid * d,
+        gemm<T>(h, true, false, hid, o, n, ap + offset_of(r0, hid), hid, n * hid,
+                dyp + offset_of(r0, o), o, n * o, 1.0, g2 + offset_of(e, hid * o), o, hid * o,
                 batch);
       });
     }
@@ -389,7 +392,7 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
     if (fc1_b.value.defined())
       launch_bias_grad(dhp, offp, fc1_b.grad.data_ptr(), E, h1, s.dtype, stream);
     if (fc2_b.value.defined())
-      launch_bias_grad(dyp, offp, fc2_b.grad.data_ptr(), E, d, s.dtype, stream);
+      launch_bias_grad(dyp, offp, fc2_b.grad.data_ptr(), E, o, s.dtype, stream);
   });
   return dx;
 }

@@ -86,6 +86,6 @@ struct ColumnRange {
   index_t begin = 0;
   index_t length = 0;
 };
-ColumnRange fc2_bias_columns(index_t model_dim, index_t slice, index_t num_slices);
+ColumnRange fc2_bias_columns(index_t out_dim, index_t slice, index_t num_slices);
 
 }  // namespace switchyard

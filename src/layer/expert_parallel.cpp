@@ -76,7 +76,8 @@ index_t piece_length(index_t length, index_t i, index_t n) {
 FfnShape full_ffn_shape(const MoEConfig& cfg) {
   return FfnShape{cfg.num_experts, cfg.model_dim,    cfg.hidden_size,
                   cfg.activation,  cfg.has_fc1_bias, cfg.has_fc2_bias,
-                  cfg.dtype,       cfg.device,       0};
+                  cfg.dtype,       cfg.device,       0,
+                  cfg.output_dim};
 }
 
 bool same_region(const ExpertRegion& a, const ExpertRegion& b) {
@@ -112,6 +113,7 @@ void check_config_on_all_ranks(const MoEConfig& cfg, Communicator& comm) {
   // Shapes first (the usual mistake), then everything that changes the exchange or the math.
   comm.check_same_on_all_ranks("num_experts", {cfg.num_experts});
   comm.check_same_on_all_ranks("model_dim", {cfg.model_dim});
+  comm.check_same_on_all_ranks("output_dim", {cfg.out_dim()});
   comm.check_same_on_all_ranks("hidden_size", {cfg.hidden_size});
   const auto bits = [](double v) {
     const auto b = std::bit_cast<std::uint64_t>(v);
@@ -256,11 +258,12 @@ Tensor ExpertParallel::forward(const ParallelCall& call, const RoutingPlan& plan
         !s.layout.sharded_store && s.layout.num_slices == 1;  // plain expert parallelism
     s.net = stored_as_is ? ffn_ : network_for(s.region);
     s.chunks = plan_chunks(call, s.layout, plan);
-    out = exchange(buffer.contiguous(), s, [&](Chunk& c, const Tensor& rows, const Tensor& off) {
+    const index_t o = cfg_.out_dim();
+    out = exchange(buffer.contiguous(), o, s, [&](Chunk& c, const Tensor& rows, const Tensor& off) {
       Tensor y = s.net ? s.net->forward_into(rows, off, training ? &c.saved : nullptr)
                        : experts_.forward(rows, off, training);
-      SY_CHECK(y.dim() == 2 && y.size(0) == rows.size(0) && y.size(1) == cfg_.model_dim,
-               "experts: output must be [", rows.size(0), ", ", cfg_.model_dim, "]");
+      SY_CHECK(y.dim() == 2 && y.size(0) == rows.size(0) && y.size(1) == o,
+               "experts: output must be [", rows.size(0), ", ", o, "]");
       return y;
     });
   }
@@ -280,7 +283,7 @@ Tensor ExpertParallel::backward(const Tensor& dout) {
   if (s.call.adaptive_r == 0) {
     dx = full_->backward(dy).to(cfg_.dtype).contiguous();
   } else {
-    dx = exchange(dy, s, [&](Chunk& c, const Tensor& drows, const Tensor&) {
+    dx = exchange(dy, cfg_.model_dim, s, [&](Chunk& c, const Tensor& drows, const Tensor&) {
       return s.net ? s.net->backward_from(drows, std::move(c.saved)) : experts_.backward(drows);
     });
   }
@@ -351,9 +354,9 @@ std::vector<ExpertParallel::Chunk> ExpertParallel::plan_chunks(const ParallelCal
 }
 
 Tensor ExpertParallel::exchange(
-    const Tensor& rows, Saved& s,
+    const Tensor& rows, index_t out_width, Saved& s,
     const std::function<Tensor(Chunk&, const Tensor&, const Tensor&)>& compute) {
-  const index_t W = comm_->size(), m = s.layout.experts_per_rank, d = cfg_.model_dim;
+  const index_t W = comm_->size(), m = s.layout.experts_per_rank, d = rows.size(1);
   const std::size_t n = s.chunks.size();
   std::vector<Tensor> send(n), recv(n), back_send(n), back_recv(n);
   std::vector<std::vector<index_t>> send_rank(n), recv_rank(n);
@@ -388,15 +391,15 @@ Tensor ExpertParallel::exchange(
       for (index_t le = 0; le < m; ++le) expert_rows[le] += ch.recv_count[p * m + le];
     const Tensor y = compute(ch, arrived, offsets_tensor(expert_rows)).to(cfg_.dtype);
     back_send[c] = transpose_blocks(y, m, W, transpose_counts(ch.recv_count, W, m));
-    back_recv[c] = Tensor::empty({sum_of(send_rank[c]), d}, cfg_.dtype, cfg_.device);
+    back_recv[c] = Tensor::empty({sum_of(send_rank[c]), out_width}, cfg_.dtype, cfg_.device);
     back[c] = comm_->start_all_to_all_v(back_send[c], recv_rank[c], back_recv[c], send_rank[c],
                                         s.call.algorithm);
   }
   // 3. Every row back in place: one block per row with whole experts (a copy); with r hidden
   // slices, r partial blocks summed in rank (= slice) order.
   const bool partial = s.layout.num_slices > 1;
-  Tensor out = partial ? Tensor::zeros({s.num_rows, d}, cfg_.dtype, cfg_.device)
-                       : Tensor::empty({s.num_rows, d}, cfg_.dtype, cfg_.device);
+  Tensor out = partial ? Tensor::zeros({s.num_rows, out_width}, cfg_.dtype, cfg_.device)
+                       : Tensor::empty({s.num_rows, out_width}, cfg_.dtype, cfg_.device);
   for (std::size_t c = 0; c < n; ++c) {
     back[c].wait();
     index_t pos = 0;

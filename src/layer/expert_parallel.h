@@ -104,8 +104,9 @@ class ExpertParallel {
   std::vector<Chunk> plan_chunks(const ParallelCall& call, const ComputeLayout& layout,
                                  const RoutingPlan& plan);
   // Sends `rows` [R, d] out as the chunks say, runs `compute` on each chunk's arrived rows
-  // ([m][W] blocks; offsets [m+1]) and sums the returned rows back into [R, d].
-  Tensor exchange(const Tensor& rows, Saved& s,
+  // ([m][W] blocks; offsets [m+1]; it returns [rows, out_width]) and sums the returned rows back
+  // into [R, out_width] (forward: the experts' output width; backward: d).
+  Tensor exchange(const Tensor& rows, index_t out_width, Saved& s,
                   const std::function<Tensor(Chunk&, const Tensor&, const Tensor&)>& compute);
   // The network that computes `region` (cached per shape), its weights filled for the call.
   FfnExperts* network_for(const ExpertRegion& region);

@@ -34,7 +34,7 @@ std::string shape_str(const Shape& s) {
 FfnShape ffn_shape(const MoEConfig& cfg, index_t num_experts, index_t hidden,
                    index_t first_expert = 0) {
   return FfnShape{num_experts,      cfg.model_dim, hidden,     cfg.activation, cfg.has_fc1_bias,
-                  cfg.has_fc2_bias, cfg.dtype,     cfg.device, first_expert};
+                  cfg.has_fc2_bias, cfg.dtype,     cfg.device, first_expert,   cfg.output_dim};
 }
 
 // The capacity a packed dropless plan reports: the largest count, aligned as the CPU router does
@@ -78,7 +78,7 @@ struct MoELayer::Impl {
 
   // The last forward, for backward.
   bool saved = false;
-  Shape x_shape;
+  Shape x_shape, y_shape;
   DType x_dtype = DType::kF32;
   Tensor x;       // [T, d] in the layer's dtype
   Tensor jitter;  // [T, d] or undefined
@@ -86,7 +86,7 @@ struct MoELayer::Impl {
   RoutingPlan host_plan;  // the plan where the router ran on the host for a CUDA layer
   RoutingPlan plan;       // on the layer's device
   RouterState router;
-  Tensor expert_out;  // [R, d]
+  Tensor expert_out;  // [R, o]: the experts' output width
 
   const Tensor& shared_rows(index_t T) {
     if (all_rows_tokens != T) {
@@ -188,7 +188,7 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
   const double cf = resolve_capacity_factor(cfg, opt);
   const Layout layout = resolve_layout(cfg, opt, cf);
   const int overlap_degree = resolve_overlap_degree(cfg, opt);
-  const index_t d = cfg.model_dim, T = x_in.numel() / d, E = cfg.num_experts;
+  const index_t d = cfg.model_dim, T = x_in.numel() / d, E = cfg.num_experts, o = cfg.out_dim();
   // Expert parallel: every rank agrees on the call's options (collective); T_max over ranks.
   ParallelCall call;
   if (m.ep) call = m.ep->begin(opt, T, k, cf, layout, overlap_degree);
@@ -263,8 +263,8 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
       m.ep ? m.ep->forward(call, plan, buffer, opt.training)
            : m.experts->forward(buffer, expert_offsets(plan, on_host ? &host_plan : nullptr),
                                 opt.training);
-  SY_CHECK(expert_out.dim() == 2 && expert_out.size(0) == plan.num_rows && expert_out.size(1) == d,
-           "experts: output must be [", plan.num_rows, ", ", d, "], got ",
+  SY_CHECK(expert_out.dim() == 2 && expert_out.size(0) == plan.num_rows && expert_out.size(1) == o,
+           "experts: output must be [", plan.num_rows, ", ", o, "], got ",
            shape_str(expert_out.sizes()));
   expert_out = expert_out.to(cfg.dtype);
   Tensor y = decode(plan, expert_out, cfg.is_postscore);
@@ -304,10 +304,13 @@ ForwardResult MoELayer::forward(const Tensor& x_in, const ForwardOptions& opt) {
     if (cfg.expert_bias) add_inplace(m.bias_counts, plan.expert_count.to(DType::kF64));
     ++m.step;
   }
-  result.y = y.view(x_in.sizes());
+  Shape y_shape = x_in.sizes();
+  y_shape.back() = o;
+  result.y = y.view(y_shape);
   if (!opt.training) return result;
 
   m.x_shape = x_in.sizes();
+  m.y_shape = y_shape;
   m.x_dtype = x_in.dtype();
   m.x = x;
   m.jitter = jitter;
@@ -326,8 +329,8 @@ Tensor MoELayer::backward(const Tensor& dy_in, const LossWeights& weights) {
   SY_CHECK(m.saved,
            "backward: no forward to differentiate (call forward first; each forward "
            "allows one backward)");
-  SY_CHECK(dy_in.defined() && dy_in.sizes() == m.x_shape, "backward: dy must have the shape of y ",
-           shape_str(m.x_shape), ", got ",
+  SY_CHECK(dy_in.defined() && dy_in.sizes() == m.y_shape, "backward: dy must have the shape of y ",
+           shape_str(m.y_shape), ", got ",
            dy_in.defined() ? shape_str(dy_in.sizes()) : "undefined");
   SY_CHECK(dy_in.device() == cfg.device, "backward: dy is on ", to_string(dy_in.device()),
            ", the layer on ", to_string(cfg.device));
@@ -336,8 +339,8 @@ Tensor MoELayer::backward(const Tensor& dy_in, const LossWeights& weights) {
   SY_CHECK(std::isfinite(weights.aux) && std::isfinite(weights.z),
            "backward: loss weights must be finite, got aux=", weights.aux, ", z=", weights.z);
   const Tf32Scope tf32(cfg.use_tensorcore);  // the gate opts out below
-  const index_t d = cfg.model_dim, T = m.x.size(0);
-  const Tensor dy = dy_in.reshape({T, d}).to(cfg.dtype).contiguous();
+  const index_t T = m.x.size(0);
+  const Tensor dy = dy_in.reshape({T, cfg.out_dim()}).to(cfg.dtype).contiguous();
   m.saved = false;
 
   const Device dev = cfg.device;

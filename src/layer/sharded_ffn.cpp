@@ -7,7 +7,7 @@ namespace switchyard {
 ShardedFfnExperts::ShardedFfnExperts(const FfnShape& full, const ExpertShard& shard,
                                      const std::string& prefix, std::uint64_t seed,
                                      std::uint64_t init_id) {
-  const index_t s = shard.num_slices, d = full.model_dim;
+  const index_t s = shard.num_slices, o = full.out_dim();
   // Draw the whole expert as a layer holding all experts would, then keep this rank's parts.
   FfnShape whole = full;
   whole.num_experts = 1;
@@ -26,8 +26,8 @@ ShardedFfnExperts::ShardedFfnExperts(const FfnShape& full, const ExpertShard& sh
     part_view(to[i]->value, params[i], gated, 1)
         .copy_from(region_view(from[i]->value, params[i], gated, full.hidden_size, region));
   if (full.has_fc2_bias) {
-    const ColumnRange cols = fc2_bias_columns(d, shard.slice, s);
-    const Shape shape{1, (d + s - 1) / s};
+    const ColumnRange cols = fc2_bias_columns(o, shard.slice, s);
+    const Shape shape{1, (o + s - 1) / s};
     fc2_bias_.emplace(Parameter{prefix + "batched_fc2_bias",
                                 Tensor::zeros(shape, full.dtype, full.device),
                                 Tensor::zeros(shape, full.dtype, full.device), false});

@@ -29,6 +29,7 @@ void check_k(const MoEConfig& cfg, int k) {
 
 void validate_config(const MoEConfig& cfg) {
   SY_CHECK(cfg.model_dim >= 1, "model_dim must be >= 1, got ", cfg.model_dim);
+  SY_CHECK(cfg.output_dim >= 0, "output_dim must be >= 0 (0: model_dim), got ", cfg.output_dim);
   SY_CHECK(cfg.hidden_size >= 1, "hidden_size must be >= 1, got ", cfg.hidden_size);
   SY_CHECK(cfg.num_experts >= 1, "num_experts must be >= 1, got ", cfg.num_experts);
   SY_CHECK(cfg.num_experts <= (index_t{1} << 30), "num_experts must be <= 2^30, got ",

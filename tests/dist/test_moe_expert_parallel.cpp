@@ -177,7 +177,7 @@ std::vector<double> stored_part(const MoEConfig& cfg, const sy::Parameter& p, co
     const index_t El = E / ranks();
     return full.narrow(0, rank() * El, El).contiguous().to_vector();
   }
-  const index_t e = rank() / s, j = rank() % s, d = cfg.model_dim;
+  const index_t e = rank() / s, j = rank() % s, d = cfg.out_dim();
   const Tensor row = full.narrow(0, e, 1).contiguous();
   if (p.name == "experts.batched_fc2_bias") {
     const index_t dc = (d + s - 1) / s;
@@ -218,7 +218,7 @@ void check_case(const Case& c, MoEConfig cfg, bool starve = false) {
 
   const int r = rank();
   const index_t T = tokens_of(r, c.uneven);
-  const Tensor x = input_of(r, T, d, 1, starve), dy = input_of(r, T, d, 2);
+  const Tensor x = input_of(r, T, d, 1, starve), dy = input_of(r, T, cfg.out_dim(), 2);
   const sy::ForwardResult got = ep.forward(x, ep_fo);
   const Tensor dx = ep.backward(dy, lw);
 
@@ -228,7 +228,7 @@ void check_case(const Case& c, MoEConfig cfg, bool starve = false) {
   for (int q = 0; q < ranks(); ++q) {
     const index_t Tq = tokens_of(q, c.uneven);
     sy::ForwardResult rq = ref.forward(input_of(q, Tq, d, 1, starve), fo);
-    Tensor dxq = ref.backward(input_of(q, Tq, d, 2), lw);
+    Tensor dxq = ref.backward(input_of(q, Tq, cfg.out_dim(), 2), lw);
     for (std::size_t e = 0; e < ref_counts.size(); ++e)
       ref_counts[e] += static_cast<double>(rq.stats.tokens_per_expert[e]);
     if (q == r) {
@@ -388,7 +388,7 @@ void check_against_all_tokens_at_once(const MoEConfig& cfg, const sy::LossWeight
     const int r = rank();
     const index_t T = tokens_of(r, uneven);
     const sy::ForwardResult got = ep.forward(input_of(r, T, d, 3), {});
-    const Tensor dx = ep.backward(input_of(r, T, d, 4), lw);
+    const Tensor dx = ep.backward(input_of(r, T, cfg.out_dim(), 4), lw);
 
     index_t total = 0, offset = 0;
     for (int q = 0; q < ranks(); ++q) {
@@ -396,10 +396,11 @@ void check_against_all_tokens_at_once(const MoEConfig& cfg, const sy::LossWeight
       total += tokens_of(q, uneven);
     }
     Tensor X = Tensor::empty({total, d}, cfg.dtype, cfg.device);
-    Tensor DY = Tensor::empty({total, d}, cfg.dtype, cfg.device);
+    Tensor DY = Tensor::empty({total, cfg.out_dim()}, cfg.dtype, cfg.device);
     for (int q = 0, at = 0; q < ranks(); at += static_cast<int>(tokens_of(q, uneven)), ++q) {
       X.narrow(0, at, tokens_of(q, uneven)).copy_from(input_of(q, tokens_of(q, uneven), d, 3));
-      DY.narrow(0, at, tokens_of(q, uneven)).copy_from(input_of(q, tokens_of(q, uneven), d, 4));
+      DY.narrow(0, at, tokens_of(q, uneven))
+          .copy_from(input_of(q, tokens_of(q, uneven), cfg.out_dim(), 4));
     }
     const sy::ForwardResult want = ref.forward(X, {});
     const Tensor want_dx = ref.backward(DY, lw);
@@ -586,6 +587,37 @@ TEST(MoEExpertParallel, AdaptiveRShardsWholeExpertsPerCall) {
         return overlap == 2 ? A2AAlgorithm::k2DH : A2AAlgorithm::kFlat;
       });
     }
+  }
+}
+
+// Experts whose output width differs from model_dim (Tutel's output_dim), with a shared expert:
+// expert parallel, data parallel and per-call sharded calls; sharded experts (fewer experts than
+// ranks) with an fc2 bias whose o = 7 columns do not split evenly.
+TEST(MoEExpertParallel, OutputDimOtherThanModelDim) {
+  SKIP_WITHOUT_BACKEND();
+  MoEConfig cfg = base_config();
+  cfg.output_dim = 7;
+  cfg.hidden_size = 8;
+  for (int r : {-1, 0, 2}) {
+    if (r == 2 && ranks() % 2 != 0) continue;
+    for (const CfLayout& cl : {kCapacities[0], kCapacities[1]}) {
+      Case c;
+      c.cf = cl.cf;
+      c.layout = cl.layout;
+      c.overlap = 2;
+      c.adaptive_r = r;
+      c.algorithm = A2AAlgorithm::kPipelined;
+      check_case(c, cfg);
+    }
+  }
+  cfg.num_experts = 1;
+  cfg.shared_expert_hidden = 0;
+  for (int r : {-1, 0}) {
+    Case c;
+    c.cf = 0.0;
+    c.adaptive_r = r;
+    c.uneven = true;
+    check_case(c, cfg);
   }
 }
 

@@ -17,6 +17,7 @@ struct Case {
   Activation act;
   DType dtype;
   bool equal_rows;  // padded layout: one batched GEMM
+  index_t out = 0;  // output_dim (0: d)
 };
 
 class FfnCuda : public ::testing::TestWithParam<Case> {
@@ -27,12 +28,12 @@ class FfnCuda : public ::testing::TestWithParam<Case> {
 };
 
 TEST_P(FfnCuda, MatchesTheCpuExpertsForwardAndBackward) {
-  const auto [act, dt, equal] = GetParam();
-  const index_t E = 4, d = 96, h = 80;
+  const auto [act, dt, equal, out] = GetParam();
+  const index_t E = 4, d = 96, h = 80, o = out > 0 ? out : d;
   const std::vector<double> offv = equal ? std::vector<double>{0, 50, 100, 150, 200}
                                          : std::vector<double>{0, 70, 70, 133, 200};  // one empty
   const index_t R = 200;
-  FfnShape s{E, d, h, act, true, true, dt, Device::cpu()};
+  FfnShape s{E, d, h, act, true, true, dt, Device::cpu(), 0, out};
   FfnShape sg = s;
   sg.device = Device::cuda(0);
   FfnExperts cpu(s, "experts.", false, 5, 0), gpu(sg, "experts.", false, 5, 0);
@@ -40,7 +41,7 @@ TEST_P(FfnCuda, MatchesTheCpuExpertsForwardAndBackward) {
     EXPECT_EQ(cpu.parameters()[i]->value.to_vector(), gpu.parameters()[i]->value.to_vector())
         << "initialisation must not depend on the device";
   const Tensor x = Tensor::from_vector(randn(R * d, 1), {R, d}, dt);
-  const Tensor dy = Tensor::from_vector(randn(R * d, 2), {R, d}, dt);
+  const Tensor dy = Tensor::from_vector(randn(R * o, 2), {R, o}, dt);
   const Tensor off = Tensor::from_vector(offv, {E + 1}, DType::kI64);
   const double tol = dt == DType::kF64 ? 1e-12 : dt == DType::kF32 ? 1e-5 : 3e-2;
 
@@ -66,11 +67,17 @@ INSTANTIATE_TEST_SUITE_P(Cases, FfnCuda,
                                            Case{Activation::kRelu, DType::kBF16, true},
                                            Case{Activation::kRelu, DType::kBF16, false},
                                            Case{Activation::kRelu, DType::kF32, false},
-                                           Case{Activation::kSwiGLU, DType::kBF16, false}),
+                                           Case{Activation::kSwiGLU, DType::kBF16, false},
+                                           // output_dim: grouped kernel (a multiple of 8) and
+                                           // not, batched and per expert
+                                           Case{Activation::kRelu, DType::kBF16, false, 40},
+                                           Case{Activation::kRelu, DType::kBF16, false, 36},
+                                           Case{Activation::kGelu, DType::kF32, true, 56}),
                          [](const auto& info) {
                            return std::string(to_string(info.param.act)) +
                                   dtype_name(info.param.dtype) +
-                                  (info.param.equal_rows ? "Batched" : "PerExpert");
+                                  (info.param.equal_rows ? "Batched" : "PerExpert") +
+                                  (info.param.out ? "Out" + std::to_string(info.param.out) : "");
                          });
 
 }  // namespace

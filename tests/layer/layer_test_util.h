@@ -115,7 +115,7 @@ inline void expect_matches_reference(MoELayer& layer, const std::vector<double>&
   const MoEConfig& cfg = layer.config();
   const sy_ref::RefResult want = reference_of(layer, x, T, fo);
   const ForwardResult got = layer.forward(make_tensor(x, {T, cfg.model_dim}, cfg.dtype), fo);
-  ASSERT_EQ(got.y.sizes(), (Shape{T, cfg.model_dim}));
+  ASSERT_EQ(got.y.sizes(), (Shape{T, cfg.out_dim()}));
   EXPECT_EQ(got.y.dtype(), cfg.dtype);
   EXPECT_TRUE(sy_ref::rel_l2_within(got.y.to_vector(), want.y, tol)) << "output y";
   const double ltol = std::max(tol, 1e-12);

@@ -47,6 +47,15 @@ std::vector<GradCase> grad_cases() {
   add("Output_NegativeCapacity", [](MoEConfig& cfg) { cfg.capacity_factor = -0.5; });
   add("Output_PreScore", [](MoEConfig& cfg) { cfg.is_postscore = false; });
   add("Output_NoBiases", [](MoEConfig& cfg) { cfg.has_fc1_bias = cfg.has_fc2_bias = false; });
+  add("OutputDim", [](MoEConfig& cfg) {  // Tutel's output_dim: y and fc2 narrower than x
+    cfg.output_dim = cfg.model_dim - 2;
+    cfg.shared_expert_hidden = 3;
+  });
+  add("OutputDimWiderPrescore", [](MoEConfig& cfg) {
+    cfg.output_dim = cfg.model_dim + 3;
+    cfg.is_postscore = false;
+    cfg.capacity_factor = 0;
+  });
   for (Activation a : {Activation::kGelu, Activation::kGeluTanh, Activation::kSilu,
                        Activation::kSwiGLU, Activation::kGeGLU})
     add(std::string("Activation_") + to_string(a), [=](MoEConfig& cfg) { cfg.activation = a; });
@@ -118,9 +127,9 @@ TEST_P(MoELayerGradients, MatchFiniteDifferences) {
   MoEConfig cfg = small_config();
   c.setup(cfg);
   MoELayer layer(cfg);
-  const std::int64_t T = c.T, d = cfg.model_dim;
+  const std::int64_t T = c.T, d = cfg.model_dim, o = cfg.out_dim();
   std::vector<double> x = input_with_margin(layer, T, 1e-4, 3);
-  const std::vector<double> dy = randn(T * d, 99);
+  const std::vector<double> dy = randn(T * o, 99);
   const LossWeights lw = c.weights;
 
   // The objective whose gradient backward computes: sum(y * dy) + aux * l_aux + z * l_z.
@@ -133,7 +142,7 @@ TEST_P(MoELayerGradients, MatchFiniteDifferences) {
   layer.forward(make_tensor(x, {T, d}, DType::kF64));
   layer.zero_grad();
   const std::vector<double> dx =
-      layer.backward(make_tensor(dy, {T, d}, DType::kF64), lw).to_vector();
+      layer.backward(make_tensor(dy, {T, o}, DType::kF64), lw).to_vector();
   std::map<std::string, std::vector<double>> grads;
   for (Parameter* p : layer.parameters()) grads[p->name] = p->grad.to_vector();
 

@@ -116,6 +116,16 @@ std::vector<GridCase> feature_cases() {
     cfg.activation = Activation::kGeGLU;
     cfg.has_fc1_bias = cfg.has_fc2_bias = false;
   });
+  // Tutel's output_dim: experts (and the shared one) map d = 6 to 4 or 9 columns.
+  add("OutputDimNarrowerWithSharedExpert", [](MoEConfig& cfg) {
+    cfg.output_dim = 4;
+    cfg.shared_expert_hidden = 3;
+  });
+  add("OutputDimWiderPaddedPrescore", [](MoEConfig& cfg) {
+    cfg.output_dim = 9;
+    cfg.is_postscore = false;
+    cfg.activation = Activation::kSwiGLU;
+  });
   add("OverlapDegreeAlignsCapacity", [](MoEConfig& cfg) { cfg.overlap_degree = 3; });
   // An alignment above 256 is itself rounded up to a multiple of 128: 300 -> 384.
   add("LargeAlignmentRoundsTo128", [](MoEConfig& cfg) { cfg.overlap_degree = 300; });

@@ -173,11 +173,11 @@ double reference_activation(Activation a, double v) {
 std::vector<double> reference_expert(const MoEConfig& cfg, const Params& params,
                                      const std::string& prefix, std::int64_t e, std::int64_t h,
                                      const double* row) {
-  const std::int64_t d = cfg.model_dim;
+  const std::int64_t d = cfg.model_dim, o = cfg.out_dim();
   const bool gated = switchyard::is_gated(cfg.activation);
   const std::int64_t h1 = gated ? 2 * h : h;                  // fc1 rows
   const auto& fc1 = param(params, prefix + "batched_fc1_w");  // [E, h1, d]
-  const auto& fc2 = param(params, prefix + "batched_fc2_w");  // [E, h, d]
+  const auto& fc2 = param(params, prefix + "batched_fc2_w");  // [E, h, o]
   std::vector<double> pre(h1, 0.0);
   for (std::int64_t j = 0; j < h1; ++j) {
     double s = 0;
@@ -190,11 +190,11 @@ std::vector<double> reference_expert(const MoEConfig& cfg, const Params& params,
   for (std::int64_t j = 0; j < h; ++j)
     act[j] = gated ? reference_activation(cfg.activation, pre[j]) * pre[h + j]
                    : reference_activation(cfg.activation, pre[j]);
-  std::vector<double> out(d, 0.0);
-  for (std::int64_t i = 0; i < d; ++i) {
+  std::vector<double> out(o, 0.0);
+  for (std::int64_t i = 0; i < o; ++i) {
     double s = 0;
-    for (std::int64_t j = 0; j < h; ++j) s += act[j] * fc2[(e * h + j) * d + i];
-    if (cfg.has_fc2_bias) s += param(params, prefix + "batched_fc2_bias")[e * d + i];
+    for (std::int64_t j = 0; j < h; ++j) s += act[j] * fc2[(e * h + j) * o + i];
+    if (cfg.has_fc2_bias) s += param(params, prefix + "batched_fc2_bias")[e * o + i];
     out[i] = s;
   }
   return out;
@@ -460,7 +460,7 @@ double reference_aux_loss(const MoEConfig& cfg, const RefRouting& r, std::int64_
 RefResult reference_forward(const MoEConfig& cfg, const Params& params,
                             const std::vector<double>& x, std::int64_t T,
                             const RefOptions& options) {
-  const std::int64_t d = cfg.model_dim;
+  const std::int64_t d = cfg.model_dim, od = cfg.out_dim();
   RefResult out;
   const std::vector<double> logits = reference_logits(cfg, params, x, T);
   std::vector<double> noisy = logits;
@@ -472,7 +472,7 @@ RefResult reference_forward(const MoEConfig& cfg, const Params& params,
   out.z = reference_z_loss(logits, T, cfg.num_experts);
 
   // §4: combine the kept choices; is_postscore weights outputs, else the rows going in.
-  out.y.assign(T * d, 0.0);
+  out.y.assign(T * od, 0.0);  // [T, o]
   for (std::int64_t t = 0; t < T; ++t) {
     const double* row = &x[t * d];
     for (int j = 0; j < r.k; ++j) {
@@ -488,12 +488,12 @@ RefResult reference_forward(const MoEConfig& cfg, const Params& params,
         for (auto& v : scaled) v *= w;
         o = reference_expert(cfg, params, "experts.", e, cfg.hidden_size, scaled.data());
       }
-      for (std::int64_t i = 0; i < d; ++i) out.y[t * d + i] += o[i];
+      for (std::int64_t i = 0; i < od; ++i) out.y[t * od + i] += o[i];
     }
     if (cfg.shared_expert_hidden > 0) {
       std::vector<double> o =
           reference_expert(cfg, params, "shared_experts.", 0, cfg.shared_expert_hidden, row);
-      for (std::int64_t i = 0; i < d; ++i) out.y[t * d + i] += o[i];
+      for (std::int64_t i = 0; i < od; ++i) out.y[t * od + i] += o[i];
     }
   }
   return out;

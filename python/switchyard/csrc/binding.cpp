@@ -318,6 +318,7 @@ sy::MoEConfig config_from_dict(py::dict in) {
   c.model_dim = take<int64_t>(d, "model_dim", c.model_dim);
   c.hidden_size = take<int64_t>(d, "hidden_size", c.hidden_size);
   c.num_experts = take<int64_t>(d, "num_experts", c.num_experts);
+  c.output_dim = take<int64_t>(d, "output_dim", c.output_dim);
   c.top_k = take<int>(d, "top_k", c.top_k);
   c.dtype = sy::parse_dtype(take<std::string>(d, "dtype", sy::dtype_name(c.dtype)));
   c.seed = take<uint64_t>(d, "seed", c.seed);
