@@ -771,8 +771,9 @@ class MOELayer(nn.Module):
             hidden_size=1 if python_experts else self._hidden_size,
             num_experts=self.num_global_experts, top_k=int(gate.top_k),
             dtype=_TORCH_TO_SY[dtype], device=device, seed=self._seed + gi, rules=o["rules"],
-            # Tutel's use_tensorcore is torch's TF32 switch: f32 expert GEMMs on CUDA follow it.
-            use_tensorcore=device != "cpu" and bool(torch.backends.cuda.matmul.allow_tf32),
+            # Tutel's use_tensorcore is torch's TF32 switch (allow_tf32, the same as float32
+            # matmul precision "high"): f32 expert GEMMs on CUDA follow it.
+            use_tensorcore=device != "cpu" and torch.get_float32_matmul_precision() != "highest",
             gate=native_gate or "linear", fp32_gate=bool(getattr(gate, "fp32_gate", False)),
             gate_noise=float(gate.gate_noise), input_jitter=o["input_jitter"],
             score_fn=o["score_fn"], pre_softmax=o["pre_softmax"],

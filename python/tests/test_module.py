@@ -559,16 +559,16 @@ def test_torchs_tf32_switch_reaches_only_cuda_layers():
     """Tutel's use_tensorcore is torch.backends.cuda.matmul.allow_tf32: a CUDA layer's f32
     experts follow it; a CPU layer computes in FP32 whatever it says."""
     layer = small()
-    old = torch.backends.cuda.matmul.allow_tf32
+    old = torch.get_float32_matmul_precision()
     try:
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # what Tutel's helloworld sets
         cfg = layer._config(0, torch.float32, 1, torch.device("cpu"))[0]
         assert cfg["use_tensorcore"] is False
         if _C.built_with_cuda:
             cfg = layer._config(0, torch.float32, 1, torch.device("cuda", 0))[0]
             assert cfg["use_tensorcore"] is True
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+        torch.set_float32_matmul_precision(old)
 
 
 @needs_cuda
@@ -580,13 +580,13 @@ def test_tf32_experts_on_cuda_stay_within_tf32_precision():
     x = torch.randn(1024, 256)
     want = layer(x)
     layer.cuda()
-    old = torch.backends.cuda.matmul.allow_tf32
+    old = torch.get_float32_matmul_precision()
     try:
-        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
         exact = layer(x.cuda()).cpu()
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
         tf32 = layer(x.cuda()).cpu()
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+        torch.set_float32_matmul_precision(old)
     assert rel_l2(exact, want) < 1e-5
     assert 1e-5 < rel_l2(tf32, want) < 1e-2

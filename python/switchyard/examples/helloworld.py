@@ -57,7 +57,7 @@ def main(argv=None):
         p.error("--device cuda needs a GPU and a CUDA build of the switchyard binding "
                 "(docs/python.md)")
     if args.use_tensorcore:
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # Tutel: allow_tf32 = True, the same switch
     torch.set_default_dtype(dtypes[args.dtype])
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
