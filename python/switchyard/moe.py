@@ -102,6 +102,9 @@ class _TorchDistOps:
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
+        # An NCCL process group moves CUDA tensors only: the small collectives this class runs
+        # itself then take tensors on the current GPU, and CPU layers cannot use the group.
+        self.tensor_device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
         self._nccl = {}  # (GPU index, use_2dh) -> _C.Communicator
 
     def nccl_communicator(self, device_index, use_2dh):
@@ -351,6 +354,10 @@ class _Engine:
         if dist_ops is not None and cfg["device"] != "cpu":  # CUDA ranks: NCCL
             comm = dist_ops.nccl_communicator(int(cfg["device"].split(":")[1]), use_2dh)
             dist_ops = None
+        elif dist_ops is not None and dist_ops.tensor_device != "cpu":
+            raise ValueError("moe_layer: a layer on the CPU cannot run expert parallel over an "
+                             "NCCL process group (it moves CUDA tensors only): move the layer to "
+                             "its GPU (layer.cuda()) or give it a gloo group")
         self.layer = _C.Layer(dict(cfg), gf, gb, ef, eb, dist_ops, comm)
         self.names = self.layer.param_names()
         self.shapes = [tuple(s) for s in self.layer.param_shapes()]
@@ -592,7 +599,7 @@ class MOELayer(nn.Module):
                       else int(torch.randint(0, 2**62, (1,)).item()))
         if self._dist is not None and seed_src is None:
             # The C++ layers' seeds (gate noise, jitter) must agree across ranks: take the largest.
-            seed = torch.tensor([self._seed], dtype=torch.int64)
+            seed = torch.tensor([self._seed], dtype=torch.int64, device=self._dist.tensor_device)
             dist.all_reduce(seed, op=dist.ReduceOp.MAX, group=group)
             self._seed = int(seed.item())
         if seeds is not None and len(seeds) > 2 and seeds[2] is not None:
@@ -601,9 +608,12 @@ class MOELayer(nn.Module):
         self._engines = {}
         self.l_aux = None
         self.l_z = None
-        # Build the C++ layer of every gate now, so a bad option fails here, not at forward.
-        for gi in range(len(self.gates)):
-            self._engine(gi, self._expert_dtype(), self.a2a_ffn_overlap_degree)
+        # Build the C++ layer of every gate now, so a bad option fails here, not at forward;
+        # except over an NCCL group, which cannot run the CPU layer's collectives (the
+        # parameters are still on the CPU): there the first CUDA forward builds it.
+        if self._dist is None or self._dist.tensor_device == "cpu":
+            for gi in range(len(self.gates)):
+                self._engine(gi, self._expert_dtype(), self.a2a_ffn_overlap_degree)
 
     # ---- construction helpers -------------------------------------------------------------
 

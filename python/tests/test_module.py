@@ -590,3 +590,12 @@ def test_tf32_experts_on_cuda_stay_within_tf32_precision():
         torch.set_float32_matmul_precision(old)
     assert rel_l2(exact, want) < 1e-5
     assert 1e-5 < rel_l2(tf32, want) < 1e-2
+
+
+def test_a_cpu_layer_refuses_an_nccl_group():
+    """An NCCL process group moves CUDA tensors only: a CPU layer over one gets a clear error."""
+    ops = moe._TorchDistOps.__new__(moe._TorchDistOps)  # as made over an NCCL group
+    ops.tensor_device = "cuda"
+    cfg = small()._config(0, torch.float32, 1, torch.device("cpu"))[0]
+    with pytest.raises(ValueError, match="NCCL process group"):
+        moe._Engine(cfg, None, None, ops)
