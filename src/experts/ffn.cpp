@@ -107,16 +107,18 @@ Tensor FfnExperts::forward_into(const Tensor& rows, const Tensor& offsets, Saved
   return y;
 }
 
-Tensor FfnExperts::backward(const Tensor& dy) {
+Tensor FfnExperts::backward(const Tensor& dy) { return backward_owned(dy); }
+
+Tensor FfnExperts::backward_owned(Tensor dy) {
   SY_CHECK(has_saved_, "experts: backward called without a forward");
   // One backward per forward: the saved activations are freed when it returns.
   Saved saved = std::move(saved_);
   saved_ = Saved{};
   has_saved_ = false;
-  return backward_from(dy, std::move(saved));
+  return backward_from(std::move(dy), std::move(saved));
 }
 
-Tensor FfnExperts::backward_from(const Tensor& dy, Saved saved) {
+Tensor FfnExperts::backward_from(Tensor dy, Saved saved) {
   SY_CHECK(saved.x.defined(), "experts: backward called without a training forward");
   const index_t R = saved.x.size(0);
   SY_CHECK(dy.dim() == 2 && dy.size(0) == R && dy.size(1) == shape_.out_dim(),
@@ -125,9 +127,10 @@ Tensor FfnExperts::backward_from(const Tensor& dy, Saved saved) {
            ", the experts on ", to_string(shape_.device));
 #ifdef SY_WITH_CUDA
   if (dy.device().is_cuda())
-    return ffn_backward_cuda(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, dy, std::move(saved));
+    return ffn_backward_cuda(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, std::move(dy),
+                             std::move(saved));
 #endif
-  return ffn_backward_cpu(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, dy, saved);
+  return ffn_backward_cpu(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, std::move(dy), saved);
 }
 
 }  // namespace switchyard

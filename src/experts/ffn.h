@@ -58,8 +58,12 @@ class FfnExperts final : public ExpertNetwork {
   // The same computation with the saved tensors kept by the caller, for callers that keep
   // several forwards alive at once (the expert-parallel overlap pipeline's chunks). forward_into
   // fills `saved` (when not null); backward_from accumulates the parameter gradients.
+  // backward_from releases drows_out once fc2's backward has read it, before dx exists: a caller
+  // that hands over its only handle (std::move) lowers the peak memory by [R, o].
   Tensor forward_into(const Tensor& rows, const Tensor& offsets, Saved* saved);
-  Tensor backward_from(const Tensor& drows_out, Saved saved);  // frees what it no longer needs
+  Tensor backward_from(Tensor drows_out, Saved saved);  // frees what it no longer needs
+  // backward() with the gradient handed over, as backward_from.
+  Tensor backward_owned(Tensor drows_out);
 
  private:
   FfnShape shape_;
@@ -73,7 +77,7 @@ Tensor ffn_forward_cpu(const FfnShape& s, const Parameter& fc1_w, const Paramete
                        const Parameter& fc1_b, const Parameter& fc2_b, const Tensor& rows,
                        std::vector<index_t> offsets, FfnExperts::Saved& saved);
 Tensor ffn_backward_cpu(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Parameter& fc1_b,
-                        Parameter& fc2_b, const Tensor& dy, const FfnExperts::Saved& saved);
+                        Parameter& fc2_b, Tensor dy, const FfnExperts::Saved& saved);
 // CUDA (experts/ffn_cuda.cu): tensors in the experts' dtype, current stream. `offsets` is the
 // [E+1] tensor (host or device); `host_offsets` its host copy, which may be left empty only when
 // ffn_cuda_grouped(...) holds (the grouped GEMMs read the offsets on the device).
@@ -83,6 +87,6 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
                         const Tensor& offsets, std::vector<index_t> host_offsets,
                         FfnExperts::Saved& saved);
 Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Parameter& fc1_b,
-                         Parameter& fc2_b, const Tensor& dy, FfnExperts::Saved saved);
+                         Parameter& fc2_b, Tensor dy, FfnExperts::Saved saved);
 
 }  // namespace switchyard

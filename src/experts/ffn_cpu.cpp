@@ -110,7 +110,7 @@ void column_sums(const W* m, index_t n, index_t r0, index_t r1, W* out) {
 
 template <class T>
 Tensor backward_impl(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Parameter& fc1_b,
-                     Parameter& fc2_b, const Tensor& dy_in, const FfnExperts::Saved& sv) {
+                     Parameter& fc2_b, Tensor dy_in, const FfnExperts::Saved& sv) {
   using W = acc_t<T>;
   const DType wd = routing_dtype(s.dtype);
   const index_t R = sv.x.size(0), d = s.model_dim, h = s.hidden_size, E = s.num_experts;
@@ -119,18 +119,17 @@ Tensor backward_impl(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Para
   const index_t h1 = gated ? 2 * h : h;
   const std::vector<index_t>& off = sv.offsets;
   const Tensor w1 = as_arith(fc1_w, wd), w2 = as_arith(fc2_w, wd);
-  const Tensor dy = dy_in.to(wd).contiguous();
+  Tensor dy = dy_in.to(wd).contiguous();
+  dy_in = Tensor();
   const W* dyp = dy.data<W>();
   const W* xp = sv.x.data<W>();
   const W* hp = sv.h.data<W>();
   const W* ap = sv.a.data<W>();
 
   Tensor da = Tensor::empty({R, h}, wd), dh = Tensor::empty({R, h1}, wd);
-  Tensor dx = Tensor::empty({R, d}, wd);
   // Weight gradients accumulate straight into the parameters' grads (GEMM beta = 1) when they
   // are stored in the arithmetic dtype; f16/bf16 grads go through an f32 buffer.
   const bool direct = s.dtype == wd;
-  Tensor gw1 = direct ? fc1_w.grad : Tensor::zeros({E, h1, d}, wd);
   Tensor gw2 = direct ? fc2_w.grad : Tensor::zeros({E, h, o}, wd);
   W* dap = da.data<W>();
   W* dhp = dh.data<W>();
@@ -143,6 +142,15 @@ Tensor backward_impl(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Para
     gemm_raw(true, false, h, o, n, 1.0, ap + offset_of(r0, h), h, dyp + offset_of(r0, o), o, 1.0,
              gw2.data<W>() + offset_of(e, h * o), o);
   }
+  if (fc2_b.value.defined()) {
+    Tensor g = Tensor::empty({E, o}, wd);
+    for (index_t e = 0; e < E; ++e)
+      column_sums(dyp, o, off[e], off[e + 1], g.data<W>() + offset_of(e, o));
+    accumulate<T>(fc2_b.grad, g.data<W>());
+  }
+  if (!direct) accumulate<T>(fc2_w.grad, gw2.data<W>());
+  dy = gw2 = Tensor();  // fc2's backward was their last reader: free them before dx exists
+  dyp = nullptr;
 #pragma omp parallel for schedule(static)
   for (index_t r = 0; r < R; ++r) {
     const W* hr = hp + offset_of(r, h1);
@@ -157,6 +165,9 @@ Tensor backward_impl(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Para
       }
     }
   }
+  da = Tensor();
+  Tensor dx = Tensor::empty({R, d}, wd);
+  Tensor gw1 = direct ? fc1_w.grad : Tensor::zeros({E, h1, d}, wd);
   for (index_t e = 0; e < E; ++e) {
     const index_t r0 = off[e], n = off[e + 1] - off[e];
     if (n == 0) continue;
@@ -166,21 +177,12 @@ Tensor backward_impl(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Para
     gemm_raw(false, false, n, d, h1, 1.0, dhp + offset_of(r0, h1), h1,
              w1.data<W>() + offset_of(e, h1 * d), d, 0.0, dx.data<W>() + offset_of(r0, d), d);
   }
-  if (!direct) {
-    accumulate<T>(fc1_w.grad, gw1.data<W>());
-    accumulate<T>(fc2_w.grad, gw2.data<W>());
-  }
+  if (!direct) accumulate<T>(fc1_w.grad, gw1.data<W>());
   if (fc1_b.value.defined()) {
     Tensor g = Tensor::empty({E, h1}, wd);
     for (index_t e = 0; e < E; ++e)
       column_sums(dhp, h1, off[e], off[e + 1], g.data<W>() + offset_of(e, h1));
     accumulate<T>(fc1_b.grad, g.data<W>());
-  }
-  if (fc2_b.value.defined()) {
-    Tensor g = Tensor::empty({E, o}, wd);
-    for (index_t e = 0; e < E; ++e)
-      column_sums(dyp, o, off[e], off[e + 1], g.data<W>() + offset_of(e, o));
-    accumulate<T>(fc2_b.grad, g.data<W>());
   }
   return dx.to(s.dtype);
 }
@@ -196,9 +198,9 @@ Tensor ffn_forward_cpu(const FfnShape& s, const Parameter& fc1_w, const Paramete
 }
 
 Tensor ffn_backward_cpu(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Parameter& fc1_b,
-                        Parameter& fc2_b, const Tensor& dy, const FfnExperts::Saved& saved) {
+                        Parameter& fc2_b, Tensor dy, const FfnExperts::Saved& saved) {
   return dispatch_float(s.dtype, "ffn_backward_cpu", [&]<class T>() {
-    return backward_impl<T>(s, fc1_w, fc2_w, fc1_b, fc2_b, dy, saved);
+    return backward_impl<T>(s, fc1_w, fc2_w, fc1_b, fc2_b, std::move(dy), saved);
   });
 }
 

@@ -320,7 +320,7 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
 }
 
 Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Parameter& fc1_b,
-                         Parameter& fc2_b, const Tensor& dy_in, FfnExperts::Saved sv) {
+                         Parameter& fc2_b, Tensor dy_in, FfnExperts::Saved sv) {
   const Device dev = dy_in.device();
   DeviceScope scope(dev.index);
   const cudaStream_t stream = as_cuda_stream(current_stream(dev).handle);
@@ -331,10 +331,12 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
   const index_t h1 = gated ? 2 * hid : hid;
   const std::vector<index_t>& off = sv.offsets;
   const bool grouped = sv.grouped;
-  const Tensor dy = dy_in.to(s.dtype).contiguous();
-  // Each buffer is freed once its last reader is queued (stream-ordered), and dh is computed in
-  // place (over da, or over the gated pre-activation, the same shape), so that at most x, h, a,
-  // dy and one gradient buffer are alive at once.
+  Tensor dy = dy_in.to(s.dtype).contiguous();
+  dy_in = Tensor();
+  // Each buffer is freed once its last reader is queued (stream-ordered; dy after fc2's backward,
+  // so it is gone before dx exists when the caller handed it over), and dh is computed in place
+  // (over da, or over the gated pre-activation, the same shape), so that at most x, h, a, dy and
+  // one gradient buffer are alive at once.
   Tensor da = Tensor::empty({R, hid}, s.dtype, dev), dh, dx;
   const Tensor off_dev = sv.device_offsets;
   dispatch_float_cuda(s.dtype, "ffn_backward_cuda", [&](auto tag) {
@@ -363,6 +365,9 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
                 batch);
       });
     }
+    if (fc2_b.value.defined())
+      launch_bias_grad(dyp, offp, fc2_b.grad.data_ptr(), E, o, s.dtype, stream);
+    dy = Tensor();
     sv.a = Tensor();
     dh = gated ? sv.h : da;  // in place: sv.h and da have no other reader
     T* dhp = static_cast<T*>(dh.data_ptr());
@@ -391,8 +396,6 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
     }
     if (fc1_b.value.defined())
       launch_bias_grad(dhp, offp, fc1_b.grad.data_ptr(), E, h1, s.dtype, stream);
-    if (fc2_b.value.defined())
-      launch_bias_grad(dyp, offp, fc2_b.grad.data_ptr(), E, o, s.dtype, stream);
   });
   return dx;
 }

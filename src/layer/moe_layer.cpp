@@ -4,6 +4,7 @@
 #include "switchyard/moe_layer.h"
 
 #include <cmath>
+#include <utility>
 
 #include "core/backend.h"
 #include "core/dtype_dispatch.h"
@@ -65,6 +66,7 @@ struct MoELayer::Impl {
   MoEConfig cfg;
   std::shared_ptr<Gate> gate;
   std::shared_ptr<ExpertNetwork> experts;
+  FfnExperts* ffn = nullptr;  // `experts` when it is the built-in FFN (it takes dout over)
   std::unique_ptr<FfnExperts> shared;
   Tensor expert_bias;            // [E] f32 on the layer's device
   Tensor bias_counts;            // [E] f64: tokens kept per expert since the last bias update
@@ -147,6 +149,7 @@ MoELayer::MoELayer(const MoEConfig& cfg, std::shared_ptr<Gate> gate,
                                      "experts.", false, cfg.seed, kExpertInitId);
     ffn = dynamic_cast<FfnExperts*>(m.experts.get());
   }
+  m.ffn = dynamic_cast<FfnExperts*>(m.experts.get());
   if (comm) {
     SY_CHECK(m.shard.num_slices == 1 || !experts, "sharded experts (num_experts=", cfg.num_experts,
              " below the ", comm->size(),
@@ -347,7 +350,11 @@ Tensor MoELayer::backward(const Tensor& dy_in, const LossWeights& weights) {
   Tensor dweight = Tensor::zeros({T, m.plan.top_k}, routing_dtype(cfg.dtype), dev);
   Tensor dout = decode_backward(m.plan, dy, m.expert_out, cfg.is_postscore, dweight);
   m.expert_out = Tensor();  // each buffer is freed once its last reader is queued
-  const Tensor dbuffer = (m.ep ? m.ep->backward(dout) : m.experts->backward(dout)).to(cfg.dtype);
+  // The built-in FFN is handed dout, so that it frees it after fc2's backward (before its dx).
+  const Tensor dbuffer = (m.ep    ? m.ep->backward(dout)
+                          : m.ffn ? m.ffn->backward_owned(std::exchange(dout, Tensor()))
+                                  : m.experts->backward(dout))
+                             .to(cfg.dtype);
   dout = Tensor();
   Tensor dx = encode_backward(m.plan, dbuffer, m.x, !cfg.is_postscore, dweight);
   Tensor dlogits;
