@@ -149,7 +149,7 @@ MoELayer::MoELayer(const MoEConfig& cfg, std::shared_ptr<Gate> gate,
                                      "experts.", false, cfg.seed, kExpertInitId);
     ffn = dynamic_cast<FfnExperts*>(m.experts.get());
   }
-  m.ffn = dynamic_cast<FfnExperts*>(m.experts.get());
+  m.ffn = m.shard.num_slices > 1 ? nullptr : ffn;  // a sharded slice runs only inside m.ep
   if (comm) {
     SY_CHECK(m.shard.num_slices == 1 || !experts, "sharded experts (num_experts=", cfg.num_experts,
              " below the ", comm->size(),
