@@ -11,9 +11,8 @@ shapes. A forward hands them (no copy) with the input to the C++ layer, whose ba
 into autograd by _MoEFunction. The C++ layer runs where the parameters are (CPU, or a GPU in a
 build with CUDA, on torch's current stream); module.to(device) moves them, and the next forward
 builds a C++ layer for the new device. Gates and experts that the C++ core does not implement (a
-custom gate or expert module, an activation given as an arbitrary callable, the cosine gate on
-CUDA) run in Python with torch autograd, called back from the C++ pipeline, which still does
-routing, dispatch and combine.
+custom gate or expert module, an activation given as an arbitrary callable) run in Python with
+torch autograd, called back from the C++ pipeline, which still does routing, dispatch and combine.
 """
 
 import copy
@@ -763,8 +762,6 @@ class MOELayer(nn.Module):
                 "(docs/python.md)")
         native_gate = getattr(gate, "native", None) if isinstance(
             gate, (LinearTopKGate, CosineTopKGate)) else None
-        if native_gate == "cosine" and device != "cpu":
-            native_gate = None  # the core's cosine gate is CPU-only: its torch forward runs
         native_act = None if self._custom_experts else self.experts.native_activation
         python_experts = native_act is None
         if python_experts and self.sharded_count > 1:

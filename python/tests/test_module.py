@@ -151,7 +151,7 @@ def test_gradcheck_cosine_gate():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_cosine_gate_matches_its_torch_forward(device):
-    # On CUDA the core has no cosine gate: the gate's torch forward runs, called back.
+    # The core's cosine gate (CPU and CUDA) against the gate module's torch forward.
     layer = moe.moe_layer(gate_type={"type": "cosine", "k": 2, "proj_dim": 4}, model_dim=D,
                           experts=ffn()).double()
     x = torch.randn(11, D, dtype=torch.float64)

@@ -106,6 +106,14 @@ void with_pack_width(index_t n, std::initializer_list<const void*> ptrs, F&& f) 
     f(std::integral_constant<int, 1>{});
 }
 
+// Butterfly sum over a full warp: every lane ends with the same value, summed in the same order
+// on every run.
+template <class A>
+__device__ A warp_sum(A v) {
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
 // Blocks for a grid-stride loop over n items of `threads` each, capped at the grid limit.
 inline unsigned grid_size(index_t n, unsigned threads) {
   const index_t blocks = (n + threads - 1) / threads;

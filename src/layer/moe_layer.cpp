@@ -116,8 +116,6 @@ MoELayer::MoELayer(const MoEConfig& cfg, std::shared_ptr<Gate> gate,
   if (comm) check_config_on_all_ranks(cfg, *comm);
   validate_config(cfg);
   require_backend("MoELayer", cfg.device);
-  SY_CHECK(!(cfg.device.is_cuda() && cfg.gate == GateType::kCosine),
-           "the cosine gate has no CUDA backend yet: use gate=linear on CUDA");
   Impl& m = *impl_;
   m.cfg = cfg;
   if (gate) {

@@ -3,7 +3,8 @@
 //   CosineGate: logits = normalize(P x + b) · normalize(S, columns) * exp(min(tau, ln 100)),
 //     P [p, d] ("cosine_projector.weight"), b [p] ("cosine_projector.bias"), S [p, E]
 //     ("sim_matrix", N(0, 0.01)), tau [1] ("temperature", ln(1/init_t)).
-// With fp32_gate the parameters are f32 and x is cast to f32 for the gate.
+// With fp32_gate the parameters are f32 and x is cast to f32 for the gate. Both run on the CPU and
+// CUDA (the cosine gate's own steps in routing/cosine_ops.h), with no host synchronisation.
 #pragma once
 
 #include "switchyard/config.h"
@@ -42,7 +43,7 @@ class CosineGate final : public Gate {
     Tensor un, unorm;    // normalised projection [T, p] and its row norms [T]
     Tensor sn, snorm;    // normalised sim_matrix [p, E] and its column norms [E]
     Tensor cos;          // [T, E]
-    double scale = 1.0;  // exp(min(tau, ln 100))
+    Tensor tau;          // the temperature [1]
   } saved_;
 };
 

@@ -36,13 +36,6 @@ __device__ A warp_max(A v) {
   return v;
 }
 
-// Butterfly sum: every lane ends with the same value, in the same order on every run.
-template <class A>
-__device__ A warp_sum(A v) {
-  for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(kFull, v, o);
-  return v;
-}
-
 // The largest v[e] over e in [begin, end) with taken[e] == 0; ties go to the lower index, and
 // -inf competes like any value (as top_k_row on the host). Returns the index (every lane).
 template <class A>

@@ -21,6 +21,7 @@ struct Case {
   bool postscore;
   index_t shared_hidden;
   double jitter;
+  GateType gate = GateType::kLinear;
 };
 
 class MoELayerCuda : public ::testing::TestWithParam<Case> {
@@ -43,6 +44,7 @@ TEST_P(MoELayerCuda, MatchesTheCpuLayerForwardAndBackward) {
   cfg.is_postscore = c.postscore;
   cfg.shared_expert_hidden = c.shared_hidden;
   cfg.input_jitter = c.jitter;
+  cfg.gate = c.gate;
   cfg.fp32_gate = c.dtype != DType::kF32;  // the same routing on both devices
   MoELayer cpu(cfg);
   cfg.device = Device::cuda(0);
@@ -79,6 +81,7 @@ TEST_P(MoELayerCuda, RunsAreBitwiseReproducible) {
   cfg.dtype = c.dtype;
   cfg.capacity_factor = c.capacity_factor;
   cfg.activation = c.act;
+  cfg.gate = c.gate;
   cfg.device = Device::cuda(0);
   const Tensor x = Tensor::from_vector(randn(200 * 64, 3), {200, 64}, c.dtype).to(cfg.device);
   auto run = [&] {
@@ -128,19 +131,20 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"PrescoreSharedSwiglu", DType::kF32, 0.0, Activation::kSwiGLU, false, 48, 0.0},
         Case{"JitterCapped", DType::kF32, -0.5, Activation::kSilu, true, 0, 0.1},
         Case{"PaddedBf16", DType::kBF16, 1.0, Activation::kRelu, true, 0, 0.0},
-        Case{"DroplessBf16Swiglu", DType::kBF16, 0.0, Activation::kSwiGLU, true, 32, 0.0}),
+        Case{"DroplessBf16Swiglu", DType::kBF16, 0.0, Activation::kSwiGLU, true, 32, 0.0},
+        Case{"CosineGateF32", DType::kF32, 1.0, Activation::kRelu, true, 0, 0.0,
+             GateType::kCosine},
+        Case{"CosineGateDroplessBf16", DType::kBF16, 0.0, Activation::kGelu, true, 0, 0.0,
+             GateType::kCosine}),
     [](const auto& info) { return std::string(info.param.name); });
 
-TEST(MoELayerCudaErrors, CosineGateAndMixedDevicesAreRejected) {
+TEST(MoELayerCudaErrors, MixedDevicesAreRejected) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
   MoEConfig cfg;
   cfg.model_dim = 8;
   cfg.hidden_size = 8;
   cfg.num_experts = 4;
   cfg.device = Device::cuda(0);
-  cfg.gate = GateType::kCosine;
-  EXPECT_THROW(MoELayer{cfg}, Error);
-  cfg.gate = GateType::kLinear;
   MoELayer layer(cfg);
   EXPECT_THROW(layer.forward(Tensor::zeros({4, 8}, DType::kF32)), Error);  // x on the CPU
   layer.forward(Tensor::zeros({4, 8}, DType::kF32, cfg.device));
