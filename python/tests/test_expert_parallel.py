@@ -1,6 +1,7 @@
 """Expert parallelism over torch.distributed: 2 CPU ranks (gloo), started with torchrun's
 environment, against one process holding all the experts (ep_worker.py does the checking); and
-2 GPU ranks exchanging through the binding's NCCL communicator where torch sees 2 GPUs."""
+2 GPU ranks exchanging through the binding's NCCL communicator where torch sees 2 GPUs (and that
+path at one rank where it sees one)."""
 
 import os
 import re
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from switchyard import _C
+from switchyard import _C, moe
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is needed")
@@ -62,6 +63,35 @@ def test_two_ranks_equal_one_process_holding_all_experts(k, cf):
 def test_two_gpu_ranks_over_nccl_equal_one_process_holding_all_experts(case):
     for out in launch(case, device="cuda"):
         assert f"PASS {case}" in out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _C.built_with_nccl,
+                    reason="needs a GPU and the binding's NCCL backend")
+def test_one_gpu_rank_over_nccl_equals_the_layer_alone():
+    """The CUDA ranks' path at one rank: the ncclUniqueId goes over a (gloo) group of one, and
+    the layer exchanges through a one-rank NCCL communicator; it must equal the layer alone."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        kw = dict(gate_type={"type": "top", "k": 2, "capacity_factor": 0.0}, model_dim=16,
+                  seeds=(1, 1, 1), experts={"type": "ffn", "num_experts_per_device": 4,
+                                            "hidden_size_per_expert": 32})
+        alone = moe.moe_layer(**kw).cuda()
+        over_nccl = moe.moe_layer(**kw)
+        over_nccl._dist = moe._TorchDistOps(None)  # a group of one (a world of one builds none)
+        over_nccl.cuda()
+        over_nccl.load_state_dict(alone.state_dict())
+        x = torch.randn(2, 24, 16, device="cuda")
+        results = []
+        for layer in (alone, over_nccl):
+            xa = x.clone().requires_grad_(True)
+            y = layer(xa)
+            (y.square().sum() + y.l_aux).backward()
+            results.append([y.detach(), xa.grad] + [p.grad for p in layer.parameters()])
+        assert over_nccl._dist._nccl, "the layer did not make its NCCL communicator"
+        for got, want in zip(results[1], results[0]):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_nccl_entry_points_fail_clearly_without_the_nccl_backend():
