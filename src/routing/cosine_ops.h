@@ -10,6 +10,11 @@ namespace switchyard {
 
 inline constexpr double kCosineNormEps = 1e-12;  // F.normalize's eps
 
+// n vectors of c elements at m[i * sn + j * sc]: the rows of a matrix, or its columns.
+struct VectorLayout {
+  index_t n, c, sn, sc;
+};
+
 // Normalises the rows of m [n, c] (columns: the columns of m [c, n]), after adding `bias` [c]
 // to every row when given: norms [n] = max(|v|, eps), out = v / norms.
 void normalize_vectors(const Tensor& m, const Tensor* bias, bool columns, Tensor& out,
@@ -25,10 +30,10 @@ void cosine_scale(const Tensor& cos, const Tensor& tau, Tensor& logits);
 void cosine_scale_backward(const Tensor& dlogits, const Tensor& cos, const Tensor& tau,
                            Tensor& dcos, Tensor& dtau);
 
-void normalize_vectors_cuda(const Tensor& m, const Tensor* bias, bool columns, Tensor& out,
-                            Tensor& norms);
+void normalize_vectors_cuda(const Tensor& m, const Tensor* bias, const VectorLayout& v,
+                            Tensor& out, Tensor& norms);
 void normalize_vectors_backward_cuda(const Tensor& vn, const Tensor& norms, const Tensor& dvn,
-                                     bool columns, Tensor& dv);
+                                     const VectorLayout& v, Tensor& dv);
 void cosine_scale_cuda(const Tensor& cos, const Tensor& tau, Tensor& logits);
 void cosine_scale_backward_cuda(const Tensor& dlogits, const Tensor& cos, const Tensor& tau,
                                 Tensor& dcos, Tensor& dtau);

@@ -10,15 +10,10 @@ namespace {
 
 const double kMaxLogScale = std::log(100.0);
 
-// n vectors of c elements at m[i * sn + j * sc]: the rows of m, or its columns.
-struct Vectors {
-  index_t n, c, sn, sc;
-};
-
-Vectors vectors_of(const Tensor& m, bool columns) {
+VectorLayout vectors_of(const Tensor& m, bool columns) {
   SY_CHECK(m.dim() == 2 && m.is_contiguous(), "cosine gate: expected a contiguous matrix");
   const index_t r = m.size(0), k = m.size(1);
-  return columns ? Vectors{k, r, 1, k} : Vectors{r, k, k, 1};
+  return columns ? VectorLayout{k, r, 1, k} : VectorLayout{r, k, k, 1};
 }
 
 void check_routing_dtype(const Tensor& t) {
@@ -40,8 +35,8 @@ void normalize_vectors(const Tensor& m, const Tensor* bias, bool columns, Tensor
                        Tensor& norms) {
   require_backend("cosine gate", m.device());
   check_routing_dtype(m);
-  if (m.device().is_cuda()) SY_CALL_CUDA(normalize_vectors, m, bias, columns, out, norms);
-  const Vectors v = vectors_of(m, columns);
+  const VectorLayout v = vectors_of(m, columns);
+  if (m.device().is_cuda()) SY_CALL_CUDA(normalize_vectors, m, bias, v, out, norms);
   dispatch_routing(m.dtype(), [&]<class A>() {
     const A* x = m.data<A>();
     const A* b = bias ? bias->data<A>() : nullptr;
@@ -65,9 +60,8 @@ void normalize_vectors_backward(const Tensor& vn, const Tensor& norms, const Ten
                                 bool columns, Tensor& dv) {
   require_backend("cosine gate", vn.device());
   check_routing_dtype(vn);
-  if (vn.device().is_cuda())
-    SY_CALL_CUDA(normalize_vectors_backward, vn, norms, dvn, columns, dv);
-  const Vectors v = vectors_of(vn, columns);
+  const VectorLayout v = vectors_of(vn, columns);
+  if (vn.device().is_cuda()) SY_CALL_CUDA(normalize_vectors_backward, vn, norms, dvn, v, dv);
   dispatch_routing(vn.dtype(), [&]<class A>() {
     const A *u = vn.data<A>(), *nr = norms.data<A>(), *du = dvn.data<A>();
     A* d = dv.data<A>();

@@ -11,27 +11,17 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / 32;
 constexpr int kPartials = 256;  // blocks of the temperature-gradient sum: fixed, so is its order
+static_assert(kPartials <= kThreads, "one block sums the partials");
 
 cudaStream_t stream_of(const Tensor& t) {
   return as_cuda_stream(current_stream(t.device()).handle);
-}
-
-// n vectors of c elements at m[i * sn + j * sc]: the rows of m, or its columns.
-struct Vectors {
-  index_t n, c, sn, sc;
-};
-
-Vectors vectors_of(const Tensor& m, bool columns) {
-  SY_CHECK(m.dim() == 2 && m.is_contiguous(), "cosine gate: expected a contiguous matrix");
-  const index_t r = m.size(0), k = m.size(1);
-  return columns ? Vectors{k, r, 1, k} : Vectors{r, k, k, 1};
 }
 
 __device__ double log_scale_cap() { return 4.605170185988092; }  // ln 100
 
 // One warp per vector; the squares sum in f64 (as on the CPU), in a fixed order.
 template <class A>
-__global__ void normalize_kernel(const A* __restrict__ m, const A* __restrict__ bias, Vectors v,
+__global__ void normalize_kernel(const A* __restrict__ m, const A* __restrict__ bias, VectorLayout v,
                                  A* __restrict__ out, A* __restrict__ norms) {
   const index_t i = blockIdx.x * static_cast<index_t>(kWarpsPerBlock) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -50,7 +40,7 @@ __global__ void normalize_kernel(const A* __restrict__ m, const A* __restrict__ 
 
 template <class A>
 __global__ void normalize_backward_kernel(const A* __restrict__ vn, const A* __restrict__ norms,
-                                          const A* __restrict__ dvn, Vectors v,
+                                          const A* __restrict__ dvn, VectorLayout v,
                                           A* __restrict__ dv) {
   const index_t i = blockIdx.x * static_cast<index_t>(kWarpsPerBlock) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -124,9 +114,8 @@ void dispatch_routing(DType dt, F&& f) {
 
 }  // namespace
 
-void normalize_vectors_cuda(const Tensor& m, const Tensor* bias, bool columns, Tensor& out,
-                            Tensor& norms) {
-  const Vectors v = vectors_of(m, columns);
+void normalize_vectors_cuda(const Tensor& m, const Tensor* bias, const VectorLayout& v,
+                            Tensor& out, Tensor& norms) {
   if (v.n == 0) return;
   DeviceScope device(m.device().index);
   dispatch_routing(m.dtype(), [&](auto tag) {
@@ -138,8 +127,7 @@ void normalize_vectors_cuda(const Tensor& m, const Tensor* bias, bool columns, T
 }
 
 void normalize_vectors_backward_cuda(const Tensor& vn, const Tensor& norms, const Tensor& dvn,
-                                     bool columns, Tensor& dv) {
-  const Vectors v = vectors_of(vn, columns);
+                                     const VectorLayout& v, Tensor& dv) {
   if (v.n == 0) return;
   DeviceScope device(vn.device().index);
   dispatch_routing(vn.dtype(), [&](auto tag) {
