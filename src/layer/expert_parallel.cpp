@@ -4,6 +4,7 @@
 #include <string>
 #include <utility>
 
+#include "core/dtype_dispatch.h"
 #include "core/ops.h"
 #include "switchyard/error.h"
 
@@ -497,8 +498,10 @@ void ExpertParallel::reduce_gradients(FfnExperts& net, const ExpertRegion& regio
   const std::vector<FfnParam> part_roles = ffn_params(net.shape());
   const ExpertRegion stored{shard_.first, shard_.count, shard_.slice, shard_.num_slices};
   std::vector<CommWork> work(stored_.size());
+  std::vector<Tensor> summed(stored_.size());  // the full-size gradients, summed in f32 or f64
   std::vector<bool> from_others(stored_.size());
-  // 1. The network's gradients into full-size gradients (zero elsewhere), summed over ranks.
+  // 1. The network's gradients into full-size gradients (zero elsewhere), summed over ranks (in
+  // f32 for f16/bf16 layers: the communicators reduce f32 and f64).
   for (std::size_t i = 0; i < stored_.size(); ++i) {
     const bool sliced_bias = stored_roles_[i] == FfnParam::kFc2Bias && shard_.num_slices > 1;
     from_others[i] = sliced_bias || !same_region(region, stored) || &net == full_.get();
@@ -514,14 +517,15 @@ void ExpertParallel::reduce_gradients(FfnExperts& net, const ExpertRegion& regio
         region_view(full[i]->grad, stored_roles_[i], gated, h, region)
             .copy_from(part_view(part[j]->grad, stored_roles_[i], gated, region.count));
     }
-    work[i] = comm_->start_all_reduce(full[i]->grad);
+    summed[i] = full[i]->grad.to(routing_dtype(full[i]->grad.dtype()));
+    work[i] = comm_->start_all_reduce(summed[i]);
   }
   // 2. This rank keeps the sum over its stored part.
   for (std::size_t i = 0; i < stored_.size(); ++i) {
     if (!from_others[i]) continue;
     work[i].wait();
     Tensor mine = Tensor::zeros(stored_[i]->grad.sizes(), cfg_.dtype, cfg_.device);
-    StoredViews v = stored_views(full[i]->grad, mine, stored_roles_[i], gated, h, shard_);
+    StoredViews v = stored_views(summed[i], mine, stored_roles_[i], gated, h, shard_);
     v.in_stored.copy_from(v.in_full);
     add_inplace(stored_[i]->grad, mine);
   }

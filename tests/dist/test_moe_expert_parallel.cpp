@@ -7,10 +7,11 @@
 // it to rounding: expert parameters against the reference's slice for this rank's experts,
 // replicated parameters (gate, shared expert) after summing over ranks.
 //
-// Two builds of this file: test_moe_expert_parallel runs on CPU ranks over MPI in f64;
-// test_moe_expert_parallel_nccl (SY_EP_TEST_NCCL) on one GPU per rank over NCCL, in the dtype
-// SY_EP_TEST_DTYPE names (f32 or bf16; DESIGN.md §7's tolerances), and skips every case where a
-// rank has no GPU of its own. The reference layer runs on the same GPU in the same dtype.
+// Two builds of this file: test_moe_expert_parallel runs on CPU ranks over MPI (f64, or the
+// dtype SY_EP_TEST_DTYPE names); test_moe_expert_parallel_nccl (SY_EP_TEST_NCCL) on one GPU per
+// rank over NCCL, in f32 or bf16 (SY_EP_TEST_DTYPE), and skips every case where a rank has no
+// GPU of its own. Tolerances follow the dtype (DESIGN.md §7); the reference layer runs on the
+// same device in the same dtype. Cases about differences between ranks skip at one rank.
 #include <gtest/gtest.h>
 #include <mpi.h>
 
@@ -56,24 +57,28 @@ class FreeCommunicator : public ::testing::Environment {
 
 #ifdef SY_EP_TEST_NCCL
 constexpr bool kOnGpus = true;
+constexpr const char* kDefaultDtype = "f32";
 bool backend_available() { return sy_dist::gpus_for_every_rank(); }
 std::shared_ptr<sy::Communicator> make_world() { return sy::make_nccl_communicator(); }
-DType test_dtype() {
-  const char* env = std::getenv("SY_EP_TEST_DTYPE");
-  const std::string name = env ? env : "f32";
-  if (name == "bf16") return DType::kBF16;
-  if (name != "f32") {
-    std::fprintf(stderr, "SY_EP_TEST_DTYPE must be f32 or bf16, got '%s'\n", name.c_str());
-    std::abort();
-  }
-  return DType::kF32;
-}
 #else
 constexpr bool kOnGpus = false;
+constexpr const char* kDefaultDtype = "f64";
 bool backend_available() { return true; }
 std::shared_ptr<sy::Communicator> make_world() { return sy::make_mpi_communicator(); }
-DType test_dtype() { return DType::kF64; }
 #endif
+// The layers' dtype: SY_EP_TEST_DTYPE (f64 on CPU only), else f64 on CPU and f32 on GPUs.
+DType test_dtype() {
+  const char* env = std::getenv("SY_EP_TEST_DTYPE");
+  const std::string name = env ? env : kDefaultDtype;
+  if (name == "bf16") return DType::kBF16;
+  if (name == "f32") return DType::kF32;
+  if (name != "f64" || kOnGpus) {
+    std::fprintf(stderr, "SY_EP_TEST_DTYPE must be f32 or bf16 (or f64 on CPU), got '%s'\n",
+                 name.c_str());
+    std::abort();
+  }
+  return DType::kF64;
+}
 
 #define SKIP_WITHOUT_BACKEND()                                                            \
   do {                                                                                    \
@@ -86,6 +91,14 @@ const std::shared_ptr<sy::Communicator>& world() {
 }
 int rank() { return world()->rank(); }
 int ranks() { return world()->size(); }
+
+// Cases about what differs between ranks (their configurations, an expert no rank routes to,
+// counts over ranks) need two.
+#define SKIP_BELOW_TWO_RANKS()                                   \
+  do {                                                           \
+    SKIP_WITHOUT_BACKEND();                                      \
+    if (ranks() < 2) GTEST_SKIP() << "needs two ranks or more"; \
+  } while (0)
 sy::Device test_device() { return world()->device(); }
 
 // Relative L2 tolerance (DESIGN.md §7): sums run in a different order across ranks, and in
@@ -349,7 +362,7 @@ TEST(MoEExpertParallel, RankWithZeroTokens) {
 }
 
 TEST(MoEExpertParallel, ExpertNoRankRoutesTo) {
-  SKIP_WITHOUT_BACKEND();
+  SKIP_BELOW_TWO_RANKS();
   for (const CfLayout& cl : kCapacities) {
     Case c;
     c.cf = cl.cf;
@@ -432,7 +445,7 @@ void check_against_all_tokens_at_once(const MoEConfig& cfg, const sy::LossWeight
 // The Switch loss counts tokens(e) and T over all ranks: the ranks' losses sum to the loss of one
 // process routing every token at once, and so do the gate gradients.
 TEST(MoEExpertParallel, SwitchLossUsesGlobalCounts) {
-  SKIP_WITHOUT_BACKEND();
+  SKIP_BELOW_TWO_RANKS();
   MoEConfig cfg = base_config();
   cfg.aux_loss = sy::AuxLoss::kSwitch;
   cfg.capacity_factor = 0.0;
@@ -450,7 +463,7 @@ TEST(MoEExpertParallel, GateNoiseAndJitterFollowGlobalTokenIndices) {
 }
 
 TEST(MoEExpertParallel, ConfigDifferingAcrossRanksFailsOnEveryRank) {
-  SKIP_WITHOUT_BACKEND();
+  SKIP_BELOW_TWO_RANKS();
   MoEConfig cfg = base_config();
   if (rank() == ranks() - 1) cfg.num_experts = 4 * ranks();
   EXPECT_NE(
@@ -476,7 +489,7 @@ TEST(MoEExpertParallel, ConfigDifferingAcrossRanksFailsOnEveryRank) {
 }
 
 TEST(MoEExpertParallel, UnsupportedSetupsFailClearlyOnEveryRank) {
-  SKIP_WITHOUT_BACKEND();
+  SKIP_BELOW_TWO_RANKS();
   MoEConfig cfg = base_config();
   cfg.num_experts = 2 * ranks() + 1;
   EXPECT_NE(error_of([&] { MoELayer layer(cfg, world()); }).find("must be a multiple of the"),
@@ -498,7 +511,7 @@ TEST(MoEExpertParallel, UnsupportedSetupsFailClearlyOnEveryRank) {
 // adaptive_r must divide the world size (E >= W) or the ranks sharing an expert (E < W); every
 // rank gets the same error and the layer stays usable, in step.
 TEST(MoEExpertParallel, AdaptiveRThatDoesNotFitFailsOnEveryRank) {
-  SKIP_WITHOUT_BACKEND();
+  SKIP_BELOW_TWO_RANKS();
   const Tensor x = input_of(rank(), 12, 8, 5);
   MoELayer layer(base_config(), world());
   for (int r : {3, 2 * ranks()}) {

