@@ -2,9 +2,11 @@
 // says what was expected and what was found ("top_k must be >= 1, got 0").
 #pragma once
 
-#include <sstream>
+#include <charconv>
 #include <stdexcept>
 #include <string>
+#include <string_view>
+#include <type_traits>
 
 namespace switchyard {
 
@@ -15,11 +17,31 @@ class Error : public std::runtime_error {
 
 namespace detail {
 
+// Appends text as it is and numbers as iostreams print them by default (bool as 1/0, floating
+// point as %g). No iostreams: the messages must not depend on locale state, which a library
+// loaded into another program (the PyTorch extension) need not share with it.
+template <class T>
+void append_to(std::string& s, const T& v) {
+  if constexpr (std::is_same_v<T, char>) {
+    s += v;
+  } else if constexpr (std::is_same_v<T, bool>) {
+    s += v ? '1' : '0';
+  } else if constexpr (std::is_integral_v<T>) {
+    char b[24];
+    s.append(b, std::to_chars(b, b + sizeof b, v).ptr);
+  } else if constexpr (std::is_floating_point_v<T>) {
+    char b[48];
+    s.append(b, std::to_chars(b, b + sizeof b, v, std::chars_format::general, 6).ptr);
+  } else {
+    s += std::string_view(v);
+  }
+}
+
 template <class... Args>
 std::string str_cat(const Args&... args) {
-  std::ostringstream os;
-  if constexpr (sizeof...(Args) > 0) (os << ... << args);
-  return os.str();
+  std::string s;
+  (append_to(s, args), ...);
+  return s;
 }
 
 [[noreturn]] void throw_error(const std::string& message);
