@@ -138,7 +138,7 @@ nlohmann::ordered_json run_case(const BenchConfig& bc, const LayoutCase& lc, DTy
   const int k = r.stats.top_k;
   const index_t dropped = r.stats.dropped_choices;
 
-  // 3. Warm up, then time forward and backward apart; zeroing gradients is not timed.
+  // 3. Warm up, then time forward and backward apart.
   const int total = f.warmup + f.iters;
   ForwardOptions timed;
   timed.host_stats = false;  // the step itself needs no sync; its statistics were checked above
@@ -146,8 +146,10 @@ nlohmann::ordered_json run_case(const BenchConfig& bc, const LayoutCase& lc, DTy
   for (int i = 0; i < total; ++i) {
     progress.update(fmt::format("{}: iteration {}/{}", label, i + 1, total));
     if (i == f.warmup) reset_peak_memory(device);
-    layer->zero_grad();
-    synchronize(current_stream(device));  // the zeroing runs on the stream: keep it out of forward
+    // Gradients unset before each step, as the torch layers it is compared with (p.grad = None):
+    // backward creates them. Freeing them runs on the stream: keep it out of forward.
+    layer->zero_grad(/*set_to_none=*/true);
+    synchronize(current_stream(device));
     auto start = Clock::now();
     r = layer->forward(x, timed);
     wait_for(r.y);

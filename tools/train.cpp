@@ -133,7 +133,7 @@ class Trainer {
     } else {
       Tensor dy;
       r.loss = mse_loss(r.fwd.y, target, &dy);
-      for (MoELayer& layer : student_) layer.zero_grad();
+      for (MoELayer& layer : student_) layer.zero_grad(/*set_to_none=*/true);
       backward_stack(student_, dy, o_.loss_weights);
       if (o_.comm) sum_replicated_grads();
       optimizer_->step();

@@ -14,9 +14,17 @@ namespace switchyard {
 struct Parameter {
   std::string name;  // Tutel state_dict key, e.g. "experts.batched_fc1_w"
   Tensor value;
-  Tensor grad;  // same shape and dtype as value; backward accumulates into it
+  // Same shape and dtype as value; backward accumulates into it. Undefined after
+  // MoELayer::zero_grad(true): the next backward creates it (as torch's set_to_none).
+  Tensor grad;
   bool replicated = true;
 };
+
+// The gradient to accumulate into: p.grad, created as zeros where it is unset.
+inline Tensor& grad_to_accumulate(Parameter& p) {
+  if (!p.grad.defined()) p.grad = Tensor::zeros(p.value.sizes(), p.value.dtype(), p.value.device());
+  return p.grad;
+}
 
 class Gate {
  public:

@@ -100,7 +100,11 @@ class MoELayer {
   // then shared experts ("shared_experts.batched_fc1_w", ...): Tutel's state_dict keys.
   std::vector<Parameter*> parameters();
   Parameter& parameter(const std::string& name);  // throws when no parameter has that name
-  void zero_grad();
+  // Zeroes every gradient, or with set_to_none frees them (Parameter::grad undefined): the next
+  // backward then creates them, the built-in experts' weight gradients on the GPU by GEMMs that
+  // write without reading old values, so that they take no memory before backward and half the
+  // traffic in it. Gradients are defined again once backward returns.
+  void zero_grad(bool set_to_none = false);
 
   // Aux-loss-free balancing: bias[e] += rate * sign(mean(count) - count[e]) over the token
   // counts accumulated by training forwards since the last update (summed over ranks under

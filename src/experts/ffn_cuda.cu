@@ -230,6 +230,24 @@ void per_expert(const std::vector<index_t>& off, F&& f) {
   for (index_t e = 0; e < E; ++e) f(e, off[e], off[e + 1] - off[e], index_t{1});
 }
 
+bool every_expert_has_rows(const std::vector<index_t>& off) {
+  for (std::size_t e = 0; e + 1 < off.size(); ++e)
+    if (off[e + 1] <= off[e]) return false;
+  return true;
+}
+
+// The beta of a weight-gradient GEMM into p.grad: 1 (accumulate) where the gradient exists; an
+// unset one is created, empty for a GEMM that writes every element (beta 0), else zeros.
+double weight_grad_beta(Parameter& p, bool written_whole) {
+  if (p.grad.defined()) return 1.0;
+  if (!written_whole) {
+    grad_to_accumulate(p);
+    return 1.0;
+  }
+  p.grad = Tensor::empty(p.value.sizes(), p.value.dtype(), p.value.device());
+  return 0.0;
+}
+
 }  // namespace
 
 bool ffn_cuda_grouped(const FfnShape& s, index_t rows) {
@@ -339,6 +357,12 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
   // one gradient buffer are alive at once.
   Tensor da = Tensor::empty({R, hid}, s.dtype, dev), dh, dx;
   const Tensor off_dev = sv.device_offsets;
+  // An unset weight gradient (MoELayer::zero_grad(true)) is created here and written (beta 0)
+  // instead of added to zeros: by the grouped kernel (which writes empty experts' zeros too), or
+  // by one GEMM per expert when every expert has rows (else it starts at zero).
+  const bool written_whole = grouped ? R > 0 : every_expert_has_rows(off);
+  const double beta1 = weight_grad_beta(fc1_w, written_whole);
+  const double beta2 = weight_grad_beta(fc2_w, written_whole);
   dispatch_float_cuda(s.dtype, "ffn_backward_cuda", [&](auto tag) {
     using T = decltype(tag);
     const T* dyp = static_cast<const T*>(dy.data_ptr());
@@ -353,7 +377,7 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
     const index_t* offp = off_dev.data<index_t>();
     if (grouped) {  // da = dy · fc2_wᵀ ; d fc2_w += actᵀ · dy
       grouped_varying_m<T>(dyp, w2, true, dap, offp, E, R, hid, o, stream);
-      grouped_varying_k<T>(ap, dyp, g2, offp, E, R, hid, o, 1.0, stream);
+      grouped_varying_k<T>(ap, dyp, g2, offp, E, R, hid, o, beta2, stream);
     } else {
       per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {
         // da = dy · fc2_wᵀ ; d fc2_w += actᵀ · dy
@@ -361,7 +385,7 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
                 w2 + offset_of(e, hid * o), o, hid * o, 0.0, dap + offset_of(r0, hid), hid, n * hid,
                 batch);
         gemm<T>(h, true, false, hid, o, n, ap + offset_of(r0, hid), hid, n * hid,
-                dyp + offset_of(r0, o), o, n * o, 1.0, g2 + offset_of(e, hid * o), o, hid * o,
+                dyp + offset_of(r0, o), o, n * o, beta2, g2 + offset_of(e, hid * o), o, hid * o,
                 batch);
       });
     }
@@ -383,13 +407,14 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
     dx = Tensor::empty({R, d}, s.dtype, dev);
     T* dxp = static_cast<T*>(dx.data_ptr());
     if (grouped) {  // d fc1_w += dhᵀ · x ; dx = dh · fc1_w
-      grouped_varying_k<T>(dhp, xp, g1, offp, E, R, h1, d, 1.0, stream);
+      grouped_varying_k<T>(dhp, xp, g1, offp, E, R, h1, d, beta1, stream);
       grouped_varying_m<T>(dhp, w1, false, dxp, offp, E, R, d, h1, stream);
     } else {
       per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {
         // d fc1_w += dhᵀ · x ; dx = dh · fc1_w
         gemm<T>(h, true, false, h1, d, n, dhp + offset_of(r0, h1), h1, n * h1,
-                xp + offset_of(r0, d), d, n * d, 1.0, g1 + offset_of(e, h1 * d), d, h1 * d, batch);
+                xp + offset_of(r0, d), d, n * d, beta1, g1 + offset_of(e, h1 * d), d, h1 * d,
+                batch);
         gemm<T>(h, false, false, n, d, h1, dhp + offset_of(r0, h1), h1, n * h1,
                 w1 + offset_of(e, h1 * d), d, h1 * d, 0.0, dxp + offset_of(r0, d), d, n * d, batch);
       });

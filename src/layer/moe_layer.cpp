@@ -345,6 +345,12 @@ Tensor MoELayer::backward(const Tensor& dy_in, const LossWeights& weights) {
   m.saved = false;
 
   const Device dev = cfg.device;
+  // Gradients left unset by zero_grad(true) start at zero, except the built-in FFNs' own, which
+  // their backward creates (written, not accumulated, where it can).
+  std::vector<Parameter*> start_at_zero = m.gate->parameters();
+  if (m.ep || !m.ffn)
+    for (Parameter* p : m.experts->parameters()) start_at_zero.push_back(p);
+  for (Parameter* p : start_at_zero) grad_to_accumulate(*p);
   Tensor dweight = Tensor::zeros({T, m.plan.top_k}, routing_dtype(cfg.dtype), dev);
   Tensor dout = decode_backward(m.plan, dy, m.expert_out, cfg.is_postscore, dweight);
   m.expert_out = Tensor();  // each buffer is freed once its last reader is queued
@@ -396,8 +402,15 @@ Parameter& MoELayer::parameter(const std::string& name) {
   throw Error("unreachable");
 }
 
-void MoELayer::zero_grad() {
-  for (Parameter* p : parameters()) p->grad.fill(0.0);
+void MoELayer::zero_grad(bool set_to_none) {
+  for (Parameter* p : parameters()) {
+    if (set_to_none)
+      p->grad = Tensor();
+    else if (p->grad.defined())
+      p->grad.fill(0.0);
+    else
+      grad_to_accumulate(*p);
+  }
 }
 
 void MoELayer::update_expert_bias(double rate) {

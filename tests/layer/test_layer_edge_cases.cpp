@@ -31,6 +31,36 @@ TEST(MoELayerCpu, EmptyInputGivesEmptyOutputAndBackwardWorks) {
   }
 }
 
+// zero_grad(true) frees the gradients; the next backward creates them equal to what zeroed
+// gradients receive, and the one after adds to them.
+TEST(MoELayerCpu, GradientsSetToNoneEqualZeroedGradients) {
+  for (bool gated : {false, true}) {
+    MoEConfig cfg = small_config(DType::kF32);
+    cfg.shared_expert_hidden = 4;
+    cfg.gate = gated ? GateType::kCosine : GateType::kLinear;
+    if (gated) cfg.activation = Activation::kSwiGLU;
+    MoELayer zeroed(cfg), unset(cfg);
+    const std::int64_t T = 9, d = cfg.model_dim;
+    const Tensor x = make_tensor(randn(T * d, 3), {T, d}, DType::kF32);
+    const Tensor dy = make_tensor(randn(T * d, 4), {T, d}, DType::kF32);
+    zeroed.zero_grad();
+    unset.zero_grad(/*set_to_none=*/true);
+    for (Parameter* p : unset.parameters()) EXPECT_FALSE(p->grad.defined()) << p->name;
+    for (int step = 0; step < 2; ++step) {  // the second step accumulates
+      zeroed.forward(x);
+      unset.forward(x);
+      EXPECT_TRUE(sy_ref::bitwise_equal(unset.backward(dy, {.aux = 0.1}).to_vector(),
+                                        zeroed.backward(dy, {.aux = 0.1}).to_vector()));
+      const auto pz = zeroed.parameters(), pu = unset.parameters();
+      for (std::size_t i = 0; i < pz.size(); ++i) {
+        ASSERT_TRUE(pu[i]->grad.defined()) << pu[i]->name;
+        EXPECT_TRUE(sy_ref::bitwise_equal(pu[i]->grad.to_vector(), pz[i]->grad.to_vector()))
+            << pu[i]->name << " gated=" << gated << " step " << step;
+      }
+    }
+  }
+}
+
 TEST(MoELayerCpu, LeadingDimensionsAreFlattenedBatchMajor) {
   MoEConfig cfg = small_config();
   MoELayer layer(cfg);
