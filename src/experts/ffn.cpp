@@ -125,8 +125,8 @@ Tensor FfnExperts::backward_from(Tensor dy, Saved saved) {
            "experts: gradient must be [", R, ", ", shape_.out_dim(), "]");
   SY_CHECK(dy.device() == shape_.device, "experts: gradient is on ", to_string(dy.device()),
            ", the experts on ", to_string(shape_.device));
-  // Unset gradients (MoELayer::zero_grad(true)) start at zero; on CUDA the weights' are created
-  // by the backward itself.
+  // Unset gradients (MoELayer::zero_grad(true)) start at zero; the weights' are created by the
+  // backends' backward when their GEMMs come (on CUDA written, not added to zeros).
   for (Parameter* p : {&fc1_b_, &fc2_b_})
     if (p->value.defined()) grad_to_accumulate(*p);
 #ifdef SY_WITH_CUDA
@@ -134,8 +134,6 @@ Tensor FfnExperts::backward_from(Tensor dy, Saved saved) {
     return ffn_backward_cuda(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, std::move(dy),
                              std::move(saved));
 #endif
-  grad_to_accumulate(fc1_w_);
-  grad_to_accumulate(fc2_w_);
   return ffn_backward_cpu(shape_, fc1_w_, fc2_w_, fc1_b_, fc2_b_, std::move(dy), saved);
 }
 

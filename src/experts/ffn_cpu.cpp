@@ -130,7 +130,8 @@ Tensor backward_impl(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Para
   // Weight gradients accumulate straight into the parameters' grads (GEMM beta = 1) when they
   // are stored in the arithmetic dtype; f16/bf16 grads go through an f32 buffer.
   const bool direct = s.dtype == wd;
-  Tensor gw2 = direct ? fc2_w.grad : Tensor::zeros({E, h, o}, wd);
+  // An unset gradient (MoELayer::zero_grad(true)) is created when its GEMMs come.
+  Tensor gw2 = direct ? grad_to_accumulate(fc2_w) : Tensor::zeros({E, h, o}, wd);
   W* dap = da.data<W>();
   W* dhp = dh.data<W>();
   for (index_t e = 0; e < E; ++e) {
@@ -148,7 +149,7 @@ Tensor backward_impl(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Para
       column_sums(dyp, o, off[e], off[e + 1], g.data<W>() + offset_of(e, o));
     accumulate<T>(fc2_b.grad, g.data<W>());
   }
-  if (!direct) accumulate<T>(fc2_w.grad, gw2.data<W>());
+  if (!direct) accumulate<T>(grad_to_accumulate(fc2_w), gw2.data<W>());
   dy = gw2 = Tensor();  // fc2's backward was their last reader: free them before dx exists
   dyp = nullptr;
 #pragma omp parallel for schedule(static)
@@ -167,7 +168,7 @@ Tensor backward_impl(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Para
   }
   da = Tensor();
   Tensor dx = Tensor::empty({R, d}, wd);
-  Tensor gw1 = direct ? fc1_w.grad : Tensor::zeros({E, h1, d}, wd);
+  Tensor gw1 = direct ? grad_to_accumulate(fc1_w) : Tensor::zeros({E, h1, d}, wd);
   for (index_t e = 0; e < E; ++e) {
     const index_t r0 = off[e], n = off[e + 1] - off[e];
     if (n == 0) continue;
@@ -177,7 +178,7 @@ Tensor backward_impl(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, Para
     gemm_raw(false, false, n, d, h1, 1.0, dhp + offset_of(r0, h1), h1,
              w1.data<W>() + offset_of(e, h1 * d), d, 0.0, dx.data<W>() + offset_of(r0, d), d);
   }
-  if (!direct) accumulate<T>(fc1_w.grad, gw1.data<W>());
+  if (!direct) accumulate<T>(grad_to_accumulate(fc1_w), gw1.data<W>());
   if (fc1_b.value.defined()) {
     Tensor g = Tensor::empty({E, h1}, wd);
     for (index_t e = 0; e < E; ++e)
