@@ -452,11 +452,9 @@ class Layer {
                      double z) {
     TorchStreamScope scope(device_);
     point_values(params);
-    std::vector<at::Tensor> grads;
-    for (std::size_t i = 0; i < params_.size(); ++i) {
-      grads.push_back(torch::zeros(params[i].sizes(), params[i].options()));
-      params_[i]->grad = view_of(grads.back(), "backward: gradient buffer");
-    }
+    // The gradients start unset: backward creates them (the experts' weight gradients written
+    // by their GEMMs, not added to zeros) and torch receives them without a copy.
+    release_grads();
     const sy::Tensor dyv = view_of(dy, "backward: dy");
     sy::Tensor dx;
     try {
@@ -466,6 +464,8 @@ class Layer {
       release_grads();
       throw;
     }
+    std::vector<at::Tensor> grads;
+    for (sy::Parameter* p : params_) grads.push_back(torch_of(p->grad));
     release_grads();
     return py::make_tuple(torch_of(dx), grads);
   }
