@@ -442,6 +442,32 @@ void check_against_all_tokens_at_once(const MoEConfig& cfg, const sy::LossWeight
 
 }  // namespace
 
+// Gradients unset by zero_grad(true) come out of an expert-parallel backward equal to zeroed
+// ones, for the expert-parallel and the data-parallel call.
+TEST(MoEExpertParallel, UnsetGradientsEqualZeroedOnes) {
+  SKIP_WITHOUT_BACKEND();
+  const MoEConfig cfg = base_config();
+  for (int adaptive_r : {-1, 0}) {
+    MoELayer zeroed(cfg, world()), unset(cfg, world());
+    ForwardOptions fo;
+    if (adaptive_r >= 0) fo.adaptive_r = adaptive_r;
+    const Tensor x = input_of(rank(), 12, cfg.model_dim, 5);
+    const Tensor dy = input_of(rank(), 12, cfg.out_dim(), 6);
+    zeroed.zero_grad();
+    unset.zero_grad(/*set_to_none=*/true);
+    zeroed.forward(x, fo);
+    unset.forward(x, fo);
+    EXPECT_TRUE(sy_ref::bitwise_equal(unset.backward(dy).to_vector(),
+                                      zeroed.backward(dy).to_vector()));
+    const auto pz = zeroed.parameters(), pu = unset.parameters();
+    for (std::size_t i = 0; i < pz.size(); ++i) {
+      ASSERT_TRUE(pu[i]->grad.defined()) << pu[i]->name;
+      EXPECT_TRUE(sy_ref::bitwise_equal(pu[i]->grad.to_vector(), pz[i]->grad.to_vector()))
+          << pu[i]->name << " adaptive_r=" << adaptive_r;
+    }
+  }
+}
+
 // The Switch loss counts tokens(e) and T over all ranks: the ranks' losses sum to the loss of one
 // process routing every token at once, and so do the gate gradients.
 TEST(MoEExpertParallel, SwitchLossUsesGlobalCounts) {
