@@ -114,6 +114,24 @@ __device__ A warp_sum(A v) {
   return v;
 }
 
+// The sum of n doubles in a fixed order, for one block of kBlockSumThreads threads (all call it;
+// all get the sum).
+constexpr int kBlockSumThreads = 256;
+__device__ inline double block_sum(const double* v, index_t n) {
+  __shared__ double part[kBlockSumThreads];
+  double acc = 0;
+  for (index_t i = threadIdx.x; i < n; i += kBlockSumThreads) acc += v[i];
+  part[threadIdx.x] = acc;
+  __syncthreads();
+  for (int w = kBlockSumThreads / 2; w > 0; w /= 2) {
+    if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+    __syncthreads();
+  }
+  const double r = part[0];
+  __syncthreads();
+  return r;
+}
+
 // Blocks for a grid-stride loop over n items of `threads` each, capped at the grid limit.
 inline unsigned grid_size(index_t n, unsigned threads) {
   const index_t blocks = (n + threads - 1) / threads;

@@ -8,10 +8,9 @@
 namespace switchyard {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kBlockSumThreads;
 constexpr int kWarpsPerBlock = kThreads / 32;
 constexpr int kPartials = 256;  // blocks of the temperature-gradient sum: fixed, so is its order
-static_assert(kPartials <= kThreads, "one block sums the partials");
 
 cudaStream_t stream_of(const Tensor& t) {
   return as_cuda_stream(current_stream(t.device()).handle);
@@ -66,31 +65,22 @@ __global__ void scale_kernel(const A* __restrict__ cos, const A* __restrict__ ta
     logits[i] = static_cast<A>(cos[i] * scale);
 }
 
-// Block sum of v (kThreads threads) in a fixed order; the result in thread 0.
-__device__ double block_sum(double v) {
-  __shared__ double warps[kWarpsPerBlock];
-  v = warp_sum(v);
-  if (threadIdx.x % 32 == 0) warps[threadIdx.x / 32] = v;
-  __syncthreads();
-  double s = 0;
-  if (threadIdx.x == 0)
-    for (int w = 0; w < kWarpsPerBlock; ++w) s += warps[w];
-  return s;
-}
-
 // dcos = dl * scale, and each block's part of sum(dl * cos) (a grid of kPartials blocks).
 template <class A>
 __global__ void scale_backward_kernel(const A* __restrict__ dl, const A* __restrict__ cos,
                                       const A* __restrict__ tau, index_t n, A* __restrict__ dcos,
                                       double* __restrict__ partials) {
   const double scale = exp(fmin(static_cast<double>(tau[0]), log_scale_cap()));
+  __shared__ double mine[kThreads];
   double s = 0;
   for (index_t i = blockIdx.x * static_cast<index_t>(kThreads) + threadIdx.x; i < n;
        i += static_cast<index_t>(kPartials) * kThreads) {
     s += static_cast<double>(dl[i]) * cos[i];
     dcos[i] = static_cast<A>(dl[i] * scale);
   }
-  s = block_sum(s);
+  mine[threadIdx.x] = s;
+  __syncthreads();
+  s = block_sum(mine, kThreads);
   if (threadIdx.x == 0) partials[blockIdx.x] = s;
 }
 
@@ -98,7 +88,7 @@ __global__ void scale_backward_kernel(const A* __restrict__ dl, const A* __restr
 template <class A>
 __global__ void temperature_grad_kernel(const double* __restrict__ partials,
                                         const A* __restrict__ tau, A* __restrict__ dtau) {
-  const double s = block_sum(threadIdx.x < kPartials ? partials[threadIdx.x] : 0.0);
+  const double s = block_sum(partials, kPartials);
   if (threadIdx.x != 0) return;
   const double t = tau[0];
   dtau[0] = static_cast<A>(t <= log_scale_cap() ? s * exp(fmin(t, log_scale_cap())) : 0.0);

@@ -301,34 +301,17 @@ __global__ void count_choices(const std::int32_t* __restrict__ idx, index_t n, i
     atomicAdd(count + idx[i * stride], 1);
 }
 
-// Block sum of n doubles in a fixed order (one block of kReduceThreads threads).
-constexpr int kReduceThreads = 256;
-__device__ double block_sum(const double* v, index_t n) {
-  __shared__ double part[kReduceThreads];
-  double acc = 0;
-  for (index_t i = threadIdx.x; i < n; i += kReduceThreads) acc += v[i];
-  part[threadIdx.x] = acc;
-  __syncthreads();
-  for (int w = kReduceThreads / 2; w > 0; w /= 2) {
-    if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
-    __syncthreads();
-  }
-  const double r = part[0];
-  __syncthreads();
-  return r;
-}
-
 // aux = scale * sum_{s,e} mass[s,e] * count[s,e]; z = sum_t zsq[t] / T.
 __global__ void finish_losses(const double* __restrict__ mass, const std::int32_t* __restrict__ count,
                               index_t n, double scale, const double* __restrict__ zsq, index_t T,
                               double* __restrict__ aux, double* __restrict__ z) {
-  __shared__ double prod[kReduceThreads];
+  __shared__ double prod[kBlockSumThreads];
   double acc = 0;
   if (mass)
-    for (index_t i = threadIdx.x; i < n; i += kReduceThreads) acc += mass[i] * count[i];
+    for (index_t i = threadIdx.x; i < n; i += kBlockSumThreads) acc += mass[i] * count[i];
   prod[threadIdx.x] = acc;
   __syncthreads();
-  const double a = block_sum(prod, kReduceThreads);
+  const double a = block_sum(prod, kBlockSumThreads);
   const double zs = zsq ? block_sum(zsq, T) : 0.0;
   if (threadIdx.x == 0) {
     *aux = mass ? a * scale : 0.0;
@@ -648,7 +631,7 @@ RoutingPlan route_cuda(const MoEConfig& cfg, const RouteArgs& args, const Tensor
     launch_column_sums(sw_prob, L, mass, stream);
     aux_scale = static_cast<double>(E) / (static_cast<double>(k) * L * L) / (T / L);
   }
-  finish_losses<<<1, kReduceThreads, 0, stream>>>(
+  finish_losses<<<1, kBlockSumThreads, 0, stream>>>(
       mass.defined() ? mass.data<double>() : nullptr, loss_count.data<std::int32_t>(),
       mass.defined() ? mass.numel() : 0, aux_scale, zsq.data<double>(), T,
       losses.aux.data<double>(), losses.z.data<double>());
