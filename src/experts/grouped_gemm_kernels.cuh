@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "core/cuda_check.cuh"
+#include "experts/group_sums.cuh"
 #include "switchyard/error.h"
 #include "switchyard/index.h"
 
@@ -53,6 +54,7 @@ struct Params {
   float beta;               // kOuter only: C = beta C + ...
   const T* bias = nullptr;  // kRows* only: [E, N], added to group e's rows before rounding
   int relu = 0;             // kRows* only: then max(0, .)
+  const T* mask = nullptr;  // kRows* only: [R, N], then 0 where mask <= 0 (relu's backward)
 };
 
 // Shared-memory row strides: 8 elements (16 bytes) of padding per row put the eight 16-byte rows
@@ -140,9 +142,11 @@ __device__ __forceinline__ float2 unpack2(std::uint32_t u) {
 }
 
 // The varying-M forms' fused epilogue on a pair of columns: + bias (a pair of T, or null), then
-// relu when asked; once, in f32, before the one rounding to T.
+// relu when asked, then zero where the mask pair (or null) is not positive: relu's backward,
+// given relu's output; once, in f32, before the one rounding to T.
 template <class T>
-__device__ __forceinline__ void epilogue_bias_relu(float& x, float& y, const T* bias, int relu) {
+__device__ __forceinline__ void epilogue_bias_relu(float& x, float& y, const T* bias, int relu,
+                                                   const T* mask) {
   if (bias) {
     const float2 b = unpack2<T>(*reinterpret_cast<const std::uint32_t*>(bias));
     x += b.x;
@@ -151,6 +155,11 @@ __device__ __forceinline__ void epilogue_bias_relu(float& x, float& y, const T* 
   if (relu) {
     x = fmaxf(x, 0.0f);
     y = fmaxf(y, 0.0f);
+  }
+  if (mask) {
+    const float2 m = unpack2<T>(*reinterpret_cast<const std::uint32_t*>(mask));
+    x = m.x > 0.0f ? x : 0.0f;
+    y = m.y > 0.0f ? y : 0.0f;
   }
 }
 
@@ -382,8 +391,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
                 y += p.beta * old.y;
               }
             } else {
-              epilogue_bias_relu<T>(x, y, p.bias ? p.bias + offset_of(e, p.n) + n0 + col : nullptr,
-                                    p.relu);
+              epilogue_bias_relu<T>(
+                  x, y, p.bias ? p.bias + offset_of(e, p.n) + n0 + col : nullptr, p.relu,
+                  p.mask ? p.mask + offset_of(lo + m0 + row, p.n) + n0 + col : nullptr);
             }
             *dst = pack2<T>(x, y);
           }
@@ -475,7 +485,8 @@ bool with_sm90_config(bool long_k, index_t num_groups, F&& f) {
 template <class T, class Cfg = DefaultConfig, class Sm90Cfg = void>
 void run_varying_m(const T* a, const T* b, bool trans_b, T* c, const index_t* offsets,
                    index_t num_groups, index_t rows, index_t n, index_t k, cudaStream_t stream,
-                   Kernel kernel = Kernel::kAuto, const T* bias = nullptr, bool relu = false) {
+                   Kernel kernel = Kernel::kAuto, const T* bias = nullptr, bool relu = false,
+                   const T* mask = nullptr) {
   SY_CHECK(num_groups >= 1 && num_groups < (1 << 20), "grouped_gemm: ", num_groups,
            " groups, expected 1 to 2^20");
   SY_CHECK(n % 8 == 0 && k % 8 == 0, "grouped_gemm: N=", n, " and K=", k,
@@ -487,11 +498,11 @@ void run_varying_m(const T* a, const T* b, bool trans_b, T* c, const index_t* of
            "grouped_gemm: ", rows, " rows x N=", n, " exceed 2^31 tiles");
   if (rows == 0 || n == 0) return;
   check_alignment(a, b, c, "grouped_gemm");
-  check_alignment(bias ? bias : c, c, c, "grouped_gemm (bias)");
+  check_alignment(bias ? bias : c, mask ? mask : c, c, "grouped_gemm (bias, mask)");
   if (kernel != Kernel::kMma && k > 0 &&
       with_sm90_config<Sm90Cfg>(k >= 4096, num_groups, [&](auto cfg) {
         launch_sm90<T, decltype(cfg)>(a, b, trans_b, c, offsets, num_groups, rows, n, k, stream,
-                                      bias, relu);
+                                      bias, relu, mask);
       }))
     return;
   auto run = [&](auto form) {
@@ -505,9 +516,10 @@ void run_varying_m(const T* a, const T* b, bool trans_b, T* c, const index_t* of
                    0,
                    static_cast<int>(n),
                    static_cast<int>(k),
-                   0.0f,
-                   bias,
-                   relu};
+                   0.0f};
+    p.bias = bias;
+    p.relu = relu;
+    p.mask = mask;
     launch<T, Cfg, F>(p, stream);
   };
   if (trans_b)
@@ -516,10 +528,12 @@ void run_varying_m(const T* a, const T* b, bool trans_b, T* c, const index_t* of
     run(std::integral_constant<Form, Form::kRowsB>{});
 }
 
+// sum_a [E, M] and sum_b [E, N] (either may be null) += the groups' column sums of a and b: on
+// sm_90a from the GEMM's own operand loads, elsewhere by group_column_sums.
 template <class T, class Cfg = DefaultConfig, class Sm90Cfg = void>
 void run_varying_k(const T* a, const T* b, T* c, const index_t* offsets, index_t num_groups,
                    index_t rows, index_t m, index_t n, double beta, cudaStream_t stream,
-                   Kernel kernel = Kernel::kAuto) {
+                   Kernel kernel = Kernel::kAuto, T* sum_a = nullptr, T* sum_b = nullptr) {
   SY_CHECK(num_groups >= 1 && num_groups < (1 << 20), "grouped_gemm: ", num_groups,
            " groups, expected 1 to 2^20");
   SY_CHECK(m % 8 == 0 && n % 8 == 0, "grouped_gemm: M=", m, " and N=", n,
@@ -531,13 +545,16 @@ void run_varying_k(const T* a, const T* b, T* c, const index_t* offsets, index_t
                (index_t{1} << 31),
            "grouped_gemm: ", num_groups, " groups of ", m, " x ", n, " exceed 2^31 tiles");
   SY_CHECK(beta == 0.0 || beta == 1.0, "grouped_gemm: beta must be 0 or 1, got ", beta);
-  if (m == 0 || n == 0) return;
   check_alignment(a, b, c, "grouped_gemm");
-  if (kernel != Kernel::kMma && rows > 0 &&
+  if (kernel != Kernel::kMma && rows > 0 && m > 0 && n > 0 &&
       with_sm90_config<Sm90Cfg>(rows >= 2048 * num_groups, num_groups, [&](auto cfg) {
-        launch_sm90_outer<T, decltype(cfg)>(a, b, c, offsets, num_groups, rows, m, n, beta, stream);
+        launch_sm90_outer<T, decltype(cfg)>(a, b, c, offsets, num_groups, rows, m, n, beta, stream,
+                                            sum_a, sum_b);
       }))
     return;
+  if (sum_a) launch_group_column_sums(a, offsets, sum_a, num_groups, m, stream);
+  if (sum_b) launch_group_column_sums(b, offsets, sum_b, num_groups, n, stream);
+  if (m == 0 || n == 0) return;
   Params<T, Form::kOuter> p{a,
                             b,
                             c,

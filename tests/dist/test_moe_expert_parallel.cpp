@@ -598,7 +598,8 @@ TEST(MoEExpertParallel, ShardedGatedExpertsWithUnevenBiasColumns) {
   cfg.hidden_size = 8;
   cfg.activation = sy::Activation::kSwiGLU;
   cfg.has_fc1_bias = false;
-  for (int r : {-1, 0, 1, 2})
+  for (int r : {-1, 0, 1, 2}) {
+    if (r > 0 && ranks() % r != 0) continue;  // r-way sharding needs r to divide the ranks
     for (Layout layout : {Layout::kPacked, Layout::kPadded}) {
       Case c;
       c.cf = 0.0;
@@ -609,6 +610,7 @@ TEST(MoEExpertParallel, ShardedGatedExpertsWithUnevenBiasColumns) {
       c.algorithm = A2AAlgorithm::kPipelined;
       check_case(c, cfg);
     }
+  }
 }
 
 // r-way sharded experts per call on a layer that stores whole experts (E = W and E = 2W): groups

@@ -27,12 +27,11 @@ class FfnCuda : public ::testing::TestWithParam<Case> {
   }
 };
 
-TEST_P(FfnCuda, MatchesTheCpuExpertsForwardAndBackward) {
-  const auto [act, dt, equal, out] = GetParam();
-  const index_t E = 4, d = 96, h = 80, o = out > 0 ? out : d;
-  const std::vector<double> offv = equal ? std::vector<double>{0, 50, 100, 150, 200}
-                                         : std::vector<double>{0, 70, 70, 133, 200};  // one empty
-  const index_t R = 200;
+// Forward and backward of the same experts on the CPU and on CUDA, offsets [E+1].
+void expect_matches_cpu(Activation act, DType dt, index_t d, index_t h, index_t out,
+                        const std::vector<double>& offv) {
+  const index_t E = static_cast<index_t>(offv.size()) - 1, o = out > 0 ? out : d;
+  const index_t R = static_cast<index_t>(offv.back());
   FfnShape s{E, d, h, act, true, true, dt, Device::cpu(), 0, out};
   FfnShape sg = s;
   sg.device = Device::cuda(0);
@@ -55,6 +54,23 @@ TEST_P(FfnCuda, MatchesTheCpuExpertsForwardAndBackward) {
     EXPECT_LT(rel_l2(gpu.parameters()[i]->grad.to_vector(), cpu.parameters()[i]->grad.to_vector()),
               tol)
         << cpu.parameters()[i]->name;
+}
+
+TEST_P(FfnCuda, MatchesTheCpuExpertsForwardAndBackward) {
+  const auto [act, dt, equal, out] = GetParam();
+  expect_matches_cpu(act, dt, 96, 80, out,
+                     equal ? std::vector<double>{0, 50, 100, 150, 200}
+                           : std::vector<double>{0, 70, 70, 133, 200});  // one empty
+}
+
+// bf16 relu experts on the grouped kernels with several tiles per expert, and deep reductions:
+// K >= 4096 for the da GEMM and 2048 rows per expert for the weight gradients take the sm_90a
+// kernels' long-reduction configuration. Covers their fused epilogues (bias, relu, relu's
+// backward) and the bias gradients they add beside the weight gradients.
+TEST(FfnCudaGrouped, ManyTilesAndDeepReductionsMatchTheCpu) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  expect_matches_cpu(Activation::kRelu, DType::kBF16, 264, 520, 0, {0, 300, 300, 901, 1500});
+  expect_matches_cpu(Activation::kRelu, DType::kBF16, 4104, 136, 0, {0, 2100, 4200});
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, FfnCuda,
