@@ -19,7 +19,6 @@
 #include "experts/activation.h"
 #include "experts/ffn.h"
 #include "experts/gemm_cuda.cuh"
-#include "experts/group_sums.cuh"
 #include "experts/grouped_gemm_cuda.cuh"
 
 namespace switchyard {
@@ -131,13 +130,39 @@ unsigned row_blocks(index_t rows) {
   return static_cast<unsigned>(std::min<index_t>(std::max<index_t>(rows, 1), 2147483647));
 }
 
-// grad[e, :] += the column sums of m's rows of expert e (the bias gradients of the cuBLAS paths;
-// the grouped weight-gradient GEMM adds them itself).
+// grad[e, j] += sum over the rows of expert e of m[r, j]. Block (32, kBiasRows) per (32 columns,
+// expert): thread (x, y) sums rows y, y + kBiasRows, ... of its column, then row y = 0 adds the
+// partial sums in order (a fixed order: deterministic).
+constexpr int kBiasRows = 16;
+template <class T>
+__global__ void bias_grad(const T* __restrict__ m, const index_t* __restrict__ off,
+                          T* __restrict__ grad, index_t n) {
+  using A = cuda_acc_t<T>;
+  __shared__ A part[kBiasRows][33];
+  const index_t e = blockIdx.y, j = static_cast<index_t>(blockIdx.x) * 32 + threadIdx.x;
+  A acc = 0;
+  if (j < n)
+    for (index_t r = off[e] + threadIdx.y; r < off[e + 1]; r += kBiasRows)
+      acc += load(m[offset_of(r, n) + j]);
+  part[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < n) {
+    A sum = 0;
+    for (int y = 0; y < kBiasRows; ++y) sum += part[y][threadIdx.x];
+    grad[offset_of(e, n) + j] = store<T>(load(grad[offset_of(e, n) + j]) + sum);
+  }
+}
+
 void launch_bias_grad(const void* m, const index_t* off, void* grad, index_t E, index_t n,
                       DType dtype, cudaStream_t stream) {
+  if (E == 0 || n == 0) return;
+  SY_CHECK(E <= 65535, "experts: at most 65535 experts per layer on CUDA, got ", E);
   dispatch_float_cuda(dtype, "bias_grad", [&](auto tag) {
     using T = decltype(tag);
-    launch_group_column_sums(static_cast<const T*>(m), off, static_cast<T*>(grad), E, n, stream);
+    const dim3 blocks(static_cast<unsigned>((n + 31) / 32), static_cast<unsigned>(E));
+    bias_grad<T><<<blocks, dim3(32, kBiasRows), 0, stream>>>(static_cast<const T*>(m), off,
+                                                             static_cast<T*>(grad), n);
+    SY_CUDA_CHECK_LAUNCH();
   });
 }
 
@@ -168,9 +193,9 @@ void grouped_varying_m(const T* a, const T* b, bool trans_b, T* c, const index_t
 }
 template <class T>
 void grouped_varying_k(const T* a, const T* b, T* c, const index_t* off, index_t E, index_t R,
-                       index_t m, index_t n, double beta, cudaStream_t stream, T* sum_a, T* sum_b) {
+                       index_t m, index_t n, double beta, cudaStream_t stream) {
   if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>)
-    grouped_gemm_varying_k_cuda(a, b, c, off, E, R, m, n, beta, stream, sum_a, sum_b);
+    grouped_gemm_varying_k_cuda(a, b, c, off, E, R, m, n, beta, stream);
   else
     SY_ASSERT(false, "no grouped GEMM for this dtype");
 }
@@ -350,16 +375,13 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
     T* g2 = static_cast<T*>(fc2_w.grad.data_ptr());
     T* dap = static_cast<T*>(da.data_ptr());
     const index_t* offp = off_dev.data<index_t>();
-    // The bias gradients: the grouped weight-gradient GEMMs add them, else group_column_sums.
-    T* gb1 = fc1_b.value.defined() ? static_cast<T*>(fc1_b.grad.data_ptr()) : nullptr;
-    T* gb2 = fc2_b.value.defined() ? static_cast<T*>(fc2_b.grad.data_ptr()) : nullptr;
     // relu's backward on the grouped path: the da GEMM's epilogue zeroes where act is not
     // positive (the forward fused relu too), so da is dh already.
     const bool fused_act = grouped && !gated && s.activation == Activation::kRelu;
-    if (grouped) {  // da = dy · fc2_wᵀ ; d fc2_w += actᵀ · dy ; d fc2_b += column sums of dy
+    if (grouped) {  // da = dy · fc2_wᵀ ; d fc2_w += actᵀ · dy
       grouped_varying_m<T>(dyp, w2, true, dap, offp, E, R, hid, o, stream, nullptr, false,
                            fused_act ? ap : nullptr);
-      grouped_varying_k<T>(ap, dyp, g2, offp, E, R, hid, o, beta2, stream, nullptr, gb2);
+      grouped_varying_k<T>(ap, dyp, g2, offp, E, R, hid, o, beta2, stream);
     } else {
       per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {
         // da = dy · fc2_wᵀ ; d fc2_w += actᵀ · dy
@@ -371,7 +393,8 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
                 batch);
       });
     }
-    if (gb2 && !grouped) launch_bias_grad(dyp, offp, gb2, E, o, s.dtype, stream);
+    if (fc2_b.value.defined())
+      launch_bias_grad(dyp, offp, fc2_b.grad.data_ptr(), E, o, s.dtype, stream);
     dy = Tensor();
     sv.a = Tensor();
     dh = gated ? sv.h : da;  // in place: sv.h and da have no other reader
@@ -389,8 +412,8 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
     T* g1 = static_cast<T*>(fc1_w.grad.data_ptr());
     dx = Tensor::empty({R, d}, s.dtype, dev);
     T* dxp = static_cast<T*>(dx.data_ptr());
-    if (grouped) {  // d fc1_w += dhᵀ · x ; d fc1_b += column sums of dh ; dx = dh · fc1_w
-      grouped_varying_k<T>(dhp, xp, g1, offp, E, R, h1, d, beta1, stream, gb1, nullptr);
+    if (grouped) {  // d fc1_w += dhᵀ · x ; dx = dh · fc1_w
+      grouped_varying_k<T>(dhp, xp, g1, offp, E, R, h1, d, beta1, stream);
       grouped_varying_m<T>(dhp, w1, false, dxp, offp, E, R, d, h1, stream);
     } else {
       per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {
@@ -402,7 +425,8 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
                 w1 + offset_of(e, h1 * d), d, h1 * d, 0.0, dxp + offset_of(r0, d), d, n * d, batch);
       });
     }
-    if (gb1 && !grouped) launch_bias_grad(dhp, offp, gb1, E, h1, s.dtype, stream);
+    if (fc1_b.value.defined())
+      launch_bias_grad(dhp, offp, fc1_b.grad.data_ptr(), E, h1, s.dtype, stream);
   });
   return dx;
 }

@@ -63,7 +63,7 @@ void grouped_gemm_varying_m(const Tensor& a, const Tensor& b, bool trans_b, cons
 }
 
 void grouped_gemm_varying_k(const Tensor& a, const Tensor& b, const Tensor& offsets, Tensor& c,
-                            double beta, GroupColumnSums sums) {
+                            double beta) {
   const char* op = "grouped_gemm_varying_k";
   check_common(op, a, b, offsets, c);
   SY_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 3, op,
@@ -74,25 +74,8 @@ void grouped_gemm_varying_k(const Tensor& a, const Tensor& b, const Tensor& offs
            ": shapes do not chain: a [", R, ", ", M, "], b [", b.size(0), ", ", N, "], c [",
            c.size(0), ", ", c.size(1), ", ", c.size(2), "], ", E, " groups");
   SY_CHECK(beta == 0.0 || beta == 1.0, op, ": beta must be 0 or 1, got ", beta);
-  const auto check_sums = [&](const Tensor* s, index_t cols, const char* name) {
-    if (!s) return;
-    SY_CHECK(s->dtype() == c.dtype() && s->device() == c.device() && s->is_contiguous() &&
-                 s->dim() == 2 && s->size(0) == E && s->size(1) == cols,
-             op, ": sums.", name, " must be a contiguous [", E, ", ", cols, "] ",
-             dtype_name(c.dtype()), " tensor on ", to_string(c.device()));
-  };
-  check_sums(sums.a, M, "a");
-  check_sums(sums.b, N, "b");
-  if (c.device().is_cuda()) SY_CALL_CUDA(grouped_gemm_varying_k, a, b, offsets, c, beta, sums);
+  if (c.device().is_cuda()) SY_CALL_CUDA(grouped_gemm_varying_k, a, b, offsets, c, beta);
   const std::vector<index_t> off = host_offsets(op, offsets, R);
-  // Column sums as GEMMs with a column of ones: sums[e] (as [1, cols]) += onesᵀ · rows of e.
-  Tensor ones = Tensor::empty({R, 1}, a.dtype());
-  ones.fill(1.0);
-  const auto add_sums = [&](Tensor* s, const Tensor& rows_e, index_t e) {
-    if (!s) return;
-    Tensor se = s->select(0, e).view({1, s->size(1)});
-    gemm(ones.narrow(0, 0, rows_e.size(0)), true, rows_e, false, se, 1.0, 1.0);
-  };
   for (index_t e = 0; e < E; ++e) {
     const index_t rows = off[e + 1] - off[e];
     Tensor ce = c.select(0, e);
@@ -100,10 +83,7 @@ void grouped_gemm_varying_k(const Tensor& a, const Tensor& b, const Tensor& offs
       if (beta == 0.0) ce.fill(0.0);
       continue;
     }
-    const Tensor ae = a.narrow(0, off[e], rows), be = b.narrow(0, off[e], rows);
-    gemm(ae, true, be, false, ce, 1.0, beta);
-    add_sums(sums.a, ae, e);
-    add_sums(sums.b, be, e);
+    gemm(a.narrow(0, off[e], rows), true, b.narrow(0, off[e], rows), false, ce, 1.0, beta);
   }
 }
 

@@ -6,9 +6,6 @@
 //     N]. Rows of c outside every group are left as they are.
 //   grouped_gemm_varying_k: C[e] = beta C[e] + A[rows_e, M]ᵀ · B[rows_e, N]   (weight gradients)
 //     a [R, M], b [R, N], c [E, M, N], beta 0 or 1. A group without rows gives C[e] = beta C[e].
-//     Optionally also sums.a[e, :] += the column sums of A[rows_e, M], sums.b[e, :] those of
-//     B[rows_e, N] ([E, M] and [E, N], the operands' dtype and device): the bias gradients beside
-//     a weight gradient, which the sm_90a kernel takes from its own operand loads.
 //
 // offsets: i64 [E+1] on the operands' device, non-decreasing from 0 to R.
 // CUDA (bf16, f16; f32 accumulation): one persistent kernel over the tiles of all groups that
@@ -28,17 +25,13 @@ namespace switchyard {
 
 void grouped_gemm_varying_m(const Tensor& a, const Tensor& b, bool trans_b, const Tensor& offsets,
                             Tensor& c);
-struct GroupColumnSums {
-  Tensor* a = nullptr;  // [E, M] or null
-  Tensor* b = nullptr;  // [E, N] or null
-};
 void grouped_gemm_varying_k(const Tensor& a, const Tensor& b, const Tensor& offsets, Tensor& c,
-                            double beta = 0.0, GroupColumnSums sums = {});
+                            double beta = 0.0);
 
 // The CUDA backends (experts/grouped_gemm_cuda.cu), called after the shape checks.
 void grouped_gemm_varying_m_cuda(const Tensor& a, const Tensor& b, bool trans_b,
                                  const Tensor& offsets, Tensor& c);
 void grouped_gemm_varying_k_cuda(const Tensor& a, const Tensor& b, const Tensor& offsets, Tensor& c,
-                                 double beta, GroupColumnSums sums);
+                                 double beta);
 
 }  // namespace switchyard

@@ -26,17 +26,13 @@ void grouped_gemm_varying_m_cuda(const __half* a, const __half* b, bool trans_b,
 }
 void grouped_gemm_varying_k_cuda(const __nv_bfloat16* a, const __nv_bfloat16* b, __nv_bfloat16* c,
                                  const index_t* offsets, index_t num_groups, index_t rows,
-                                 index_t m, index_t n, double beta, cudaStream_t stream,
-                                 __nv_bfloat16* sum_a, __nv_bfloat16* sum_b) {
-  grouped_gemm_detail::run_varying_k(a, b, c, offsets, num_groups, rows, m, n, beta, stream,
-                                     grouped_gemm_detail::Kernel::kAuto, sum_a, sum_b);
+                                 index_t m, index_t n, double beta, cudaStream_t stream) {
+  grouped_gemm_detail::run_varying_k(a, b, c, offsets, num_groups, rows, m, n, beta, stream);
 }
 void grouped_gemm_varying_k_cuda(const __half* a, const __half* b, __half* c,
                                  const index_t* offsets, index_t num_groups, index_t rows,
-                                 index_t m, index_t n, double beta, cudaStream_t stream,
-                                 __half* sum_a, __half* sum_b) {
-  grouped_gemm_detail::run_varying_k(a, b, c, offsets, num_groups, rows, m, n, beta, stream,
-                                     grouped_gemm_detail::Kernel::kAuto, sum_a, sum_b);
+                                 index_t m, index_t n, double beta, cudaStream_t stream) {
+  grouped_gemm_detail::run_varying_k(a, b, c, offsets, num_groups, rows, m, n, beta, stream);
 }
 
 bool grouped_gemm_uses_wgmma() { return grouped_gemm_detail::sm90_available(); }
@@ -70,17 +66,16 @@ void grouped_gemm_varying_m_cuda(const Tensor& a, const Tensor& b, bool trans_b,
 }
 
 void grouped_gemm_varying_k_cuda(const Tensor& a, const Tensor& b, const Tensor& offsets, Tensor& c,
-                                 double beta, GroupColumnSums sums) {
+                                 double beta) {
   const Device dev = c.device();
   DeviceScope scope(dev.index);
   const cudaStream_t stream = as_cuda_stream(current_stream(dev).handle);
   dispatch_half_cuda(c.dtype(), "grouped_gemm_varying_k", [&](auto tag) {
     using T = decltype(tag);
-    auto ptr = [](Tensor* t) { return t ? static_cast<T*>(t->data_ptr()) : nullptr; };
     grouped_gemm_varying_k_cuda(static_cast<const T*>(a.data_ptr()),
                                 static_cast<const T*>(b.data_ptr()), static_cast<T*>(c.data_ptr()),
                                 offsets.data<index_t>(), offsets.size(0) - 1, a.size(0), a.size(1),
-                                b.size(1), beta, stream, ptr(sums.a), ptr(sums.b));
+                                b.size(1), beta, stream);
   });
 }
 

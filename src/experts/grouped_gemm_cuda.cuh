@@ -28,17 +28,13 @@ void grouped_gemm_varying_m_cuda(const __half* a, const __half* b, bool trans_b,
                                  const __half* bias = nullptr, bool relu = false,
                                  const __half* mask = nullptr);
 
-// c[e] [M, N] = beta c[e] + (a [R, M] rows of group e)ᵀ · (b [R, N] rows of group e), beta 0 or 1;
-// sum_a [E, M] and sum_b [E, N] (either may be null) += the column sums of those rows of a and b
-// (the bias gradients beside a weight gradient; on sm_90a from the GEMM's own loads).
+// c[e] [M, N] = beta c[e] + (a [R, M] rows of group e)ᵀ · (b [R, N] rows of group e), beta 0 or 1.
 void grouped_gemm_varying_k_cuda(const __nv_bfloat16* a, const __nv_bfloat16* b, __nv_bfloat16* c,
                                  const index_t* offsets, index_t num_groups, index_t rows,
-                                 index_t m, index_t n, double beta, cudaStream_t stream,
-                                 __nv_bfloat16* sum_a = nullptr, __nv_bfloat16* sum_b = nullptr);
+                                 index_t m, index_t n, double beta, cudaStream_t stream);
 void grouped_gemm_varying_k_cuda(const __half* a, const __half* b, __half* c,
                                  const index_t* offsets, index_t num_groups, index_t rows,
-                                 index_t m, index_t n, double beta, cudaStream_t stream,
-                                 __half* sum_a = nullptr, __half* sum_b = nullptr);
+                                 index_t m, index_t n, double beta, cudaStream_t stream);
 
 // Whether the current device runs the sm_90a wgmma/TMA kernels (compute capability 9.0 and an
 // sm_90a build) rather than the portable mma.sync ones. A cached host query, no sync.

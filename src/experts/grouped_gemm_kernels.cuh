@@ -18,7 +18,6 @@
 #include <type_traits>
 
 #include "core/cuda_check.cuh"
-#include "experts/group_sums.cuh"
 #include "switchyard/error.h"
 #include "switchyard/index.h"
 
@@ -528,12 +527,10 @@ void run_varying_m(const T* a, const T* b, bool trans_b, T* c, const index_t* of
     run(std::integral_constant<Form, Form::kRowsB>{});
 }
 
-// sum_a [E, M] and sum_b [E, N] (either may be null) += the groups' column sums of a and b: on
-// sm_90a from the GEMM's own operand loads, elsewhere by group_column_sums.
 template <class T, class Cfg = DefaultConfig, class Sm90Cfg = void>
 void run_varying_k(const T* a, const T* b, T* c, const index_t* offsets, index_t num_groups,
                    index_t rows, index_t m, index_t n, double beta, cudaStream_t stream,
-                   Kernel kernel = Kernel::kAuto, T* sum_a = nullptr, T* sum_b = nullptr) {
+                   Kernel kernel = Kernel::kAuto) {
   SY_CHECK(num_groups >= 1 && num_groups < (1 << 20), "grouped_gemm: ", num_groups,
            " groups, expected 1 to 2^20");
   SY_CHECK(m % 8 == 0 && n % 8 == 0, "grouped_gemm: M=", m, " and N=", n,
@@ -545,16 +542,13 @@ void run_varying_k(const T* a, const T* b, T* c, const index_t* offsets, index_t
                (index_t{1} << 31),
            "grouped_gemm: ", num_groups, " groups of ", m, " x ", n, " exceed 2^31 tiles");
   SY_CHECK(beta == 0.0 || beta == 1.0, "grouped_gemm: beta must be 0 or 1, got ", beta);
+  if (m == 0 || n == 0) return;
   check_alignment(a, b, c, "grouped_gemm");
-  if (kernel != Kernel::kMma && rows > 0 && m > 0 && n > 0 &&
+  if (kernel != Kernel::kMma && rows > 0 &&
       with_sm90_config<Sm90Cfg>(rows >= 2048 * num_groups, num_groups, [&](auto cfg) {
-        launch_sm90_outer<T, decltype(cfg)>(a, b, c, offsets, num_groups, rows, m, n, beta, stream,
-                                            sum_a, sum_b);
+        launch_sm90_outer<T, decltype(cfg)>(a, b, c, offsets, num_groups, rows, m, n, beta, stream);
       }))
     return;
-  if (sum_a) launch_group_column_sums(a, offsets, sum_a, num_groups, m, stream);
-  if (sum_b) launch_group_column_sums(b, offsets, sum_b, num_groups, n, stream);
-  if (m == 0 || n == 0) return;
   Params<T, Form::kOuter> p{a,
                             b,
                             c,

@@ -19,9 +19,6 @@
 // that belong to the next group are zeroed in shared memory by the consumers before the MMAs.
 // The default epilogue stages the tile in shared memory and sends each valid row out with an
 // asynchronous bulk copy, so the stores drain while the next tile's MMAs run.
-// Varying K can add the groups' column sums of A or B (the bias gradients next to a weight
-// gradient) while it reads them: the tiles at n0 = 0 (m0 = 0) sum the A (B) k-tiles in shared
-// memory, one thread per column, rows in order, while the MMAs on that stage run.
 //
 // The device code exists only in sm_90a compiles (__CUDA_ARCH_FEAT_SM90_ALL); in other passes
 // the kernels are empty, and sm90_available() tells the host whether the code loaded for the
@@ -41,7 +38,6 @@
 #include <type_traits>
 
 #include "core/cuda_check.cuh"
-#include "core/cuda_math.cuh"
 #include "switchyard/error.h"
 #include "switchyard/index.h"
 
@@ -88,8 +84,6 @@ struct Sm90Params {
   const void* bias = nullptr;  // varying M: [E, N] of T, added to group e's rows
   int relu = 0;                // varying M: then max(0, .)
   const void* mask = nullptr;  // varying M: [R, N] of T, then 0 where mask <= 0 (relu backward)
-  void* sum_a = nullptr;       // varying K: [E, M] of T, += column sums of group e's rows of A
-  void* sum_b = nullptr;       // varying K: [E, N] of T, likewise of B
 };
 
 #if defined(SY_GG_SM90_DEVICE)
@@ -150,26 +144,6 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
 }
 // Keeps the compiler from moving accumulator reads/writes across wgmma fences and waits.
 __device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
-
-// Sum of column c of a stage's run of [kRows][64] boxes (128-byte rows, 128-byte swizzle: the
-// 16-byte chunk j of row r sits at chunk j ^ (r % 8)), rows in order. A warp reads 32 adjacent
-// columns of one row, 64 bytes: no bank conflicts.
-template <class T, int kRows>
-__device__ __forceinline__ float box_column_sum(const unsigned char* boxes, int c) {
-  const unsigned char* box = boxes + (c / 64) * (kRows * 128);
-  const int chunk = (c % 64) / 8, byte = (c % 8) * 2;
-  float s = 0.0f;
-#pragma unroll 16
-  for (int r = 0; r < kRows; ++r)
-    s += load(*reinterpret_cast<const T*>(box + r * 128 + ((chunk ^ (r & 7)) << 4) + byte));
-  return s;
-}
-
-// *p += v, rounded once to T.
-template <class T>
-__device__ __forceinline__ void add_to(T* p, float v) {
-  *p = store<T>(load(*p) + v);
-}
 
 // Shared-memory matrix descriptor, 128-byte swizzle: start address, leading byte offset (the
 // N-major layout's stride between 64-column blocks; unused for K-major), stride byte offset (8
@@ -436,12 +410,6 @@ __global__ void __launch_bounds__(384, 1)
     unsigned char* bias_s = smem + Cfg::kBiasOffset + wg * BN * 2;
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
       const TileAt ta = tile_at(t, e);
-      // Column sums: warpgroup 0 owns A's BM columns at n0 = 0, every consumer thread one of B's
-      // BN columns at m0 = 0.
-      const int ct = tid - 128;
-      const bool sums_a = kOuter && p.sum_a && ta.n0 == 0 && wg == 0;
-      const bool sums_b = kOuter && p.sum_b && ta.m0 == 0 && ct < BN;
-      float col_a = 0.0f, col_b = 0.0f;
       if (Cfg::kBulkStore && !kOuter && p.bias && wtid < BN / 8) {
         // Staged now, read in the epilogue after its first barrier; the previous tile's readers
         // passed its second barrier before this thread got here.
@@ -494,11 +462,6 @@ __global__ void __launch_bounds__(384, 1)
           }
         }
         wgmma_commit();
-        if constexpr (kOuter) {  // this stage is held until the next k-tile's release
-          const unsigned char* st = smem + stage * Cfg::kStageBytes;
-          if (sums_a) col_a += box_column_sum<T, BK>(st, wtid);
-          if (sums_b) col_b += box_column_sum<T, BK>(st + Cfg::kABytes, ct);
-        }
 #pragma unroll
         for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
         wgmma_wait<1>();  // the k-tile before this one is done: release its stage
@@ -513,12 +476,6 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
       if (prev >= 0 && lane == 0) mbar_arrive(empty_bar + 8 * prev);
-      if constexpr (kOuter) {
-        if (sums_a && ta.ktiles > 0 && ta.m0 + wtid < p.m)
-          add_to(static_cast<T*>(p.sum_a) + offset_of(e, p.m) + ta.m0 + wtid, col_a);
-        if (sums_b && ta.ktiles > 0 && ta.n0 + ct < p.n)
-          add_to(static_cast<T*>(p.sum_b) + offset_of(e, p.n) + ta.n0 + ct, col_b);
-      }
 
       // Epilogue (fragment of wgmma m64nN: warp w of the warpgroup holds rows 16w..16w+15,
       // pairs of columns per thread): round to T, mask the rows past the group (past M for
@@ -771,13 +728,11 @@ void launch_sm90(const T* a, const T* b, bool trans_b, T* c, const index_t* offs
     launch_sm90_kernel<T, Cfg, Form::kRowsB>(map_a, map_b, p, bound, stream);
 }
 
-// Varying K: c[e] [M, N] = beta c[e] + (a [R, M] rows of e)ᵀ · (b [R, N] rows of e), and
-// sum_a [E, M] / sum_b [E, N] (either may be null) += the column sums of those rows; rows > 0
+// Varying K: c[e] [M, N] = beta c[e] + (a [R, M] rows of e)ᵀ · (b [R, N] rows of e); rows > 0
 // (the tensor maps need a non-empty extent).
 template <class T, class Cfg>
 void launch_sm90_outer(const T* a, const T* b, T* c, const index_t* offsets, index_t num_groups,
-                       index_t rows, index_t m, index_t n, double beta, cudaStream_t stream,
-                       T* sum_a, T* sum_b) {
+                       index_t rows, index_t m, index_t n, double beta, cudaStream_t stream) {
   const std::uint64_t es = sizeof(T);
   auto rows_map = [&](const T* base, index_t cols) {  // [R, cols], [BK][64] boxes
     const std::uint64_t dims[2] = {static_cast<std::uint64_t>(cols),
@@ -786,16 +741,14 @@ void launch_sm90_outer(const T* a, const T* b, T* c, const index_t* offsets, ind
     const std::uint32_t box[2] = {64, Cfg::BK};
     return make_tensor_map<T>(base, 2, dims, strides, box);
   };
-  Sm90Params p{c,
-               offsets,
-               static_cast<int>(num_groups),
-               rows,
-               static_cast<int>(m),
-               static_cast<int>(n),
-               0,
-               static_cast<float>(beta)};
-  p.sum_a = sum_a;
-  p.sum_b = sum_b;
+  const Sm90Params p{c,
+                     offsets,
+                     static_cast<int>(num_groups),
+                     rows,
+                     static_cast<int>(m),
+                     static_cast<int>(n),
+                     0,
+                     static_cast<float>(beta)};
   const index_t bound = num_groups * ((m + Cfg::BM - 1) / Cfg::BM) * ((n + Cfg::BN - 1) / Cfg::BN);
   launch_sm90_kernel<T, Cfg, Form::kOuter>(rows_map(a, m), rows_map(b, n), p, bound, stream);
 }

@@ -66,7 +66,7 @@ TEST_P(FfnCuda, MatchesTheCpuExpertsForwardAndBackward) {
 // bf16 relu experts on the grouped kernels with several tiles per expert, and deep reductions:
 // K >= 4096 for the da GEMM and 2048 rows per expert for the weight gradients take the sm_90a
 // kernels' long-reduction configuration. Covers their fused epilogues (bias, relu, relu's
-// backward) and the bias gradients they add beside the weight gradients.
+// backward).
 TEST(FfnCudaGrouped, ManyTilesAndDeepReductionsMatchTheCpu) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
   expect_matches_cpu(Activation::kRelu, DType::kBF16, 264, 520, 0, {0, 300, 300, 901, 1500});

@@ -55,9 +55,8 @@ void expect_varying_m_matches_cpu(DType dt, const std::vector<index_t>& counts, 
       << E << " groups, R=" << R << " N=" << n << " K=" << k << (trans_b ? " transposed" : "");
 }
 
-// With `sums`, also the groups' column sums of a and b, added to random values.
 void expect_varying_k_matches_cpu(DType dt, const std::vector<index_t>& counts, index_t m,
-                                  index_t n, double beta, bool sums = false) {
+                                  index_t n, double beta) {
   const index_t E = static_cast<index_t>(counts.size()), R = total(counts);
   const Device gpu = Device::cuda(0);
   const Tensor a = Tensor::from_vector(randn(R * m, 3), {R, m}, dt);
@@ -65,25 +64,11 @@ void expect_varying_k_matches_cpu(DType dt, const std::vector<index_t>& counts, 
   const Tensor off = offsets_of(counts);
   Tensor c = Tensor::from_vector(randn(E * m * n, 5), {E, m, n}, dt);
   Tensor cg = c.to(gpu);
-  Tensor sa = Tensor::from_vector(randn(E * m, 6), {E, m}, dt), sag = sa.to(gpu);
-  Tensor sb = Tensor::from_vector(randn(E * n, 7), {E, n}, dt), sbg = sb.to(gpu);
-  const std::vector<double> sa0 = sa.to_vector(), sb0 = sb.to_vector();
-  grouped_gemm_varying_k(a, b, off, c, beta, sums ? GroupColumnSums{&sa, &sb} : GroupColumnSums{});
-  grouped_gemm_varying_k(a.to(gpu), b.to(gpu), off.to(gpu), cg, beta,
-                         sums ? GroupColumnSums{&sag, &sbg} : GroupColumnSums{});
+  grouped_gemm_varying_k(a, b, off, c, beta);
+  grouped_gemm_varying_k(a.to(gpu), b.to(gpu), off.to(gpu), cg, beta);
   const std::vector<double> got = cg.to_vector(), want = c.to_vector();
   EXPECT_LT(rel_l2(got, want), tolerance(dt))
       << E << " groups, R=" << R << " M=" << m << " N=" << n << " beta=" << beta;
-  if (sums) {
-    const std::vector<double> got_a = sag.to_vector(), got_b = sbg.to_vector();
-    EXPECT_LT(rel_l2(got_a, sa.to_vector()), tolerance(dt)) << "column sums of a";
-    EXPECT_LT(rel_l2(got_b, sb.to_vector()), tolerance(dt)) << "column sums of b";
-    for (index_t e = 0; e < E; ++e) {  // groups without rows leave their sums as they were
-      if (counts[e] != 0) continue;
-      for (index_t j = 0; j < m; ++j) ASSERT_EQ(got_a[e * m + j], sa0[e * m + j]) << "group " << e;
-      for (index_t j = 0; j < n; ++j) ASSERT_EQ(got_b[e * n + j], sb0[e * n + j]) << "group " << e;
-    }
-  }
   // Groups without rows: exactly zero (beta 0) or untouched (beta 1).
   for (index_t e = 0; e < E; ++e) {
     if (counts[e] != 0) continue;
@@ -119,15 +104,6 @@ TEST_P(GroupedGemmCuda, VaryingKMatchesTheCpuAndHandlesEmptyGroups) {
   expect_varying_k_matches_cpu(GetParam(), {0, 0}, 64, 64, 1.0);
 }
 
-// The bias gradients beside a weight gradient: partial boxes in M and N, ragged and empty groups,
-// both configurations of the sm_90a kernel (the deep one from 2048 rows per group).
-TEST_P(GroupedGemmCuda, VaryingKAddsTheGroupsColumnSums) {
-  expect_varying_k_matches_cpu(GetParam(), {0, 1, 127, 200, 0, 300}, 136, 264, 0.0, true);
-  expect_varying_k_matches_cpu(GetParam(), {0, 1, 127, 200, 0, 300}, 264, 136, 1.0, true);
-  expect_varying_k_matches_cpu(GetParam(), {2100, 0, 2500, 3700}, 136, 72, 1.0, true);
-  expect_varying_k_matches_cpu(GetParam(), {0, 0}, 64, 64, 0.0, true);  // no rows at all
-}
-
 // Deep reductions take the kernels' long-reduction configuration on sm_90a (K >= 4096 for
 // varying M, 2048 rows per group on average for varying K).
 TEST_P(GroupedGemmCuda, DeepReductionsMatchTheCpu) {
@@ -158,31 +134,6 @@ TEST(GroupedGemmCudaErrors, RejectsF32) {
   const Tensor off = offsets_of({4, 6}).to(gpu);
   Tensor c = Tensor::zeros({10, 16}, DType::kF32, gpu);
   EXPECT_THROW(grouped_gemm_varying_m(a, b, false, off, c), Error);
-}
-
-// The CPU column sums against a loop over the rows.
-TEST(GroupedGemmCpu, ColumnSumsEqualALoopOverTheGroupsRows) {
-  const std::vector<index_t> counts{3, 0, 5};
-  const index_t E = 3, R = 8, m = 4, n = 2;
-  const std::vector<double> av = randn(R * m, 8), bv = randn(R * n, 9);
-  const Tensor a = Tensor::from_vector(av, {R, m}, DType::kF64);
-  const Tensor b = Tensor::from_vector(bv, {R, n}, DType::kF64);
-  Tensor c = Tensor::zeros({E, m, n}, DType::kF64);
-  Tensor sa = Tensor::empty({E, m}, DType::kF64), sb = Tensor::empty({E, n}, DType::kF64);
-  sa.fill(1.0);
-  sb.fill(1.0);
-  grouped_gemm_varying_k(a, b, offsets_of(counts), c, 0.0, {&sa, &sb});
-  std::vector<double> want_a(E * m, 1.0), want_b(E * n, 1.0);
-  for (index_t e = 0, r0 = 0; e < E; r0 += counts[e], ++e)
-    for (index_t r = r0; r < r0 + counts[e]; ++r) {
-      for (index_t j = 0; j < m; ++j) want_a[e * m + j] += av[r * m + j];
-      for (index_t j = 0; j < n; ++j) want_b[e * n + j] += bv[r * n + j];
-    }
-  const std::vector<double> got_a = sa.to_vector(), got_b = sb.to_vector();
-  for (index_t i = 0; i < E * m; ++i) EXPECT_NEAR(got_a[i], want_a[i], 1e-12) << i;
-  for (index_t i = 0; i < E * n; ++i) EXPECT_NEAR(got_b[i], want_b[i], 1e-12) << i;
-  Tensor wrong = Tensor::zeros({E, m + 1}, DType::kF64);
-  EXPECT_THROW(grouped_gemm_varying_k(a, b, offsets_of(counts), c, 0.0, {&wrong, nullptr}), Error);
 }
 
 TEST(GroupedGemmCpu, RejectsOffsetsThatDoNotCoverTheRows) {
