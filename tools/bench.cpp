@@ -2,6 +2,9 @@
 // backward times of one MoE layer, its useful TFLOPS, and the TFLOPS of a dense GEMM of the
 // same work timed in the same run (DESIGN.md §8). Every case is checked (finite output and
 // gradients, nothing dropped when dropless) before it is timed.
+// Under mpirun the layer is expert parallel over the world (NCCL on CUDA, MPI on the CPU): each
+// rank times its own tokens, every step starts at a barrier, a step's time is the slowest rank's,
+// and TFLOPS are per rank, all-to-all included; rank 0 prints.
 #include <fmt/core.h>
 
 #include <CLI/CLI.hpp>
@@ -42,6 +45,15 @@ struct BenchFlags {
   bool list = false;
   std::uint64_t seed = 1;
   bool use_tensorcore = false;  // f32 on CUDA: TF32 expert GEMMs, and a TF32 dense baseline
+  std::vector<int> overlap_degrees{1};  // under mpirun: one line per degree
+  std::string a2a;                      // under mpirun: the all-to-all algorithm (empty: auto)
+};
+
+// One timed case: a config in a layout, and under mpirun its communicator and overlap degree.
+struct CaseSetup {
+  std::shared_ptr<Communicator> comm;  // null: one process
+  int overlap_degree = 1;
+  std::optional<A2AAlgorithm> a2a;
 };
 
 // The two layouts a config is timed in: padded at capacity_factor 1 (fixed shapes, drops) and
@@ -90,9 +102,16 @@ std::optional<double> dense_gemm_ms(index_t m, index_t n, index_t k, DType dtype
   return median(ms);
 }
 
+// The slowest rank's value of each entry (the values themselves in one process).
+std::vector<double> slowest(const CaseSetup& cs, std::vector<double> v) {
+  return cs.comm ? cs.comm->all_reduce(std::move(v), ReduceOp::kMax) : v;
+}
+
 nlohmann::ordered_json run_case(const BenchConfig& bc, const LayoutCase& lc, DType dtype,
-                                Device device, const BenchFlags& f, ProgressLine& progress) {
-  const index_t T = f.tokens > 0 ? f.tokens : bc.num_tokens;
+                                Device device, const BenchFlags& f, const CaseSetup& cs,
+                                ProgressLine& progress) {
+  const index_t T = f.tokens > 0 ? f.tokens : bc.num_tokens;  // per rank under mpirun
+  const int rank = cs.comm ? cs.comm->rank() : 0;
   MoEConfig cfg;
   cfg.model_dim = bc.model_dim;
   cfg.hidden_size = bc.hidden_size;
@@ -105,18 +124,30 @@ nlohmann::ordered_json run_case(const BenchConfig& bc, const LayoutCase& lc, DTy
   cfg.use_tensorcore = f.use_tensorcore;
   cfg.capacity_factor = lc.capacity_factor;
   cfg.layout = lc.layout;
-  const std::string label = fmt::format("{} {}", bc.name, to_string(lc.layout));
+  cfg.rules = bc.rules;
+  cfg.score_fn = bc.score_fn;
+  cfg.num_groups = bc.num_groups;
+  cfg.topk_groups = bc.topk_groups;
+  cfg.shared_expert_hidden = bc.shared_hidden;
+  cfg.overlap_degree = cs.overlap_degree;
+  const std::string label =
+      cs.comm ? fmt::format("{} {} overlap {}", bc.name, to_string(lc.layout), cs.overlap_degree)
+              : fmt::format("{} {}", bc.name, to_string(lc.layout));
 
-  const Tensor x = random_normal(T, bc.model_dim, f.seed, 0, dtype, device);
-  const Tensor dy = random_normal(T, bc.model_dim, f.seed, 1, dtype, device);
+  // Each rank its own tokens (rank 0 draws what one process draws).
+  const auto stream = static_cast<std::uint64_t>(2 * rank);
+  const Tensor x = random_normal(T, bc.model_dim, f.seed, stream, dtype, device);
+  const Tensor dy = random_normal(T, bc.model_dim, f.seed, stream + 1, dtype, device);
 
   // 1. Build and run once; what the library rejects here is a configuration it cannot run.
   std::unique_ptr<MoELayer> layer;
   ForwardResult r;
   Tensor dx;
   try {
-    layer = std::make_unique<MoELayer>(cfg);
-    r = layer->forward(x);
+    layer = cs.comm ? std::make_unique<MoELayer>(cfg, cs.comm) : std::make_unique<MoELayer>(cfg);
+    ForwardOptions first;
+    first.a2a_algorithm = cs.a2a;
+    r = layer->forward(x, first);
     dx = layer->backward(dy);
   } catch (const Error& e) {
     throw UsageError(fmt::format("{}: {}", label, e.what()));
@@ -136,12 +167,17 @@ nlohmann::ordered_json run_case(const BenchConfig& bc, const LayoutCase& lc, DTy
     fail(fmt::format("dropless routing dropped {} choices", r.stats.dropped_choices));
   }
   const int k = r.stats.top_k;
-  const index_t dropped = r.stats.dropped_choices;
+  // Choices dropped on all ranks.
+  const auto dropped = static_cast<index_t>(
+      cs.comm ? cs.comm->all_reduce(std::vector<std::int64_t>{r.stats.dropped_choices},
+                                    ReduceOp::kSum)[0]
+              : r.stats.dropped_choices);
 
   // 3. Warm up, then time forward and backward apart.
   const int total = f.warmup + f.iters;
   ForwardOptions timed;
   timed.host_stats = false;  // the step itself needs no sync; its statistics were checked above
+  timed.a2a_algorithm = cs.a2a;
   std::vector<double> fwd_ms, bwd_ms;
   for (int i = 0; i < total; ++i) {
     progress.update(fmt::format("{}: iteration {}/{}", label, i + 1, total));
@@ -150,6 +186,7 @@ nlohmann::ordered_json run_case(const BenchConfig& bc, const LayoutCase& lc, DTy
     // backward creates them. Freeing them runs on the stream: keep it out of forward.
     layer->zero_grad(/*set_to_none=*/true);
     synchronize(current_stream(device));
+    if (cs.comm) cs.comm->barrier();  // every rank starts the step together
     auto start = Clock::now();
     r = layer->forward(x, timed);
     wait_for(r.y);
@@ -163,18 +200,25 @@ nlohmann::ordered_json run_case(const BenchConfig& bc, const LayoutCase& lc, DTy
       bwd_ms.push_back(bwd);
     }
   }
-  const std::int64_t peak_bytes = memory_stats(device).peak_bytes;
+  fwd_ms = slowest(cs, fwd_ms);
+  bwd_ms = slowest(cs, bwd_ms);
+  const auto peak_bytes = static_cast<std::int64_t>(
+      slowest(cs, {static_cast<double>(memory_stats(device).peak_bytes)})[0]);
   r = ForwardResult{};
   dx = Tensor();
 
   progress.update(fmt::format("{}: dense GEMM baseline", label), /*force=*/true);
   const double matrices = is_gated(bc.activation) ? 3.0 : 2.0;
-  // Useful work: 2*T*k*d*h per expert weight matrix, x3 for forward + backward (DESIGN.md §8).
+  // Useful work: 2*T*k*d*h per expert weight matrix, x3 for forward + backward (DESIGN.md §8),
+  // plus the shared expert's on every token; T is this rank's tokens.
   const double flops_per_matrix =
       2.0 * static_cast<double>(T) * k * static_cast<double>(bc.model_dim) * bc.hidden_size;
+  const double shared_flops_per_matrix =
+      2.0 * static_cast<double>(T) * static_cast<double>(bc.model_dim) * bc.shared_hidden;
   const double ms_fwd = median(fwd_ms);
   const double ms_bwd = median(bwd_ms);
-  const double tflops = 3.0 * matrices * flops_per_matrix / ((ms_fwd + ms_bwd) * 1e-3) / 1e12;
+  const double tflops = 3.0 * matrices * (flops_per_matrix + shared_flops_per_matrix) /
+                        ((ms_fwd + ms_bwd) * 1e-3) / 1e12;
   const std::optional<double> dense_ms =
       dense_gemm_ms(T * k, bc.hidden_size, bc.model_dim, dtype, device, f);
 
@@ -192,6 +236,16 @@ nlohmann::ordered_json run_case(const BenchConfig& bc, const LayoutCase& lc, DTy
   j["layout"] = to_string(lc.layout);
   j["capacity_factor"] = lc.capacity_factor;
   j["activation"] = to_string(bc.activation);
+  if (bc.expert_parallel || cs.comm) {
+    j["ranks"] = cs.comm ? cs.comm->size() : 1;
+    j["overlap_degree"] = cs.overlap_degree;
+    j["a2a"] = cs.comm ? to_string(cs.comm->resolve(cs.a2a)) : "none";
+    j["rules"] = to_string(bc.rules);
+    j["score_fn"] = to_string(bc.score_fn);
+    j["num_groups"] = bc.num_groups;
+    j["topk_groups"] = bc.topk_groups;
+    j["shared_hidden"] = bc.shared_hidden;
+  }
   j["use_tensorcore"] = f.use_tensorcore;
   j["ms_fwd"] = ms_fwd;
   j["ms_bwd"] = ms_bwd;
@@ -215,9 +269,15 @@ nlohmann::ordered_json run_case(const BenchConfig& bc, const LayoutCase& lc, DTy
 
 void list_configs() {
   for (const BenchConfig& c : bench_configs()) {
+    const char* device = c.cpu_default ? "cpu" : "cuda";
+    const std::string note =
+        c.expert_parallel
+            ? fmt::format("  (expert parallel: T per rank, E in all; default for --device {} "
+                          "under mpirun)",
+                          device)
+            : c.cpu_default ? "  (default for --device cpu)" : "";
     fmt::print("{:<15} T={:<6} d={:<5} h={:<6} E={:<4} k={} {}{}\n", c.name, c.num_tokens,
-               c.model_dim, c.hidden_size, c.num_experts, c.top_k, to_string(c.activation),
-               c.cpu_default ? "  (default for --device cpu)" : "");
+               c.model_dim, c.hidden_size, c.num_experts, c.top_k, to_string(c.activation), note);
   }
 }
 
@@ -240,6 +300,20 @@ int run_bench(const BenchFlags& f) {
     else
       throw UsageError("--layout: expected one of both|padded|packed, got 'auto'");
   }
+  // Under mpirun every case is expert parallel over the world.
+  CaseSetup setup;
+  if (!f.a2a.empty())
+    setup.a2a = parse_flag("--a2a", f.a2a, "flat|2dh|pipelined|auto", parse_a2a_algorithm);
+  if (launched_by_mpi()) {
+    CommOptions co;
+    if (setup.a2a) co.algorithm = *setup.a2a;
+    try {
+      setup.comm = device.is_cuda() ? make_nccl_communicator(co) : make_mpi_communicator(co);
+    } catch (const Error& e) {
+      throw UsageError(e.what());
+    }
+  }
+  const bool prints = !setup.comm || setup.comm->rank() == 0;
   std::vector<const BenchConfig*> configs;
   for (const std::string& name : f.configs) {
     const BenchConfig* c = find_bench_config(name);
@@ -250,14 +324,15 @@ int run_bench(const BenchFlags& f) {
     configs.push_back(c);
   }
   if (configs.empty()) {
-    // CPU: the small configs; a GPU: the goals.
+    // CPU: the small configs; a GPU: the goals; the expert-parallel ones under mpirun.
     for (const BenchConfig& c : bench_configs()) {
-      if (c.cpu_default == device.is_cpu()) configs.push_back(&c);
+      if (c.cpu_default == device.is_cpu() && c.expert_parallel == (setup.comm != nullptr))
+        configs.push_back(&c);
     }
   }
 
   std::ofstream out;
-  if (!f.out.empty()) {
+  if (!f.out.empty() && prints) {
     const std::filesystem::path path(f.out);
     std::error_code ec;
     if (path.has_parent_path()) std::filesystem::create_directories(path.parent_path(), ec);
@@ -266,13 +341,18 @@ int run_bench(const BenchFlags& f) {
   }
 
   ProgressLine progress;
+  const std::vector<int> overlaps = setup.comm ? f.overlap_degrees : std::vector<int>{1};
   for (const BenchConfig* c : configs) {
     for (const LayoutCase& lc : layouts) {
-      const std::string line = run_case(*c, lc, dtype, device, f, progress).dump();
-      progress.clear();
-      fmt::print("{}\n", line);
-      std::fflush(stdout);
-      if (out.is_open()) out << line << '\n' << std::flush;
+      for (int overlap : overlaps) {
+        setup.overlap_degree = overlap;
+        const std::string line = run_case(*c, lc, dtype, device, f, setup, progress).dump();
+        progress.clear();
+        if (!prints) continue;
+        fmt::print("{}\n", line);
+        std::fflush(stdout);
+        if (out.is_open()) out << line << '\n' << std::flush;
+      }
     }
   }
   return 0;
@@ -294,7 +374,12 @@ Command add_bench_command(CLI::App& app) {
       "of routed tokens only. dense_tflops: a GEMM with M = T*k, N = h, K = d in the same dtype;\n"
       "ratio = tflops / dense_tflops. ms are medians over --iters after --warmup;\n"
       "peak_mem_bytes is the allocator's peak over the timed iterations. Record CPU results with\n"
-      "  switchyard bench --device cpu --out bench/results/$(date +%F)-cpu.jsonl");
+      "  switchyard bench --device cpu --out bench/results/$(date +%F)-cpu.jsonl\n"
+      "Under mpirun the layer is expert parallel over all ranks (NCCL on cuda, one GPU per rank;\n"
+      "MPI on cpu): T is per rank, E in all; each step starts at a barrier, its time is the\n"
+      "slowest rank's, tflops are per rank with the all-to-all included, and rank 0 prints one\n"
+      "line per --overlap_degree. Default configs there: the *_ep ones, e.g.\n"
+      "  mpirun -np 8 switchyard bench --device cuda --dtype bf16 --overlap_degree 1 2 4");
   sub->add_option("--device", f.device, "cpu|cuda[:N]");
   sub->add_option("--config", f.configs,
                   "Config names (default: the cpu_* ones on cpu, the others on cuda); see --list")
@@ -310,6 +395,11 @@ Command add_bench_command(CLI::App& app) {
   sub->add_flag("--list", f.list, "List the named configs and exit");
   sub->add_flag("--use_tensorcore", f.use_tensorcore,
                 "f32 on CUDA: TF32 tensor cores for the expert GEMMs and the dense baseline");
+  sub->add_option("--overlap_degree", f.overlap_degrees,
+                  "Under mpirun: all-to-all/expert overlap degrees, one line each")
+      ->check(at_least(1));
+  sub->add_option("--a2a", f.a2a, "Under mpirun: flat|2dh|pipelined|auto (default: auto)")
+      ->default_str("");
   return [flags] { return run_bench(*flags); };
 }
 

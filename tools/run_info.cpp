@@ -75,4 +75,10 @@ std::string git_commit() {
   return "unknown";
 }
 
+bool launched_by_mpi() {
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
+    if (std::getenv(v)) return true;
+  return false;
+}
+
 }  // namespace switchyard::tools

@@ -18,5 +18,8 @@ std::string iso_date_utc();
 // uncommitted changes show as -dirty); the SWITCHYARD_COMMIT environment variable where set (a
 // copy of the tree without its history); else "unknown".
 std::string git_commit();
+// Whether mpirun started this process (Open MPI, MPICH/PMI or PMIx set these in every rank's
+// environment).
+bool launched_by_mpi();
 
 }  // namespace switchyard::tools

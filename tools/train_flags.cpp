@@ -8,6 +8,7 @@
 
 #include "commands.h"
 #include "flag_checks.h"
+#include "run_info.h"
 #include "train.h"
 
 namespace switchyard::tools {
@@ -32,13 +33,6 @@ struct TrainFlags {
   std::string parallel = "ep";
   std::string a2a = "";  // empty: the communicator's default (auto)
 };
-
-// Launched by mpirun (Open MPI, MPICH/PMI or PMIx set these in every rank's environment).
-bool launched_by_mpi() {
-  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
-    if (std::getenv(v)) return true;
-  return false;
-}
 
 // The model's defaults; the loop's are TrainOptions' own.
 TrainFlags default_flags() {

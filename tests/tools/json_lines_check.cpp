@@ -1,6 +1,7 @@
 // Checks the JSON lines a `switchyard` command printed, for the tool's ctest cases:
 //
-//   json_lines_check FILE [--min-lines N] [--keys a,b] [--positive a,b] [--loss-falls-by F]
+//   json_lines_check FILE [--min-lines N] [--max-lines N] [--keys a,b] [--positive a,b]
+//                         [--loss-falls-by F]
 //                         [--loss-matches OTHER_FILE --rel-tol R]
 //
 // Every non-empty line must be a JSON object; --keys must be present in each; --positive must be
@@ -37,7 +38,7 @@ int fail(const std::string& message) {
 
 int main(int argc, char** argv) {
   if (argc < 2) return fail("usage: json_lines_check FILE [options]");
-  std::size_t min_lines = 1;
+  std::size_t min_lines = 1, max_lines = static_cast<std::size_t>(-1);
   std::vector<std::string> keys, positive;
   double loss_factor = -1, rel_tol = 0;
   std::string other_file;
@@ -45,6 +46,8 @@ int main(int argc, char** argv) {
     const std::string flag = argv[i], value = argv[i + 1];
     if (flag == "--min-lines")
       min_lines = std::stoul(value);
+    else if (flag == "--max-lines")
+      max_lines = std::stoul(value);
     else if (flag == "--keys")
       keys = split_commas(value);
     else if (flag == "--positive")
@@ -80,6 +83,10 @@ int main(int argc, char** argv) {
   }
   if (lines.size() < min_lines) {
     return fail("expected at least " + std::to_string(min_lines) + " lines, got " +
+                std::to_string(lines.size()));
+  }
+  if (lines.size() > max_lines) {
+    return fail("expected at most " + std::to_string(max_lines) + " lines, got " +
                 std::to_string(lines.size()));
   }
   if (loss_factor >= 0) {
