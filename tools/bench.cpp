@@ -287,7 +287,7 @@ int run_bench(const BenchFlags& f) {
     return 0;
   }
   const DType dtype = parse_dtype_flag(f.dtype);
-  const Device device = parse_device_flag(f.device);
+  Device device = parse_device_flag(f.device);
   std::vector<LayoutCase> layouts;
   if (f.layout == "both") {
     layouts = {kPadded, kPacked};
@@ -312,6 +312,7 @@ int run_bench(const BenchFlags& f) {
     } catch (const Error& e) {
       throw UsageError(e.what());
     }
+    device = setup.comm->device();  // one GPU per rank, chosen by the communicator
   }
   const bool prints = !setup.comm || setup.comm->rank() == 0;
   std::vector<const BenchConfig*> configs;
@@ -380,7 +381,9 @@ Command add_bench_command(CLI::App& app) {
       "slowest rank's, tflops are per rank with the all-to-all included, and rank 0 prints one\n"
       "line per --overlap_degree. Default configs there: the *_ep ones, e.g.\n"
       "  mpirun -np 8 switchyard bench --device cuda --dtype bf16 --overlap_degree 1 2 4");
-  sub->add_option("--device", f.device, "cpu|cuda[:N]");
+  sub->add_option("--device", f.device,
+                  "cpu|cuda[:N] (under mpirun each rank runs on the GPU its NCCL communicator "
+                  "picks)");
   sub->add_option("--config", f.configs,
                   "Config names (default: the cpu_* ones on cpu, the others on cuda); see --list")
       ->default_str("");

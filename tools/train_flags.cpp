@@ -92,6 +92,7 @@ TrainOptions to_options(const TrainFlags& f) {
     } catch (const Error& e) {
       throw UsageError(e.what());
     }
+    c.device = o.comm->device();  // one GPU per rank, chosen by the communicator (MPI: cpu)
     c.num_experts =
         f.num_global_experts > 0 ? f.num_global_experts : c.num_experts * o.comm->size();
   }
@@ -148,7 +149,9 @@ Command add_train_command(CLI::App& app) {
       ->check(at_least(1))
       ->group(kModel);
   sub->add_option("--dtype", f.dtype, "f32|f64|bf16|f16")->group(kModel);
-  sub->add_option("--device", f.device, "cpu|cuda[:N] (cuda needs a CUDA build and a GPU)")
+  sub->add_option("--device", f.device,
+                  "cpu|cuda[:N] (cuda needs a CUDA build and a GPU; under mpirun each rank runs "
+                  "on the GPU its NCCL communicator picks)")
       ->group(kModel);
   sub->add_option("--seed", o.seed, "Seed of the data and of both initialisations")->group(kModel);
 
