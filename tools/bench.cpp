@@ -44,7 +44,7 @@ struct BenchFlags {
   std::string out;
   bool list = false;
   std::uint64_t seed = 1;
-  bool use_tensorcore = false;  // f32 on CUDA: TF32 expert GEMMs, and a TF32 dense baseline
+  bool use_tensorcore = false;          // f32 on CUDA: TF32 expert GEMMs, and a TF32 dense baseline
   std::vector<int> overlap_degrees{1};  // under mpirun: one line per degree
   std::string a2a;                      // under mpirun: the all-to-all algorithm (empty: auto)
 };
@@ -153,18 +153,27 @@ nlohmann::ordered_json run_case(const BenchConfig& bc, const LayoutCase& lc, DTy
     throw UsageError(fmt::format("{}: {}", label, e.what()));
   }
 
-  // 2. Check before timing: a fast wrong answer is not a result.
-  const auto fail = [&](const std::string& what) {
-    throw std::runtime_error(fmt::format("{}: {}; not timed", label, what));
-  };
-  if (r.y.sizes() != x.sizes()) fail("forward output has the wrong shape");
-  if (!all_finite(r.y)) fail("forward output has NaN/Inf");
-  if (!all_finite(dx)) fail("input gradient has NaN/Inf");
+  // 2. Check before timing: a fast wrong answer is not a result. Under mpirun every rank stops
+  // when any rank's check fails (the others would wait for it in the next collective).
+  std::string problem;
+  if (r.y.sizes() != x.sizes())
+    problem = "forward output has the wrong shape";
+  else if (!all_finite(r.y))
+    problem = "forward output has NaN/Inf";
+  else if (!all_finite(dx))
+    problem = "input gradient has NaN/Inf";
   for (Parameter* p : layer->parameters()) {
-    if (p->grad.defined() && !all_finite(p->grad)) fail("gradient of " + p->name + " has NaN/Inf");
+    if (problem.empty() && p->grad.defined() && !all_finite(p->grad))
+      problem = "gradient of " + p->name + " has NaN/Inf";
   }
-  if (lc.capacity_factor == 0.0 && r.stats.dropped_choices != 0) {
-    fail(fmt::format("dropless routing dropped {} choices", r.stats.dropped_choices));
+  if (problem.empty() && lc.capacity_factor == 0.0 && r.stats.dropped_choices != 0)
+    problem = fmt::format("dropless routing dropped {} choices", r.stats.dropped_choices);
+  const bool any_rank_failed =
+      cs.comm ? cs.comm->all_reduce(std::vector<std::int64_t>{!problem.empty()}, ReduceOp::kMax)[0]
+              : !problem.empty();
+  if (any_rank_failed) {
+    throw std::runtime_error(fmt::format(
+        "{}: {}; not timed", label, problem.empty() ? "another rank's check failed" : problem));
   }
   const int k = r.stats.top_k;
   // Choices dropped on all ranks.
@@ -269,13 +278,14 @@ nlohmann::ordered_json run_case(const BenchConfig& bc, const LayoutCase& lc, DTy
 
 void list_configs() {
   for (const BenchConfig& c : bench_configs()) {
-    const char* device = c.cpu_default ? "cpu" : "cuda";
-    const std::string note =
-        c.expert_parallel
-            ? fmt::format("  (expert parallel: T per rank, E in all; default for --device {} "
-                          "under mpirun)",
-                          device)
-            : c.cpu_default ? "  (default for --device cpu)" : "";
+    std::string note;
+    if (c.expert_parallel)
+      note = fmt::format(
+          "  (expert parallel: T per rank, E in all; default for --device {} under "
+          "mpirun)",
+          c.cpu_default ? "cpu" : "cuda");
+    else if (c.cpu_default)
+      note = "  (default for --device cpu)";
     fmt::print("{:<15} T={:<6} d={:<5} h={:<6} E={:<4} k={} {}{}\n", c.name, c.num_tokens,
                c.model_dim, c.hidden_size, c.num_experts, c.top_k, to_string(c.activation), note);
   }

@@ -18,8 +18,8 @@ const std::vector<BenchConfig>& bench_configs() {
       // performance test, Mixtral-like and DeepSeek-like (sigmoid scores, 8 groups with 4 kept,
       // one shared expert), and a small one for CPU ranks.
       {"mixtral_ep", 4096, 4096, 14336, 8, 2, Activation::kSwiGLU, false, true},
-      {"deepseek_ep", 4096, 7168, 2048, 32, 8, Activation::kSwiGLU, false, true,
-       RuleSet::kMegatron, ScoreFn::kSigmoid, 8, 4, 2048},
+      {"deepseek_ep", 4096, 7168, 2048, 32, 8, Activation::kSwiGLU, false, true, RuleSet::kMegatron,
+       ScoreFn::kSigmoid, 8, 4, 2048},
       {"cpu_ep", 512, 256, 512, 8, 2, Activation::kSwiGLU, true, true, RuleSet::kMegatron,
        ScoreFn::kSigmoid, 4, 2, 256},
   };

@@ -24,9 +24,9 @@ struct BenchConfig {
   bool expert_parallel = false;
   RuleSet rules = RuleSet::kTutel;
   ScoreFn score_fn = ScoreFn::kSoftmax;
-  int num_groups = 0;          // group-limited routing when > 1
-  int topk_groups = 0;         // groups kept per token
-  index_t shared_hidden = 0;   // one shared expert of this hidden size on every token; 0: none
+  int num_groups = 0;         // group-limited routing when > 1
+  int topk_groups = 0;        // groups kept per token
+  index_t shared_hidden = 0;  // one shared expert of this hidden size on every token; 0: none
 };
 
 const std::vector<BenchConfig>& bench_configs();
