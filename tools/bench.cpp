@@ -317,11 +317,7 @@ int run_bench(const BenchFlags& f) {
   if (launched_by_mpi()) {
     CommOptions co;
     if (setup.a2a) co.algorithm = *setup.a2a;
-    try {
-      setup.comm = device.is_cuda() ? make_nccl_communicator(co) : make_mpi_communicator(co);
-    } catch (const Error& e) {
-      throw UsageError(e.what());
-    }
+    setup.comm = world_communicator(device, co);
     device = setup.comm->device();  // one GPU per rank, chosen by the communicator
   }
   const bool prints = !setup.comm || setup.comm->rank() == 0;

@@ -9,6 +9,8 @@
 #include <fstream>
 #include <string>
 
+#include "commands.h"
+
 namespace switchyard::tools {
 namespace {
 
@@ -79,6 +81,14 @@ bool launched_by_mpi() {
   for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
     if (std::getenv(v)) return true;
   return false;
+}
+
+std::shared_ptr<Communicator> world_communicator(const Device& device, const CommOptions& options) {
+  try {
+    return device.is_cuda() ? make_nccl_communicator(options) : make_mpi_communicator(options);
+  } catch (const Error& e) {
+    throw UsageError(e.what());
+  }
 }
 
 }  // namespace switchyard::tools

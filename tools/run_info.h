@@ -1,7 +1,8 @@
 // What a benchmark record says about where and when it was taken (DESIGN.md §8: results carry
-// the device, the date and the commit).
+// the device, the date and the commit), and the mpirun world a run takes part in.
 #pragma once
 
+#include <memory>
 #include <string>
 
 #include "switchyard/switchyard.h"
@@ -21,5 +22,8 @@ std::string git_commit();
 // Whether mpirun started this process (Open MPI, MPICH/PMI or PMIx set these in every rank's
 // environment).
 bool launched_by_mpi();
+// The communicator over all of mpirun's ranks for layers on `device`: NCCL for cuda (one GPU per
+// rank, `comm->device()` says which), MPI for cpu. Throws UsageError where it cannot be made.
+std::shared_ptr<Communicator> world_communicator(const Device& device, const CommOptions& options);
 
 }  // namespace switchyard::tools

@@ -87,11 +87,7 @@ TrainOptions to_options(const TrainFlags& f) {
   if (launched_by_mpi() || f.num_global_experts > 0) {
     CommOptions co;
     if (o.a2a_algorithm) co.algorithm = *o.a2a_algorithm;
-    try {
-      o.comm = c.device.is_cuda() ? make_nccl_communicator(co) : make_mpi_communicator(co);
-    } catch (const Error& e) {
-      throw UsageError(e.what());
-    }
+    o.comm = world_communicator(c.device, co);
     c.device = o.comm->device();  // one GPU per rank, chosen by the communicator (MPI: cpu)
     c.num_experts =
         f.num_global_experts > 0 ? f.num_global_experts : c.num_experts * o.comm->size();

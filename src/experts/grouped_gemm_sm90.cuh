@@ -491,6 +491,9 @@ __global__ void __launch_bounds__(384, 1)
         rows_valid = ta.rows_e - ta.m0 - wg * 64;
         gc = static_cast<T*>(p.c) + offset_of(ta.lo + ta.m0 + wg * 64, p.n) + ta.n0;
       }
+      // Varying M with a mask: the mask's elements at the tile's output positions.
+      const T* gm =
+          !kOuter && p.mask ? static_cast<const T*>(p.mask) + (gc - static_cast<T*>(p.c)) : nullptr;
       const int r0 = (wtid / 32) * 16 + lane / 4, c0 = (lane % 4) * 2;
       if constexpr (Cfg::kBulkStore) {
         unsigned char* cbuf = smem + Cfg::kCOffset + wg * 64 * Cfg::kCLd * 2;
@@ -500,9 +503,8 @@ __global__ void __launch_bounds__(384, 1)
         // by bulk copies, one per valid row, rather than by each thread's scattered 4-byte loads,
         // which left the tensor cores idle.
         const bool add_old = kOuter && p.beta != 0.0f;
-        const bool masked = !kOuter && p.mask != nullptr;
-        const T* old_src =
-            masked ? static_cast<const T*>(p.mask) + (gc - static_cast<T*>(p.c)) : gc;
+        const bool masked = gm != nullptr;
+        const T* old_src = masked ? gm : gc;
         if (add_old || masked) {
           const int rows = rows_valid < 0 ? 0 : rows_valid < 64 ? rows_valid : 64;
           const int bytes = (cols_valid < BN ? cols_valid : BN) * 2;
@@ -569,10 +571,7 @@ __global__ void __launch_bounds__(384, 1)
                     x, y,
                     p.bias ? static_cast<const T*>(p.bias) + offset_of(e, p.n) + ta.n0 + col
                            : nullptr,
-                    p.relu,
-                    p.mask ? static_cast<const T*>(p.mask) + (gc - static_cast<T*>(p.c)) +
-                                 offset_of(row, p.n) + col
-                           : nullptr);
+                    p.relu, gm ? gm + offset_of(row, p.n) + col : nullptr);
               *dst = pack2<T>(x, y);
             }
           }
