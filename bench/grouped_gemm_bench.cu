@@ -112,8 +112,8 @@ Err compare(const std::vector<float>& got, const std::vector<double>& ref) {
 static int g_fail = 0;
 static Kernel g_kernel = Kernel::kMma;  // the varying-M kernel the checks run
 template <class T, class Cfg, class Sm90Cfg = Sm90DefaultConfig>
-void check_rows(const char* name, const std::vector<index_t>& counts, index_t n, index_t k,
-                bool tb, bool bias_relu = false) {
+void check_rows(const char* name, const std::vector<index_t>& counts, index_t n, index_t k, bool tb,
+                bool bias_relu = false) {
   std::vector<index_t> off(counts.size() + 1, 0);
   for (size_t e = 0; e < counts.size(); ++e) off[e + 1] = off[e] + counts[e];
   const index_t E = counts.size(), R = off[E];
@@ -186,8 +186,8 @@ void check_outer(const char* name, const std::vector<index_t>& counts, index_t m
   printf(
       "%-4s %-4s outer %-33s E=%-3ld R=%-6ld M=%-4ld N=%-4ld beta=%g max_rel=%.2e "
       "max_err/max_ref=%.2e %s\n",
-      std::is_same_v<T, __half> ? "f16" : "bf16", g_kernel == Kernel::kSm90 ? "sm90" : "mma", name, (long)E, (long)R, (long)m, (long)n, beta,
-      er.max_rel, er.worst_ref, ok ? "OK" : "FAIL");
+      std::is_same_v<T, __half> ? "f16" : "bf16", g_kernel == Kernel::kSm90 ? "sm90" : "mma", name,
+      (long)E, (long)R, (long)m, (long)n, beta, er.max_rel, er.worst_ref, ok ? "OK" : "FAIL");
   cudaFree(a);
   cudaFree(b);
   cudaFree(c);
@@ -327,9 +327,9 @@ float run_ours(const Shape& s, const __nv_bfloat16* a, const __nv_bfloat16* b, _
       run_varying_m<__nv_bfloat16, Cfg, Sm90Cfg>(a, b, s.tb, c, off, s.E, R, s.N, s.K, 0, kern);
   });
 }
-using Sm90N256Direct = Sm90Config<256, 4, false>;  // stores from registers, 4 stages
-using Sm90N256Bulk = Sm90Config<256, 3, true>;     // bulk-copy epilogue, 3 stages (default)
-using Sm90N128Bulk = Sm90Config<128, 5, true>;
+using Sm90N256 = Sm90Config<256, 64, 3>;     // 64 deep, 3 stages (compute-bound GEMMs)
+using Sm90N256K32 = Sm90Config<256, 32, 6>;  // 32 deep, 6 stages (memory-bound GEMMs)
+using Sm90N128 = Sm90Config<128, 64, 5>;
 
 void bench(const Shape& s) {
   using T = __nv_bfloat16;
@@ -378,18 +378,19 @@ void bench(const Shape& s) {
   for (int v = 0; v < (s.outer ? 2 : 4); ++v) {
     CK(cudaMemset(c, 0xff, nc * sizeof(T)));
     if (s.outer)
-      run_varying_k<T>(a, b, c, doff, E, R, s.M, s.N, 0.0, 0, v == 0 ? Kernel::kMma : Kernel::kSm90);
+      run_varying_k<T>(a, b, c, doff, E, R, s.M, s.N, 0.0, 0,
+                       v == 0 ? Kernel::kMma : Kernel::kSm90);
     else if (v == 0)
       run_varying_m<T>(a, b, s.tb, c, doff, E, R, s.N, s.K, 0, Kernel::kMma);
     else if (v == 1)
-      run_varying_m<T, DefaultConfig, Sm90N256Direct>(a, b, s.tb, c, doff, E, R, s.N, s.K, 0,
-                                                      Kernel::kSm90);
+      run_varying_m<T, DefaultConfig, Sm90N256>(a, b, s.tb, c, doff, E, R, s.N, s.K, 0,
+                                                Kernel::kSm90);
     else if (v == 2)
-      run_varying_m<T, DefaultConfig, Sm90N256Bulk>(a, b, s.tb, c, doff, E, R, s.N, s.K, 0,
-                                                    Kernel::kSm90);
+      run_varying_m<T, DefaultConfig, Sm90N256K32>(a, b, s.tb, c, doff, E, R, s.N, s.K, 0,
+                                                   Kernel::kSm90);
     else
-      run_varying_m<T, DefaultConfig, Sm90N128Bulk>(a, b, s.tb, c, doff, E, R, s.N, s.K, 0,
-                                                    Kernel::kSm90);
+      run_varying_m<T, DefaultConfig, Sm90N128>(a, b, s.tb, c, doff, E, R, s.N, s.K, 0,
+                                                Kernel::kSm90);
     CK(cudaDeviceSynchronize());
     Err ev = compare(download(c, nc), hrd);
     if (ev.max_rel > 2e-2) ++g_fail;
@@ -401,9 +402,10 @@ void bench(const Shape& s) {
     using Cfg = decltype(cfg);
     return run_ours<C128x128x64, Cfg>(s, a, b, c, doff, R, Kernel::kSm90);
   };
-  float t4 = sm90(Sm90N256Direct{});
-  float t5 = sm90(Sm90N256Bulk{});
-  float t6 = sm90(Sm90N128Bulk{});
+  float t4 = sm90(Sm90N256{});
+  float t5 = sm90(Sm90N256K32{});
+  float t6 = sm90(Sm90N128{});
+  float t7 = run_ours<DefaultConfig, void>(s, a, b, c, doff, R, Kernel::kAuto);  // as the layer
   float tsb, tdense, tper = NAN;
   // The dense comparison's own output: for varying K it is [R, N], larger than c [E, M, N].
   T* cd = dalloc<T>(s.outer ? R * s.N : nc);
@@ -427,12 +429,12 @@ void bench(const Shape& s) {
                    (long long)s.rows * s.N, c, s.N, (long long)s.M * s.N, E);
     });
     // dense, same flops: [R, M]^T x [R, N] would be split-K; use [E*M... ] as plain R x N x M
-    tdense =
-        time_ms([&] { cublas_rm<T>(false, false, R, s.N, s.M, a, s.M, b, s.N, cd, cdt<T>(), s.N); });
+    tdense = time_ms(
+        [&] { cublas_rm<T>(false, false, R, s.N, s.M, a, s.M, b, s.N, cd, cdt<T>(), s.N); });
   }
   auto tf = [&](float ms) { return flops / (ms * 1e-3) / 1e12; };
-  printf("| %-40s | %6.0f | %6.0f | %6.0f | %6.0f | %6.0f | %6.0f | %6.0f | %.1e |\n", s.name,
-         tf(t2), tf(t4), tf(t5), tf(t6), tf(tsb), tf(tper), tf(tdense), er.max_rel);
+  printf("| %-40s | %6.0f | %6.0f | %6.0f | %6.0f | %6.0f | %6.0f | %6.0f | %6.0f | %.1e |\n",
+         s.name, tf(t2), tf(t4), tf(t5), tf(t6), tf(t7), tf(tsb), tf(tper), tf(tdense), er.max_rel);
   cudaFree(a);
   cudaFree(b);
   cudaFree(c);
@@ -523,20 +525,21 @@ int main(int argc, char** argv) {
   printf("sm_90a wgmma kernel available here: %s\n", sm90_available() ? "yes" : "no");
   g_kernel = Kernel::kSm90;
   if (only.empty()) {
-  correctness_outer<__nv_bfloat16, DefaultConfig, Sm90N256Bulk>();
-  correctness_outer<__half, DefaultConfig, Sm90N256Bulk>();
-  correctness_outer<__nv_bfloat16, DefaultConfig, Sm90N256Direct>();
-  correctness_outer<__nv_bfloat16, DefaultConfig, Sm90N128Bulk>();
-  correctness_rows<__nv_bfloat16, DefaultConfig, Sm90N256Bulk>();
-  correctness_rows<__nv_bfloat16, DefaultConfig, Sm90N256Direct>();
-  correctness_rows<__nv_bfloat16, DefaultConfig, Sm90N128Bulk>();
-  correctness_rows<__half, DefaultConfig, Sm90N256Bulk>();
-  correctness_rows<__half, DefaultConfig, Sm90N256Direct>();
-  g_kernel = Kernel::kMma;
-  correctness<__nv_bfloat16, DefaultConfig>();
-  correctness<__half, DefaultConfig>();
-  correctness<__nv_bfloat16, C256x128x64>();
-  graph_follows_device_offsets();
+    correctness_outer<__nv_bfloat16, DefaultConfig, Sm90N256>();
+    correctness_outer<__half, DefaultConfig, Sm90N256>();
+    correctness_outer<__nv_bfloat16, DefaultConfig, Sm90N256K32>();
+    correctness_outer<__half, DefaultConfig, Sm90N256K32>();
+    correctness_outer<__nv_bfloat16, DefaultConfig, Sm90N128>();
+    correctness_rows<__nv_bfloat16, DefaultConfig, Sm90N256>();
+    correctness_rows<__half, DefaultConfig, Sm90N256>();
+    correctness_rows<__nv_bfloat16, DefaultConfig, Sm90N256K32>();
+    correctness_rows<__half, DefaultConfig, Sm90N256K32>();
+    correctness_rows<__nv_bfloat16, DefaultConfig, Sm90N128>();
+    g_kernel = Kernel::kMma;
+    correctness<__nv_bfloat16, DefaultConfig>();
+    correctness<__half, DefaultConfig>();
+    correctness<__nv_bfloat16, C256x128x64>();
+    graph_follows_device_offsets();
   }
   printf("correctness failures: %d\n", g_fail);
   // error check of a bad shape
@@ -561,10 +564,9 @@ int main(int argc, char** argv) {
     cudaFree(c);
   }
   printf(
-      "| shape (E x rows, K -> N) | mma 128x128x64 s3 | wgmma 128x256 s4, direct stores | wgmma "
-      "128x256 s3, bulk-copy stores (default) | wgmma 128x128 s5, bulk-copy stores | cuBLAS "
-      "strided-batched | cuBLAS per expert | dense same total | max "
-      "rel err (vs cuBLAS) |\n");
+      "| shape (E x rows, K -> N) | mma 128x128x64 s3 | wgmma 128x256x64 s3 | wgmma 128x256x32 s6 "
+      "| wgmma 128x128x64 s5 | library's choice | cuBLAS strided-batched | cuBLAS per expert | "
+      "dense same total | max rel err (vs cuBLAS) |\n");
   Shape shapes[] = {
       {"mixtral fc1 (8 x 2048, 4096 -> 14336) B^T", 8, 2048, 4096, 14336, true, false, 0},
       {"deepseek fc2 (32 x 1024, 2048 -> 7168)", 32, 1024, 2048, 7168, false, false, 0},
@@ -574,6 +576,8 @@ int main(int argc, char** argv) {
       {"fine-grained fc1 (128 x 512, 2048 -> 768) B^T", 128, 512, 2048, 768, true, false, 0},
       {"fine-grained dX (128 x 512, 768 -> 2048)", 128, 512, 768, 2048, false, false, 0},
       {"sonic-fine fc2 (128 x 1536, 256 -> 1536)", 128, 1536, 256, 1536, false, false, 0},
+      {"sonic-fine fc1 (128 x 1536, 1536 -> 512) B^T", 128, 1536, 1536, 512, true, false, 0},
+      {"sonic-fine dX (128 x 1536, 512 -> 1536)", 128, 1536, 512, 1536, false, false, 0},
       {"fine-grained dW1 (128 x 512 rows, M=768, N=2048)", 128, 512, 0, 2048, false, true, 768},
       {"mixtral dW1 (8 x 2048 rows, M=14336, N=4096)", 8, 2048, 0, 4096, false, true, 14336},
       {"deepseek dW2 (32 x 1024 rows, M=2048, N=7168)", 32, 1024, 0, 7168, false, true, 2048},

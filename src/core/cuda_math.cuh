@@ -4,6 +4,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <initializer_list>
@@ -130,6 +131,52 @@ __device__ inline double block_sum(const double* v, index_t n) {
   const double r = part[0];
   __syncthreads();
   return r;
+}
+
+// Row kernels run blocks of block.x threads over one row's packs (a multiple of 32, at most 256)
+// times block.y rows side by side, so that short rows keep every thread busy; the grid fills the
+// device once and each block strides over groups of block.y rows.
+struct RowBlocks {
+  dim3 block;
+  unsigned grid;
+};
+inline int multiprocessor_count() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    detail::throw_error("cuda: cannot query the current device");
+  return sms;
+}
+inline RowBlocks row_blocks(index_t rows, index_t cols, int v) {
+  const index_t packs = (cols + v - 1) / v;
+  const unsigned x = static_cast<unsigned>(packs >= 256 ? 256 : (packs + 31) / 32 * 32);
+  const unsigned y = 256 / (x == 0 ? 32 : x);
+  const index_t groups = (rows + y - 1) / y;
+  const index_t fill = static_cast<index_t>(multiprocessor_count()) * (2048 / (x * y));
+  const index_t grid = groups < 1 ? 1 : groups < fill ? groups : fill;
+  return {dim3(x == 0 ? 32 : x, y), static_cast<unsigned>(grid)};
+}
+
+// A row kernel's first row and its stride over rows.
+__device__ inline index_t first_row() {
+  return static_cast<index_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+}
+__device__ inline index_t row_stride() { return static_cast<index_t>(gridDim.x) * blockDim.y; }
+
+// The sum of v over the threads of one row of a row kernel's block, in a fixed order: every
+// thread of the block must call it (it holds barriers); every thread of the row gets the sum.
+template <class A>
+__device__ A row_sum(A v) {
+  __shared__ A part[8];  // one per warp: at most 256 threads
+  v = warp_sum(v);
+  const int warp = static_cast<int>(threadIdx.y * blockDim.x + threadIdx.x) / 32;
+  if (threadIdx.x % 32 == 0) part[warp] = v;
+  __syncthreads();
+  A s = 0;
+  const int first = static_cast<int>(threadIdx.y * blockDim.x) / 32;
+  for (int w = 0; w < static_cast<int>(blockDim.x) / 32; ++w) s += part[first + w];
+  __syncthreads();
+  return s;
 }
 
 // Blocks for a grid-stride loop over n items of `threads` each, capped at the grid limit.

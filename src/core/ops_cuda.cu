@@ -8,24 +8,35 @@
 namespace switchyard {
 namespace {
 
-template <class T>
+// dst += src (* scale), V elements per access.
+template <class T, int V>
 __global__ void add_kernel(T* __restrict__ dst, const T* __restrict__ src,
                            const T* __restrict__ scale, index_t n) {
-  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<index_t>(gridDim.x) * blockDim.x)
-    dst[i] = store<T>(load(dst[i]) +
-                      load(src[i]) * (scale ? load(scale[i]) : decltype(load(src[i]))(1)));
+  for (index_t i = (blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x) * V; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x * V) {
+    Pack<T, V> d = load_pack<V>(dst + i);
+    const Pack<T, V> a = load_pack<V>(src + i);
+    if (scale) {
+      const Pack<T, V> f = load_pack<V>(scale + i);
+#pragma unroll
+      for (int j = 0; j < V; ++j) d.v[j] = store<T>(load(d.v[j]) + load(a.v[j]) * load(f.v[j]));
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) d.v[j] = store<T>(load(d.v[j]) + load(a.v[j]));
+    }
+    store_pack<V>(dst + i, d);
+  }
 }
 
 template <class T>
 __global__ void uniform_factors_kernel(T* __restrict__ out, index_t rows, index_t cols, double eps,
-                                       std::uint64_t seed, std::uint32_t stream,
-                                       std::uint64_t step, index_t row_base) {
+                                       std::uint64_t seed, std::uint32_t stream, std::uint64_t step,
+                                       index_t row_base) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < rows * cols;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
-    const double u = philox::uniform(seed, stream, step,
-                                     static_cast<std::uint64_t>(row_base + i / cols),
-                                     static_cast<std::uint64_t>(i % cols));
+    const double u =
+        philox::uniform(seed, stream, step, static_cast<std::uint64_t>(row_base + i / cols),
+                        static_cast<std::uint64_t>(i % cols));
     out[i] = store<T>(__dadd_rn(1.0, __dmul_rn(eps, __dadd_rn(__dmul_rn(2.0, u), -1.0))));
   }
 }
@@ -52,9 +63,13 @@ void add_inplace_cuda(Tensor& dst, const Tensor& src, const Tensor* scale) {
   const cudaStream_t stream = as_cuda_stream(current_stream(dst.device()).handle);
   dispatch_float_cuda(dst.dtype(), "add_inplace", [&](auto tag) {
     using T = decltype(tag);
-    add_kernel<T><<<std::min(grid_size(n, 256), 65535u * 16), 256, 0, stream>>>(
-        static_cast<T*>(dst.data_ptr()), static_cast<const T*>(src.data_ptr()),
-        scale ? static_cast<const T*>(scale->data_ptr()) : nullptr, n);
+    T* d = static_cast<T*>(dst.data_ptr());
+    const T* a = static_cast<const T*>(src.data_ptr());
+    const T* f = scale ? static_cast<const T*>(scale->data_ptr()) : nullptr;
+    with_pack_width<T>(n, {d, a, f ? f : a}, [&](auto v) {
+      add_kernel<T, v()>
+          <<<std::min(grid_size(n / v(), 256), 65535u * 16), 256, 0, stream>>>(d, a, f, n);
+    });
     SY_CUDA_CHECK_LAUNCH();
   });
 }

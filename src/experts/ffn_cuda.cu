@@ -39,15 +39,16 @@ bool equal_rows(const std::vector<index_t>& off) {
   return true;
 }
 
-// The elementwise kernels run one block per row (a grid-stride loop over rows, threads over the
-// columns in packs of V elements): no index division per element, each row's expert read once.
+// The elementwise kernels are row kernels (core/cuda_math.cuh's row_blocks: threadIdx.y picks a
+// row of a group, a grid-stride loop over the groups, threadIdx.x over the columns in packs of V
+// elements): no index division per element, each row's expert read once.
 template <class T, int V>
 __global__ void bias_activation(T* __restrict__ hpre, T* __restrict__ act,
                                 const T* __restrict__ bias, const index_t* __restrict__ row_expert,
                                 index_t rows, index_t h, bool gated, Activation kind) {
   using A = cuda_acc_t<T>;
   const index_t h1 = gated ? 2 * h : h;
-  for (index_t r = blockIdx.x; r < rows; r += gridDim.x) {
+  for (index_t r = first_row(); r < rows; r += row_stride()) {
     T* hr = hpre + offset_of(r, h1);
     T* ar = act + offset_of(r, h);
     const T* br = bias ? bias + offset_of(row_expert[r], h1) : nullptr;
@@ -80,7 +81,7 @@ __global__ void bias_activation(T* __restrict__ hpre, T* __restrict__ act,
 template <class T, int V>
 __global__ void add_bias(T* __restrict__ y, const T* __restrict__ bias,
                          const index_t* __restrict__ row_expert, index_t rows, index_t d) {
-  for (index_t r = blockIdx.x; r < rows; r += gridDim.x) {
+  for (index_t r = first_row(); r < rows; r += row_stride()) {
     T* yr = y + offset_of(r, d);
     const T* br = bias + offset_of(row_expert[r], d);
     for (index_t j = threadIdx.x * V; j < d; j += blockDim.x * V) {
@@ -99,7 +100,7 @@ __global__ void activation_backward(const T* da, const T* hpre, T* dh, index_t r
                                     bool gated, Activation kind) {
   using A = cuda_acc_t<T>;
   const index_t h1 = gated ? 2 * h : h;
-  for (index_t r = blockIdx.x; r < rows; r += gridDim.x) {
+  for (index_t r = first_row(); r < rows; r += row_stride()) {
     const T* hr = hpre + offset_of(r, h1);
     const T* dar = da + offset_of(r, h);
     T* dhr = dh + offset_of(r, h1);
@@ -123,11 +124,6 @@ __global__ void activation_backward(const T* da, const T* hpre, T* dh, index_t r
       store_pack<V>(dhr + j, dg);
     }
   }
-}
-
-// Blocks for the row kernels above.
-unsigned row_blocks(index_t rows) {
-  return static_cast<unsigned>(std::min<index_t>(std::max<index_t>(rows, 1), 2147483647));
 }
 
 // grad[e, j] += sum over the rows of expert e of m[r, j]. Block (32, kBiasRows) per (32 columns,
@@ -311,7 +307,8 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
     if (R > 0 && !fused_act) {
       const T* bias = grouped ? nullptr : b1;  // the grouped epilogue added it
       with_pack_width<T>(hid, {hp, ap, bias}, [&](auto v) {
-        bias_activation<T, v()><<<row_blocks(R), 256, 0, stream>>>(
+        const RowBlocks rb = row_blocks(R, hid, v());
+        bias_activation<T, v()><<<rb.grid, rb.block, 0, stream>>>(
             hp, ap, bias, row_expert.data<index_t>(), R, hid, gated, base_activation(s.activation));
       });
       SY_CUDA_CHECK_LAUNCH();
@@ -327,8 +324,9 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
     }
     if (b2 && !grouped && R > 0) {
       with_pack_width<T>(o, {yp, b2}, [&](auto v) {
+        const RowBlocks rb = row_blocks(R, o, v());
         add_bias<T, v()>
-            <<<row_blocks(R), 256, 0, stream>>>(yp, b2, row_expert.data<index_t>(), R, o);
+            <<<rb.grid, rb.block, 0, stream>>>(yp, b2, row_expert.data<index_t>(), R, o);
       });
       SY_CUDA_CHECK_LAUNCH();
     }
@@ -401,7 +399,8 @@ Tensor ffn_backward_cuda(const FfnShape& s, Parameter& fc1_w, Parameter& fc2_w, 
     T* dhp = static_cast<T*>(dh.data_ptr());
     if (R > 0 && !fused_act) {
       with_pack_width<T>(hid, {dap, hp, dhp}, [&](auto v) {
-        activation_backward<T, v()><<<row_blocks(R), 256, 0, stream>>>(
+        const RowBlocks rb = row_blocks(R, hid, v());
+        activation_backward<T, v()><<<rb.grid, rb.block, 0, stream>>>(
             dap, hp, dhp, R, hid, gated, base_activation(s.activation));
       });
       SY_CUDA_CHECK_LAUNCH();

@@ -461,19 +461,20 @@ namespace switchyard::grouped_gemm_detail {
 
 // Runs f(Sm90Cfg{}) and returns true when the sm_90a kernel can run here (compute capability
 // 9.0, sm_90a build, the groups' tile prefix fits in shared memory); Sm90Cfg void chooses by the
-// reduction's depth: long ones (`long_k`: K >= 4096 for varying M, 2048 rows per group for
-// varying K) keep a fourth stage and store from registers, as a store's drain is small next to
-// such a tile's MMAs (mixtral fc1 690 vs 644 TFLOPS); short ones overlap the stores with the next
-// tile through the bulk-copy epilogue (sonic-fine fc2, K = 256: 392 vs 186).
+// GEMM's arithmetic intensity (flops per byte of A, B and C, with every operand read once):
+// below kMemoryBoundIntensity, k-tiles 32 deep (more of them in flight: fine-grained fc1 555 vs
+// 515 TFLOPS, dW1 557 vs 531, sonic-fine fc1 530 vs 501), else 64 deep (sonic-coarse fc1 676 vs
+// 411, deepseek fc2 653 vs 563), on an H100 (bench/grouped_gemm_bench.cu).
+constexpr double kMemoryBoundIntensity = 450;
 template <class Sm90Cfg, class F>
-bool with_sm90_config(bool long_k, index_t num_groups, F&& f) {
+bool with_sm90_config(double flops, double bytes, index_t num_groups, F&& f) {
   if (!sm90_available()) return false;
   if constexpr (std::is_void_v<Sm90Cfg>) {
-    if (long_k && sm90_fits<Sm90LongKConfig>(num_groups)) {
-      f(Sm90LongKConfig{});
+    if (flops < kMemoryBoundIntensity * bytes && sm90_fits<Sm90ShallowConfig>(num_groups)) {
+      f(Sm90ShallowConfig{});
       return true;
     }
-    return with_sm90_config<Sm90DefaultConfig>(false, num_groups, f);
+    return with_sm90_config<Sm90DefaultConfig>(flops, bytes, num_groups, f);
   } else {
     if (!sm90_fits<Sm90Cfg>(num_groups)) return false;
     f(Sm90Cfg{});
@@ -499,10 +500,12 @@ void run_varying_m(const T* a, const T* b, bool trans_b, T* c, const index_t* of
   check_alignment(a, b, c, "grouped_gemm");
   check_alignment(bias ? bias : c, mask ? mask : c, c, "grouped_gemm (bias, mask)");
   if (kernel != Kernel::kMma && k > 0 &&
-      with_sm90_config<Sm90Cfg>(k >= 4096, num_groups, [&](auto cfg) {
-        launch_sm90<T, decltype(cfg)>(a, b, trans_b, c, offsets, num_groups, rows, n, k, stream,
-                                      bias, relu, mask);
-      }))
+      with_sm90_config<Sm90Cfg>(
+          2.0 * rows * n * k, 2.0 * (rows * k + num_groups * n * k + rows * n), num_groups,
+          [&](auto cfg) {
+            launch_sm90<T, decltype(cfg)>(a, b, trans_b, c, offsets, num_groups, rows, n, k, stream,
+                                          bias, relu, mask);
+          }))
     return;
   auto run = [&](auto form) {
     constexpr Form F = decltype(form)::value;
@@ -545,9 +548,12 @@ void run_varying_k(const T* a, const T* b, T* c, const index_t* offsets, index_t
   if (m == 0 || n == 0) return;
   check_alignment(a, b, c, "grouped_gemm");
   if (kernel != Kernel::kMma && rows > 0 &&
-      with_sm90_config<Sm90Cfg>(rows >= 2048 * num_groups, num_groups, [&](auto cfg) {
-        launch_sm90_outer<T, decltype(cfg)>(a, b, c, offsets, num_groups, rows, m, n, beta, stream);
-      }))
+      with_sm90_config<Sm90Cfg>(2.0 * rows * m * n,
+                                2.0 * (rows * m + rows * n + num_groups * m * n), num_groups,
+                                [&](auto cfg) {
+                                  launch_sm90_outer<T, decltype(cfg)>(a, b, c, offsets, num_groups,
+                                                                      rows, m, n, beta, stream);
+                                }))
     return;
   Params<T, Form::kOuter> p{a,
                             b,

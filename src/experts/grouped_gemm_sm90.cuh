@@ -6,7 +6,7 @@
 // per-group tile counts from the device offsets, no host sync.
 //
 // One CTA computes a 128 x BN tile with three warpgroups: warpgroup 0 is the producer (one
-// thread issues TMA tensor copies of the A and B k-tiles, 64 deep, 128-byte swizzle, into a
+// thread issues TMA tensor copies of the A and B k-tiles, BK = 64 or 32 deep, swizzled, into a
 // ring of shared-memory stages guarded by full/empty mbarriers), warpgroups 1 and 2 are the
 // consumers (each 64 rows of the tile: wgmma m64nBNk16 from shared memory, f32 accumulators in
 // registers, one wgmma group in flight).
@@ -17,7 +17,7 @@
 // Varying K: the k dimension is the group's rows, so Aᵀ and B are both M/N-major (64-column
 // boxes of [R, M] and [R, N], through both transpose bits); the rows of a group's last k-tile
 // that belong to the next group are zeroed in shared memory by the consumers before the MMAs.
-// The default epilogue stages the tile in shared memory and sends each valid row out with an
+// The epilogue stages the tile in shared memory and sends each valid row out with an
 // asynchronous bulk copy, so the stores drain while the next tile's MMAs run.
 //
 // The device code exists only in sm_90a compiles (__CUDA_ARCH_FEAT_SM90_ALL); in other passes
@@ -47,31 +47,37 @@
 
 namespace switchyard::grouped_gemm_detail {
 
-// kBulkStore: the epilogue writes the tile to shared memory and its valid rows leave through
-// asynchronous bulk copies (cp.async.bulk, one per row), so the next tile's MMAs start while
-// they drain; otherwise each thread stores its accumulators straight to global memory.
-template <int BN_, int kStages_, bool kBulkStore_>
+// BK: the k-tile depth of one pipeline stage, 64 or 32. K-major operand rows are BK * 2 bytes
+// and use the swizzle of that width (128 or 64 bytes); M/N-major operands always come in
+// [BK][64] boxes with 128-byte rows. Halving BK doubles the stages that fit in the same shared
+// memory, so more of them are in flight while the consumers hold two.
+// The epilogue writes the tile to shared memory and its valid rows leave through asynchronous
+// bulk copies (cp.async.bulk, one per row), so the next tile's MMAs start while they drain.
+// (Stores from registers, with a fourth stage in the room of the staging tile, measured slower
+// on every bench shape: mixtral fc1 448 vs 651 TFLOPS, deepseek fc1 540 vs 683.)
+template <int BN_, int BK_, int kStages_>
 struct Sm90Config {
-  static constexpr int BM = 128, BN = BN_, BK = 64, kStages = kStages_;
-  static constexpr bool kBulkStore = kBulkStore_;
-  static constexpr int kThreads = 384;  // producer warpgroup + 2 consumer warpgroups
+  static constexpr int BM = 128, BN = BN_, BK = BK_, kStages = kStages_;
+  static constexpr int kThreads = 384;       // producer warpgroup + 2 consumer warpgroups
+  static constexpr int kKRowBytes = BK * 2;  // a K-major row, and the swizzle span it uses
   static constexpr int kABytes = BM * BK * 2;
   static constexpr int kBBytes = BN * BK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;
   // Output staging rows: 16 bytes of padding put a warp's 8 fragment rows in distinct banks.
   static constexpr int kCLd = BN + 8;
   static constexpr int kCOffset = kStages * kStageBytes;
-  static constexpr int kCBytes = kBulkStore ? BM * kCLd * 2 : 0;
+  static constexpr int kCBytes = BM * kCLd * 2;
   // Stages (1024-byte aligned for the 128-byte swizzle), the output staging tile, the bias, then
   // 2 x kStages pipeline mbarriers and one per consumer warpgroup (the loads of C's old values),
   // then the per-group tile prefix; 1024 bytes of slack to align the dynamic shared memory base.
-  // The bias slice of the tile's columns, per consumer warpgroup (bulk-store epilogue only).
+  // The bias slice of the tile's columns, per consumer warpgroup.
   static constexpr int kBiasOffset = kCOffset + kCBytes;
-  static constexpr int kBiasBytes = kBulkStore ? 2 * BN * 2 : 0;
+  static constexpr int kBiasBytes = 2 * BN * 2;
   static constexpr int kBarOffset = kBiasOffset + kBiasBytes;
   static constexpr int kPrefixOffset = kBarOffset + (2 * kStages + 2) * 8;
   static int smem_bytes(int num_groups) { return 1024 + kPrefixOffset + (num_groups + 1) * 4; }
   static_assert(BN == 128 || BN == 256, "BN is 128 or 256");
+  static_assert(BK == 64 || BK == 32, "BK is 64 or 32");
 };
 
 struct Sm90Params {
@@ -145,15 +151,17 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
 // Keeps the compiler from moving accumulator reads/writes across wgmma fences and waits.
 __device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
-// Shared-memory matrix descriptor, 128-byte swizzle: start address, leading byte offset (the
-// N-major layout's stride between 64-column blocks; unused for K-major), stride byte offset (8
-// rows of 128 bytes).
+// Shared-memory matrix descriptor with a 128- or 64-byte swizzle: start address, leading byte
+// offset (the M/N-major layout's stride between 64-column blocks; unused for K-major), stride
+// byte offset (8 rows of the swizzle span).
+template <int kSwizzleBytes>
 __device__ __forceinline__ std::uint64_t smem_desc(std::uint32_t addr, std::uint32_t lbo) {
+  static_assert(kSwizzleBytes == 128 || kSwizzleBytes == 64, "swizzle");
   std::uint64_t d = 0;
   d |= static_cast<std::uint64_t>((addr & 0x3FFFF) >> 4);
   d |= static_cast<std::uint64_t>((lbo >> 4) & 0x3FFF) << 16;
-  d |= static_cast<std::uint64_t>(1024 >> 4) << 32;
-  d |= static_cast<std::uint64_t>(1) << 62;
+  d |= static_cast<std::uint64_t>(8 * kSwizzleBytes >> 4) << 32;
+  d |= static_cast<std::uint64_t>(kSwizzleBytes == 128 ? 1 : 2) << 62;
   return d;
 }
 
@@ -410,7 +418,7 @@ __global__ void __launch_bounds__(384, 1)
     unsigned char* bias_s = smem + Cfg::kBiasOffset + wg * BN * 2;
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
       const TileAt ta = tile_at(t, e);
-      if (Cfg::kBulkStore && !kOuter && p.bias && wtid < BN / 8) {
+      if (!kOuter && p.bias && wtid < BN / 8) {
         // Staged now, read in the epilogue after its first barrier; the previous tile's readers
         // passed its second barrier before this thread got here.
         const int col = ta.n0 + wtid * 8;
@@ -451,13 +459,14 @@ __global__ void __launch_bounds__(384, 1)
           const std::uint32_t sb = stage_u + Cfg::kABytes;
           if constexpr (kOuter) {
             // Aᵀ: this warpgroup's 64 columns of M are box wg, read through the transpose bit.
-            const std::uint64_t da = smem_desc(stage_u + wg * kBox + kk * 16 * 128, kBox);
-            const std::uint64_t db = smem_desc(sb + kk * 16 * 128, kBox);
+            const std::uint64_t da = smem_desc<128>(stage_u + wg * kBox + kk * 16 * 128, kBox);
+            const std::uint64_t db = smem_desc<128>(sb + kk * 16 * 128, kBox);
             wgmma_tile<BN, 1, 1, T>(acc, da, db, 1);
           } else {
-            const std::uint64_t da = smem_desc(stage_u + wg * (64 * 128) + kk * 32, 16);
-            const std::uint64_t db =
-                kTransB ? smem_desc(sb + kk * 32, 16) : smem_desc(sb + kk * 16 * 128, kBox);
+            constexpr int kRow = Cfg::kKRowBytes;
+            const std::uint64_t da = smem_desc<kRow>(stage_u + wg * 64 * kRow + kk * 32, 16);
+            const std::uint64_t db = kTransB ? smem_desc<kRow>(sb + kk * 32, 16)
+                                             : smem_desc<128>(sb + kk * 16 * 128, kBox);
             wgmma_tile<BN, 0, kTransB ? 0 : 1, T>(acc, da, db, 1);
           }
         }
@@ -495,92 +504,63 @@ __global__ void __launch_bounds__(384, 1)
       const T* gm =
           !kOuter && p.mask ? static_cast<const T*>(p.mask) + (gc - static_cast<T*>(p.c)) : nullptr;
       const int r0 = (wtid / 32) * 16 + lane / 4, c0 = (lane % 4) * 2;
-      if constexpr (Cfg::kBulkStore) {
-        unsigned char* cbuf = smem + Cfg::kCOffset + wg * 64 * Cfg::kCLd * 2;
-        if (wtid < 64) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
-        named_barrier(1 + wg, 128);  // the previous tile's copies have read the buffer
-        // C's old values (varying K, beta 1) or the mask's (varying M) come into the staging tile
-        // by bulk copies, one per valid row, rather than by each thread's scattered 4-byte loads,
-        // which left the tensor cores idle.
-        const bool add_old = kOuter && p.beta != 0.0f;
-        const bool masked = gm != nullptr;
-        const T* old_src = masked ? gm : gc;
-        if (add_old || masked) {
-          const int rows = rows_valid < 0 ? 0 : rows_valid < 64 ? rows_valid : 64;
+      unsigned char* cbuf = smem + Cfg::kCOffset + wg * 64 * Cfg::kCLd * 2;
+      if (wtid < 64) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+      named_barrier(1 + wg, 128);  // the previous tile's copies have read the buffer
+      // C's old values (varying K, beta 1) or the mask's (varying M) come into the staging tile
+      // by bulk copies, one per valid row, rather than by each thread's scattered 4-byte loads,
+      // which left the tensor cores idle.
+      const bool add_old = kOuter && p.beta != 0.0f;
+      const bool masked = gm != nullptr;
+      const T* old_src = masked ? gm : gc;
+      if (add_old || masked) {
+        const int rows = rows_valid < 0 ? 0 : rows_valid < 64 ? rows_valid : 64;
+        const int bytes = (cols_valid < BN ? cols_valid : BN) * 2;
+        const std::uint32_t bar = old_bar + 8 * wg;
+        if (wtid == 0) {
+          mbar_expect_tx(bar, rows * bytes);
+          for (int r = 0; r < rows; ++r)
+            asm volatile(
+                "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], "
+                "%2, [%3];\n" ::"r"(smem_addr(cbuf + r * Cfg::kCLd * 2)),
+                "l"(old_src + offset_of(r, p.n)), "r"(bytes), "r"(bar)
+                : "memory");
+        }
+        mbar_wait(bar, old_phase);
+        old_phase ^= 1;
+      }
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          auto* slot =
+              reinterpret_cast<std::uint32_t*>(cbuf + ((r0 + h * 8) * Cfg::kCLd + j * 8 + c0) * 2);
+          float x = acc[j * 4 + 2 * h], y = acc[j * 4 + 2 * h + 1];
+          if (add_old) {  // rows and columns past the valid ones hold stale values, never stored
+            const float2 old = unpack2<T>(*slot);
+            x += old.x;
+            y += old.y;
+          }
+          if constexpr (!kOuter)
+            epilogue_bias_relu<T>(
+                x, y, p.bias ? reinterpret_cast<const T*>(bias_s + (j * 8 + c0) * 2) : nullptr,
+                p.relu, masked ? reinterpret_cast<const T*>(slot) : nullptr);
+          *slot = pack2<T>(x, y);
+        }
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      named_barrier(1 + wg, 128);
+      if (wtid < 64) {
+        if (wtid < rows_valid) {
           const int bytes = (cols_valid < BN ? cols_valid : BN) * 2;
-          const std::uint32_t bar = old_bar + 8 * wg;
-          if (wtid == 0) {
-            mbar_expect_tx(bar, rows * bytes);
-            for (int r = 0; r < rows; ++r)
-              asm volatile(
-                  "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], "
-                  "%2, [%3];\n" ::"r"(smem_addr(cbuf + r * Cfg::kCLd * 2)),
-                  "l"(old_src + offset_of(r, p.n)), "r"(bytes), "r"(bar)
-                  : "memory");
-          }
-          mbar_wait(bar, old_phase);
-          old_phase ^= 1;
+          asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(
+                           gc + offset_of(wtid, p.n)),
+                       "r"(smem_addr(cbuf + wtid * Cfg::kCLd * 2)), "r"(bytes)
+                       : "memory");
         }
-#pragma unroll
-        for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            auto* slot = reinterpret_cast<std::uint32_t*>(
-                cbuf + ((r0 + h * 8) * Cfg::kCLd + j * 8 + c0) * 2);
-            float x = acc[j * 4 + 2 * h], y = acc[j * 4 + 2 * h + 1];
-            if (add_old) {  // rows and columns past the valid ones hold stale values, never stored
-              const float2 old = unpack2<T>(*slot);
-              x += old.x;
-              y += old.y;
-            }
-            if constexpr (!kOuter)
-              epilogue_bias_relu<T>(
-                  x, y, p.bias ? reinterpret_cast<const T*>(bias_s + (j * 8 + c0) * 2) : nullptr,
-                  p.relu, masked ? reinterpret_cast<const T*>(slot) : nullptr);
-            *slot = pack2<T>(x, y);
-          }
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        named_barrier(1 + wg, 128);
-        if (wtid < 64) {
-          if (wtid < rows_valid) {
-            const int bytes = (cols_valid < BN ? cols_valid : BN) * 2;
-            asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(
-                             gc + offset_of(wtid, p.n)),
-                         "r"(smem_addr(cbuf + wtid * Cfg::kCLd * 2)), "r"(bytes)
-                         : "memory");
-          }
-          asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < BN / 8; ++j) {
-          const int col = j * 8 + c0;
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int row = r0 + h * 8;
-            if (row < rows_valid && col < cols_valid) {
-              auto* dst = reinterpret_cast<std::uint32_t*>(gc + offset_of(row, p.n) + col);
-              float x = acc[j * 4 + 2 * h], y = acc[j * 4 + 2 * h + 1];
-              if (kOuter && p.beta != 0.0f) {  // long reductions: these loads cost little
-                const float2 old = unpack2<T>(*dst);
-                x += old.x;
-                y += old.y;
-              }
-              if constexpr (!kOuter)
-                epilogue_bias_relu<T>(
-                    x, y,
-                    p.bias ? static_cast<const T*>(p.bias) + offset_of(e, p.n) + ta.n0 + col
-                           : nullptr,
-                    p.relu, gm ? gm + offset_of(row, p.n) + col : nullptr);
-              *dst = pack2<T>(x, y);
-            }
-          }
-        }
+        asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
       }
     }
-    if constexpr (Cfg::kBulkStore) {
-      if (wtid < 64) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
-    }
+    if (wtid < 64) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
   }
 #endif  // SY_GG_SM90_DEVICE
 }
@@ -637,7 +617,8 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 // Row-major tensor of `rank` dims (dims[0] innermost, elements), strides in bytes of dims 1...
 template <class T>
 CUtensorMap make_tensor_map(const void* base, int rank, const std::uint64_t* dims,
-                            const std::uint64_t* strides, const std::uint32_t* box) {
+                            const std::uint64_t* strides, const std::uint32_t* box,
+                            int swizzle_bytes = 128) {
   CUtensorMap map;
   const std::uint32_t elem_strides[3] = {1, 1, 1};
   const CUtensorMapDataType dt = std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
@@ -646,8 +627,9 @@ CUtensorMap make_tensor_map(const void* base, int rank, const std::uint64_t* dim
       &map, dt, static_cast<cuuint32_t>(rank), const_cast<void*>(base),
       reinterpret_cast<const cuuint64_t*>(dims), reinterpret_cast<const cuuint64_t*>(strides),
       reinterpret_cast<const cuuint32_t*>(box), reinterpret_cast<const cuuint32_t*>(elem_strides),
-      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+      CU_TENSOR_MAP_INTERLEAVE_NONE,
+      swizzle_bytes == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   SY_CHECK(r == CUDA_SUCCESS, "grouped_gemm: cuTensorMapEncodeTiled failed (", static_cast<int>(r),
            ")");
   return map;
@@ -692,7 +674,7 @@ void launch_sm90(const T* a, const T* b, bool trans_b, T* c, const index_t* offs
   const std::uint64_t dims_a[2] = {static_cast<std::uint64_t>(k), static_cast<std::uint64_t>(rows)};
   const std::uint64_t strides_a[1] = {static_cast<std::uint64_t>(k) * es};
   const std::uint32_t box_a[2] = {Cfg::BK, Cfg::BM};
-  const CUtensorMap map_a = make_tensor_map<T>(a, 2, dims_a, strides_a, box_a);
+  const CUtensorMap map_a = make_tensor_map<T>(a, 2, dims_a, strides_a, box_a, Cfg::kKRowBytes);
   CUtensorMap map_b;
   if (trans_b) {  // [E, N, K]
     const std::uint64_t dims[3] = {static_cast<std::uint64_t>(k), static_cast<std::uint64_t>(n),
@@ -700,7 +682,7 @@ void launch_sm90(const T* a, const T* b, bool trans_b, T* c, const index_t* offs
     const std::uint64_t strides[2] = {static_cast<std::uint64_t>(k) * es,
                                       static_cast<std::uint64_t>(n) * k * es};
     const std::uint32_t box[3] = {Cfg::BK, Cfg::BN, 1};
-    map_b = make_tensor_map<T>(b, 3, dims, strides, box);
+    map_b = make_tensor_map<T>(b, 3, dims, strides, box, Cfg::kKRowBytes);
   } else {  // [E, K, N], 64-column boxes
     const std::uint64_t dims[3] = {static_cast<std::uint64_t>(n), static_cast<std::uint64_t>(k),
                                    static_cast<std::uint64_t>(num_groups)};
@@ -709,14 +691,9 @@ void launch_sm90(const T* a, const T* b, bool trans_b, T* c, const index_t* offs
     const std::uint32_t box[3] = {64, Cfg::BK, 1};
     map_b = make_tensor_map<T>(b, 3, dims, strides, box);
   }
-  Sm90Params p{c,
-               offsets,
-               static_cast<int>(num_groups),
-               rows,
-               0,
-               static_cast<int>(n),
-               static_cast<int>(k),
-               0.0f};
+  Sm90Params p{
+      c,   offsets, static_cast<int>(num_groups), rows, 0, static_cast<int>(n), static_cast<int>(k),
+      0.0f};
   p.bias = bias;
   p.relu = relu;
   p.mask = mask;
@@ -752,7 +729,9 @@ void launch_sm90_outer(const T* a, const T* b, T* c, const index_t* offsets, ind
   launch_sm90_kernel<T, Cfg, Form::kOuter>(rows_map(a, m), rows_map(b, n), p, bound, stream);
 }
 
-using Sm90DefaultConfig = Sm90Config<256, 3, true>;
-using Sm90LongKConfig = Sm90Config<256, 4, false>;
+// Memory-bound GEMMs (fine-grained experts) keep more bytes in flight with k-tiles 32 deep;
+// compute-bound ones lose to the per-stage overhead there (see with_sm90_config).
+using Sm90DefaultConfig = Sm90Config<256, 64, 3>;
+using Sm90ShallowConfig = Sm90Config<256, 32, 6>;
 
 }  // namespace switchyard::grouped_gemm_detail

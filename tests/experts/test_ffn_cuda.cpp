@@ -63,10 +63,9 @@ TEST_P(FfnCuda, MatchesTheCpuExpertsForwardAndBackward) {
                            : std::vector<double>{0, 70, 70, 133, 200});  // one empty
 }
 
-// bf16 relu experts on the grouped kernels with several tiles per expert, and deep reductions:
-// K >= 4096 for the da GEMM and 2048 rows per expert for the weight gradients take the sm_90a
-// kernels' long-reduction configuration. Covers their fused epilogues (bias, relu, relu's
-// backward).
+// bf16 relu experts on the grouped kernels with several tiles per expert, and deep reductions
+// (K >= 4096 for the da GEMM, 2048 rows per expert for the weight gradients). Covers the fused
+// epilogues (bias, relu, relu's backward).
 TEST(FfnCudaGrouped, ManyTilesAndDeepReductionsMatchTheCpu) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
   expect_matches_cpu(Activation::kRelu, DType::kBF16, 264, 520, 0, {0, 300, 300, 901, 1500});

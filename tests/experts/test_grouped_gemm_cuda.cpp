@@ -104,13 +104,22 @@ TEST_P(GroupedGemmCuda, VaryingKMatchesTheCpuAndHandlesEmptyGroups) {
   expect_varying_k_matches_cpu(GetParam(), {0, 0}, 64, 64, 1.0);
 }
 
-// Deep reductions take the kernels' long-reduction configuration on sm_90a (K >= 4096 for
-// varying M, 2048 rows per group on average for varying K).
+// Deep reductions (K >= 4096 for varying M, 2048 rows per group and more for varying K).
 TEST_P(GroupedGemmCuda, DeepReductionsMatchTheCpu) {
   expect_varying_m_matches_cpu(GetParam(), {0, 130, 300, 1}, 136, 4104, true);
   expect_varying_m_matches_cpu(GetParam(), {0, 130, 300, 1}, 136, 4104, false);
   expect_varying_k_matches_cpu(GetParam(), {2100, 0, 2500, 3700}, 136, 72, 0.0);
   expect_varying_k_matches_cpu(GetParam(), {2100, 0, 2500, 3700}, 136, 72, 1.0);
+}
+
+// On sm_90a the kernel's k-tile depth follows the GEMM's arithmetic intensity (flops per byte
+// of A, B and C): the other tests' shapes are memory-bound (32 deep), these compute-bound
+// (about 530 flops per byte: 64 deep), with partial tiles in every dimension.
+TEST_P(GroupedGemmCuda, ComputeBoundShapesMatchTheCpu) {
+  expect_varying_m_matches_cpu(GetParam(), {2000, 2100}, 1416, 1416, true);
+  expect_varying_m_matches_cpu(GetParam(), {2000, 2100}, 1416, 1416, false);
+  expect_varying_k_matches_cpu(GetParam(), {2000, 2100}, 1416, 1416, 0.0);
+  expect_varying_k_matches_cpu(GetParam(), {2000, 2100}, 1416, 1416, 1.0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, GroupedGemmCuda, ::testing::Values(DType::kBF16, DType::kF16),
