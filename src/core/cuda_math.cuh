@@ -163,22 +163,6 @@ __device__ inline index_t first_row() {
 }
 __device__ inline index_t row_stride() { return static_cast<index_t>(gridDim.x) * blockDim.y; }
 
-// The sum of v over the threads of one row of a row kernel's block, in a fixed order: every
-// thread of the block must call it (it holds barriers); every thread of the row gets the sum.
-template <class A>
-__device__ A row_sum(A v) {
-  __shared__ A part[8];  // one per warp: at most 256 threads
-  v = warp_sum(v);
-  const int warp = static_cast<int>(threadIdx.y * blockDim.x + threadIdx.x) / 32;
-  if (threadIdx.x % 32 == 0) part[warp] = v;
-  __syncthreads();
-  A s = 0;
-  const int first = static_cast<int>(threadIdx.y * blockDim.x) / 32;
-  for (int w = 0; w < static_cast<int>(blockDim.x) / 32; ++w) s += part[first + w];
-  __syncthreads();
-  return s;
-}
-
 // Blocks for a grid-stride loop over n items of `threads` each, capped at the grid limit.
 inline unsigned grid_size(index_t n, unsigned threads) {
   const index_t blocks = (n + threads - 1) / threads;

@@ -14,6 +14,12 @@ cudaStream_t stream_of(const Tensor& t) {
   return as_cuda_stream(current_stream(t.device()).handle);
 }
 
+// Blocks are one per row: the grid's x dimension holds up to 2^31 - 1 of them.
+unsigned blocks(index_t n) {
+  SY_CHECK(n < 2147483647, "dispatch: ", n, " rows exceed one CUDA grid");
+  return static_cast<unsigned>(n);
+}
+
 // Calls f(T{}, A{}, std::integral_constant<int, V>{}) with V from with_pack_width.
 template <class F>
 void for_types(const Tensor& data, index_t d, std::initializer_list<const void*> ptrs,
@@ -72,12 +78,13 @@ Tensor decode_backward_cuda(const RoutingPlan& plan, const Tensor& dy, const Ten
             [&](auto t_tag, auto a_tag, auto v) {
               using T = decltype(t_tag);
               using A = decltype(a_tag);
-              const RowBlocks rb = row_blocks(R, d, v());
-              kernels::decode_backward<T, A, v()><<<rb.grid, rb.block, 0, stream_of(dy)>>>(
-                  static_cast<const T*>(dy.data_ptr()), static_cast<const T*>(buf.data_ptr()),
-                  plan.row_choice.data<index_t>(), static_cast<const A*>(plan.weight.data_ptr()),
-                  static_cast<T*>(dbuf.data_ptr()), static_cast<A*>(dweight.data_ptr()), R, d,
-                  plan.top_k, postscore);
+              kernels::decode_backward<T, A, v()>
+                  <<<blocks(R), kernels::kDispatchThreads, 0, stream_of(dy)>>>(
+                      static_cast<const T*>(dy.data_ptr()), static_cast<const T*>(buf.data_ptr()),
+                      plan.row_choice.data<index_t>(),
+                      static_cast<const A*>(plan.weight.data_ptr()),
+                      static_cast<T*>(dbuf.data_ptr()), static_cast<A*>(dweight.data_ptr()), d,
+                      plan.top_k, postscore);
               SY_CUDA_CHECK_LAUNCH();
             });
   return dbuf;
@@ -93,12 +100,12 @@ Tensor encode_backward_cuda(const RoutingPlan& plan, const Tensor& dbuf, const T
             [&](auto t_tag, auto a_tag, auto v) {
               using T_ = decltype(t_tag);
               using A = decltype(a_tag);
-              const RowBlocks rb = row_blocks(T, d, v());
-              kernels::encode_backward<T_, A, v()><<<rb.grid, rb.block, 0, stream_of(x)>>>(
-                  static_cast<const T_*>(dbuf.data_ptr()), static_cast<const T_*>(x.data_ptr()),
-                  plan.row.data<index_t>(), static_cast<const A*>(plan.weight.data_ptr()),
-                  static_cast<T_*>(dx.data_ptr()), static_cast<A*>(dweight.data_ptr()), T, d,
-                  plan.top_k, prescore);
+              kernels::encode_backward<T_, A, v()>
+                  <<<blocks(T), kernels::kDispatchThreads, 0, stream_of(x)>>>(
+                      static_cast<const T_*>(dbuf.data_ptr()), static_cast<const T_*>(x.data_ptr()),
+                      plan.row.data<index_t>(), static_cast<const A*>(plan.weight.data_ptr()),
+                      static_cast<T_*>(dx.data_ptr()), static_cast<A*>(dweight.data_ptr()), d,
+                      plan.top_k, prescore);
               SY_CUDA_CHECK_LAUNCH();
             });
   return dx;
