@@ -6,8 +6,10 @@ torch._grouped_mm layer so that the two compare line by line in one device run: 
 layout "packed"), FFN experts without biases, relu or swiglu. Timing as in grouped_mm_layer.py:
 CUDA events around forward and backward, gradients set to None before each step, medians of
 --iters steps after --warmup, useful TFLOPS over ms_fwd + ms_bwd (DESIGN.md §8), a dense 8192^3
-torch.matmul in the same dtype and run, torch.cuda.max_memory_allocated over the timed steps
-(switchyard's own pool is not torch's, so its buffers are not in that figure: see "note").
+torch.matmul in the same dtype and run. Memory over the timed steps: torch_peak_bytes
+(torch.cuda.max_memory_allocated: parameters, inputs, gradients, outputs), pool_peak_bytes
+(switchyard.memory_stats: the layer's internal buffers, in switchyard's own allocator), and
+peak_mem_bytes, their sum: an upper bound on the combined peak, as the two may peak apart.
 
 On a GPU machine, with the binding built for CUDA (scripts/gpu-python-check.sh builds it into
 build-python/site):
@@ -71,6 +73,7 @@ def check_cpu():
 
 
 def run_config(name, dtype, args):
+    import switchyard
     T, d, h, E, k, activation = gm.CONFIGS[name]
     torch.manual_seed(1)
     layer = make_layer(d, h, E, k, activation).to("cuda", dtype)
@@ -86,6 +89,7 @@ def run_config(name, dtype, args):
         if i == args.warmup:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            switchyard.reset_peak_memory("cuda")
         for p in [x] + params:
             p.grad = None
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
@@ -99,7 +103,8 @@ def run_config(name, dtype, args):
         if i >= args.warmup:
             fwd_ms.append(ev[0].elapsed_time(ev[1]))
             bwd_ms.append(ev[1].elapsed_time(ev[2]))
-    peak = torch.cuda.max_memory_allocated()
+    torch_peak = torch.cuda.max_memory_allocated()
+    pool_peak = switchyard.memory_stats("cuda")["peak_bytes"]
     del x, dy, layer, params
     torch.cuda.empty_cache()
     a = torch.randn(gm.DENSE_N, gm.DENSE_N, device="cuda", dtype=dtype)
@@ -118,12 +123,12 @@ def run_config(name, dtype, args):
         "layout": "packed", "capacity_factor": 0.0, "activation": activation,
         "ms_fwd": ms_fwd, "ms_bwd": ms_bwd, "tflops": tflops,
         "dense_tflops": dense_tflops, "ratio": tflops / dense_tflops,
-        "peak_mem_bytes": peak, "iters": args.iters, "warmup": args.warmup,
+        "peak_mem_bytes": torch_peak + pool_peak, "torch_peak_bytes": torch_peak,
+        "pool_peak_bytes": pool_peak, "iters": args.iters, "warmup": args.warmup,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "commit": args.commit, "torch": torch.__version__,
         "dense_gemm": f"torch.matmul {gm.DENSE_N}^3",
-        "note": "peak_mem_bytes counts torch's allocator only (parameters, inputs, gradients, "
-                "outputs); the layer's internal buffers live in switchyard's pool",
+        "note": "peak_mem_bytes = torch_peak_bytes + pool_peak_bytes, an upper bound",
     }
 
 

@@ -405,6 +405,26 @@ def test_deepcopy_and_pickle():
     torch.testing.assert_close(torch.load(buf, weights_only=False)(x), layer(x))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_memory_stats_of_switchyards_allocator(device):
+    layer = small().to(device)
+    x = torch.randn(32, D, device=device, requires_grad=True)
+    switchyard.reset_peak_memory(device)
+    before = switchyard.memory_stats(device)
+    assert before["peak_bytes"] == before["current_bytes"] >= 0
+    y = layer(x)
+    during = switchyard.memory_stats(device)
+    assert during["current_bytes"] > before["current_bytes"]  # what forward keeps for backward
+    y.sum().backward()
+    after = switchyard.memory_stats(device)
+    assert after["peak_bytes"] >= during["current_bytes"] and after["peak_bytes"] > 0
+    switchyard.reset_peak_memory(device)
+    now = switchyard.memory_stats(device)
+    assert now["peak_bytes"] == now["current_bytes"]
+    with pytest.raises(Exception, match="memory_stats"):
+        switchyard.memory_stats("meta")
+
+
 def test_zero_copy_crossing():
     t = torch.randn(5, 7, dtype=torch.float64)
     ptr, sizes, strides, dtype = _C._view_info(t)

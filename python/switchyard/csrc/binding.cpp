@@ -526,6 +526,22 @@ PYBIND11_MODULE(_C, m) {
     }
   });
 
+  // The library's own allocator on a device ("cpu", "cuda:0"): the bytes it holds now and the
+  // most it has held since the last reset. The layer's internal buffers live there, outside
+  // torch's memory statistics.
+  auto pool_device = [](const std::string& name) {
+    return to_sy_device(c10::Device(name), "memory_stats");
+  };
+  m.def("memory_stats", [pool_device](const std::string& device) {
+    const sy::MemoryStats stats = sy::memory_stats(pool_device(device));
+    py::dict d;
+    d["current_bytes"] = stats.current_bytes;
+    d["peak_bytes"] = stats.peak_bytes;
+    return d;
+  });
+  m.def("reset_peak_memory",
+        [pool_device](const std::string& device) { sy::reset_peak_memory(pool_device(device)); });
+
   // Whether this build has the NCCL backend (CUDA builds that found nccl.h and libnccl).
   m.attr("built_with_nccl") = kBuiltWithNccl;
   py::class_<sy::Communicator, std::shared_ptr<sy::Communicator>>(m, "Communicator")
