@@ -5,8 +5,8 @@
 // memory (Tensor::from_blob with its sizes, strides, dtype and device), and a switchyard result
 // becomes a torch tensor over the same storage (a from_blob whose deleter holds the switchyard
 // Tensor). Parameters stay owned by torch: before each forward and backward the caller passes
-// them, and the layer's Parameter.value is pointed at their memory; backward points
-// Parameter.grad at fresh zero tensors and hands those back.
+// them, and the layer's Parameter.value is pointed at their memory; backward starts with the
+// gradients unset, creates them, and hands them back.
 //
 // CUDA: every call into the layer runs on torch's current stream of the layer's device (a
 // switchyard::StreamGuard for the call's duration), so it is ordered with the caller's torch work
