@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
@@ -140,11 +141,18 @@ struct RowBlocks {
   dim3 block;
   unsigned grid;
 };
+// The current device's multiprocessors (a host query, cached per device; fine during capture).
 inline int multiprocessor_count() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+  static std::atomic<int> cached[64] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64)
     detail::throw_error("cuda: cannot query the current device");
+  int sms = cached[device].load();
+  if (sms == 0) {
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+      detail::throw_error("cuda: cannot query the current device");
+    cached[device].store(sms);
+  }
   return sms;
 }
 inline RowBlocks row_blocks(index_t rows, index_t cols, int v) {

@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "core/cuda_check.cuh"
+#include "core/cuda_math.cuh"
 #include "switchyard/error.h"
 #include "switchyard/index.h"
 
@@ -425,8 +426,7 @@ void launch(const Params<T, F>& p, cudaStream_t stream) {
     cached_blocks[device].store(blocks);
     cached_smem[device].store(smem);
   }
-  int sms = 0;
-  SY_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int sms = multiprocessor_count();
   // More CTAs than tiles only adds idle ones: bound the tiles from the host-side sizes.
   const index_t tiles_n = (p.n + Cfg::BN - 1) / Cfg::BN;
   const index_t bound = F == Form::kOuter
@@ -501,8 +501,8 @@ void run_varying_m(const T* a, const T* b, bool trans_b, T* c, const index_t* of
   check_alignment(bias ? bias : c, mask ? mask : c, c, "grouped_gemm (bias, mask)");
   if (kernel != Kernel::kMma && k > 0 &&
       with_sm90_config<Sm90Cfg>(
-          2.0 * rows * n * k, 2.0 * (rows * k + num_groups * n * k + rows * n), num_groups,
-          [&](auto cfg) {
+          2.0 * rows * n * k, 2.0 * (1.0 * rows * k + 1.0 * num_groups * n * k + 1.0 * rows * n),
+          num_groups, [&](auto cfg) {
             launch_sm90<T, decltype(cfg)>(a, b, trans_b, c, offsets, num_groups, rows, n, k, stream,
                                           bias, relu, mask);
           }))
@@ -549,8 +549,8 @@ void run_varying_k(const T* a, const T* b, T* c, const index_t* offsets, index_t
   check_alignment(a, b, c, "grouped_gemm");
   if (kernel != Kernel::kMma && rows > 0 &&
       with_sm90_config<Sm90Cfg>(2.0 * rows * m * n,
-                                2.0 * (rows * m + rows * n + num_groups * m * n), num_groups,
-                                [&](auto cfg) {
+                                2.0 * (1.0 * rows * m + 1.0 * rows * n + 1.0 * num_groups * m * n),
+                                num_groups, [&](auto cfg) {
                                   launch_sm90_outer<T, decltype(cfg)>(a, b, c, offsets, num_groups,
                                                                       rows, m, n, beta, stream);
                                 }))

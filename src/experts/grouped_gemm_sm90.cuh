@@ -38,6 +38,7 @@
 #include <type_traits>
 
 #include "core/cuda_check.cuh"
+#include "core/cuda_math.cuh"
 #include "switchyard/error.h"
 #include "switchyard/index.h"
 
@@ -650,10 +651,9 @@ template <class T, class Cfg, Form F>
 void launch_sm90_kernel(const CUtensorMap& map_a, const CUtensorMap& map_b, const Sm90Params& p,
                         index_t tiles_bound, cudaStream_t stream) {
   const int smem = Cfg::smem_bytes(p.num_groups);
-  int device = 0, sms = 0;
+  const int sms = multiprocessor_count();  // checks the device index too
+  int device = 0;
   SY_CUDA_CHECK(cudaGetDevice(&device));
-  SY_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  SY_CHECK(device >= 0 && device < 64, "cuda:", device, " is out of range");
   auto kernel = grouped_gemm_sm90_kernel<T, Cfg, F>;
   static std::atomic<int> cached_smem[64] = {};  // per device: the largest size raised so far
   if (cached_smem[device].load() < smem) {
