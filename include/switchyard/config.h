@@ -55,6 +55,10 @@ struct MoEConfig {
   DType dtype = DType::kF32;
   Device device;
   std::uint64_t seed = 1;  // parameter initialisation and the noise/jitter streams
+  // false: the experts' parameters are allocated as zeros, not drawn from the seed, for a caller
+  // that sets every one itself (the PyTorch binding, whose parameters are torch's). Drawing them
+  // costs time in proportion to their number (minutes for billions on one core).
+  bool init_parameters = true;
   // CUDA, f32: the expert matrix products may run on TF32 tensor cores (Tutel's use_tensorcore;
   // about 3 decimal digits per product instead of FP32's 7). The gate's product stays FP32 so
   // that routing does not change. No effect on the CPU or in other dtypes.

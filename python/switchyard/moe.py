@@ -778,6 +778,7 @@ class MOELayer(nn.Module):
             hidden_size=1 if python_experts else self._hidden_size,
             num_experts=self.num_global_experts, top_k=int(gate.top_k),
             dtype=_TORCH_TO_SY[dtype], device=device, seed=self._seed + gi, rules=o["rules"],
+            init_parameters=False,  # the parameters are torch's, pointed at before each call
             # Tutel's use_tensorcore is torch's TF32 switch (allow_tf32, the same as float32
             # matmul precision "high"): f32 expert GEMMs on CUDA follow it.
             use_tensorcore=device != "cpu" and torch.get_float32_matmul_precision() != "highest",

@@ -48,6 +48,7 @@ FfnExperts::FfnExperts(const FfnShape& s, const std::string& prefix, bool replic
   // Like nn.Linear(d, h1) and nn.Linear(h, o) per expert: U(±1/sqrt(fan_in)) for both. Draws are
   // numbered over all experts, so local expert e gets global expert first_expert + e's values.
   const index_t f = s.first_expert;
+  if (!s.initialise) return;
   fill_uniform(fc1_w_.value, 1.0 / std::sqrt(static_cast<double>(d)), seed, init_id + 0,
                f * h1 * d);
   fill_uniform(fc2_w_.value, 1.0 / std::sqrt(static_cast<double>(h)), seed, init_id + 1, f * h * o);

@@ -28,6 +28,7 @@ struct FfnShape {
   // have in a layer holding all of them.
   index_t first_expert = 0;
   index_t output_dim = 0;  // o; 0: model_dim
+  bool initialise = true;  // false: the parameters stay zero (MoEConfig::init_parameters)
 
   index_t out_dim() const { return output_dim > 0 ? output_dim : model_dim; }
 };

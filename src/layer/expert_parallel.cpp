@@ -75,10 +75,12 @@ index_t piece_length(index_t length, index_t i, index_t n) {
 }
 
 FfnShape full_ffn_shape(const MoEConfig& cfg) {
-  return FfnShape{cfg.num_experts, cfg.model_dim,    cfg.hidden_size,
-                  cfg.activation,  cfg.has_fc1_bias, cfg.has_fc2_bias,
-                  cfg.dtype,       cfg.device,       0,
-                  cfg.output_dim};
+  FfnShape s{cfg.num_experts, cfg.model_dim,    cfg.hidden_size,
+             cfg.activation,  cfg.has_fc1_bias, cfg.has_fc2_bias,
+             cfg.dtype,       cfg.device,       0,
+             cfg.output_dim};
+  s.initialise = cfg.init_parameters;
+  return s;
 }
 
 bool same_region(const ExpertRegion& a, const ExpertRegion& b) {

@@ -34,8 +34,10 @@ std::string shape_str(const Shape& s) {
 
 FfnShape ffn_shape(const MoEConfig& cfg, index_t num_experts, index_t hidden,
                    index_t first_expert = 0) {
-  return FfnShape{num_experts,      cfg.model_dim, hidden,     cfg.activation, cfg.has_fc1_bias,
-                  cfg.has_fc2_bias, cfg.dtype,     cfg.device, first_expert,   cfg.output_dim};
+  FfnShape s{num_experts,      cfg.model_dim, hidden,     cfg.activation, cfg.has_fc1_bias,
+             cfg.has_fc2_bias, cfg.dtype,     cfg.device, first_expert,   cfg.output_dim};
+  s.initialise = cfg.init_parameters;
+  return s;
 }
 
 // The capacity a packed dropless plan reports: the largest count, aligned as the CPU router does

@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <algorithm>
+
 #include "layer/layer_test_util.h"
 
 namespace sy_test {
@@ -149,6 +151,30 @@ TEST(MoELayerCpu, UseTensorcoreChangesNothingOnTheCpu) {
   cfg.use_tensorcore = true;
   MoELayer tf32(cfg);
   expect_bitwise_equal(step(fp32, x, dy), step(tf32, x, dy));
+}
+
+// init_parameters false leaves the experts' parameters zero (a caller sets them); copying a
+// drawn layer's values in gives the drawn layer's results. The gate is drawn either way.
+TEST(MoELayerCpu, ExpertsLeftUndrawnTakeTheCallersValues) {
+  MoEConfig cfg = small_config();
+  cfg.shared_expert_hidden = 3;
+  const auto [x, dy] = inputs(cfg, 41, 36);
+  MoELayer drawn(cfg);
+  cfg.init_parameters = false;
+  MoELayer undrawn(cfg);
+  const std::vector<Parameter*> from = drawn.parameters(), to = undrawn.parameters();
+  ASSERT_EQ(from.size(), to.size());
+  for (std::size_t i = 0; i < to.size(); ++i) {
+    ASSERT_EQ(from[i]->name, to[i]->name);
+    const std::vector<double> v = to[i]->value.to_vector();
+    const bool zero = std::all_of(v.begin(), v.end(), [](double e) { return e == 0.0; });
+    if (to[i]->name.rfind("gate.", 0) == 0 || to[i]->name.find("wg.") != std::string::npos)
+      EXPECT_EQ(v, from[i]->value.to_vector()) << to[i]->name;
+    else
+      EXPECT_TRUE(zero) << to[i]->name << " was drawn";
+    to[i]->value.copy_from(from[i]->value);
+  }
+  expect_bitwise_equal(step(drawn, x, dy), step(undrawn, x, dy));
 }
 
 TEST(MoELayerCpu, ThreadCountDoesNotChangeResults) {

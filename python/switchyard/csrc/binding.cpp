@@ -322,6 +322,7 @@ sy::MoEConfig config_from_dict(py::dict in) {
   c.top_k = take<int>(d, "top_k", c.top_k);
   c.dtype = sy::parse_dtype(take<std::string>(d, "dtype", sy::dtype_name(c.dtype)));
   c.seed = take<uint64_t>(d, "seed", c.seed);
+  c.init_parameters = take<bool>(d, "init_parameters", c.init_parameters);
   c.use_tensorcore = take<bool>(d, "use_tensorcore", c.use_tensorcore);
   c.rules = sy::parse_rule_set(take<std::string>(d, "rules", sy::to_string(c.rules)));
   c.gate = sy::parse_gate_type(take<std::string>(d, "gate", sy::to_string(c.gate)));
