@@ -381,21 +381,21 @@ class _Engine:
             vals.append(p.detach().to(dtype).contiguous())
         return vals
 
-    def forward(self, x, params, cf, k, training, owner, adaptive_r=None):
+    def forward(self, x, params, cf, k, training, owner, adaptive_r=None, host_stats=True):
         y, aux, z, stats = self.layer.forward(x, self.cpp_values(params), cf, k, training,
-                                              adaptive_r)
+                                              adaptive_r, host_stats)
         if training:
             self.owner = owner
-        self.last_stats = stats
+        self.last_stats = dict(stats, tokens=int(x.shape[0]))
         return y, aux, z, stats
 
 
 class _Call:
     """What one forward needs again in backward."""
 
-    def __init__(self, engine, cf, k, training, can_recompute, adaptive_r=None):
+    def __init__(self, engine, cf, k, training, can_recompute, adaptive_r=None, host_stats=True):
         self.engine, self.cf, self.k, self.training = engine, cf, k, training
-        self.adaptive_r = adaptive_r
+        self.adaptive_r, self.host_stats = adaptive_r, host_stats
         self.can_recompute = can_recompute
         self.token = object()
 
@@ -407,12 +407,11 @@ class _MoEFunction(torch.autograd.Function):
     def forward(ctx, call, num_cpp, x, *params):
         eng = call.engine
         y, aux, z, stats = eng.forward(x, params[:num_cpp], call.cf, call.k, call.training,
-                                       call.token, call.adaptive_r)
+                                       call.token, call.adaptive_r, call.host_stats)
         ctx.call, ctx.num_cpp, ctx.stats = call, num_cpp, stats
         ctx.save_for_backward(x, *params)
         rd = eng.routing_dtype
-        return (y, torch.tensor(aux, dtype=rd, device=x.device),
-                torch.tensor(z, dtype=rd, device=x.device))
+        return y, aux.to(rd), z.to(rd)
 
     @staticmethod
     def backward(ctx, dy, daux, dz):
@@ -435,7 +434,8 @@ class _MoEFunction(torch.autograd.Function):
                     "a later forward of the same layer, needs to recompute the forward, which is "
                     "not reproducible with gate_noise, input_jitter or expert_bias; run backward "
                     "before the next forward")
-            eng.forward(x, cpp_params, call.cf, call.k, True, call.token, call.adaptive_r)
+            eng.forward(x, cpp_params, call.cf, call.k, True, call.token, call.adaptive_r,
+                        call.host_stats)
         vals = eng.cpp_values(cpp_params)
         dx, grads = eng.layer.backward(dy.contiguous(), vals, float(daux), float(dz))
         eng.owner = None
@@ -492,7 +492,7 @@ class MOELayer(nn.Module):
                  expert_bias=False, num_groups=0, topk_groups=0, sinkhorn=False,
                  sinkhorn_max_iters=100, sinkhorn_tol=1e-4, input_jitter=0.0,
                  drop_policy="probs", layout="auto", aux_loss=None, seq_len=0,
-                 shared_expert_hidden=0, **kwargs):
+                 shared_expert_hidden=0, host_stats=False, **kwargs):
         super().__init__()
         if "pad_samples" in kwargs:
             logging.warning("moe_layer: `pad_samples` is deprecated in Tutel and has no effect")
@@ -607,6 +607,10 @@ class MOELayer(nn.Module):
         self._engines = {}
         self.l_aux = None
         self.l_z = None
+        self._routing_stats = None
+        # CUDA: read the routing statistics and losses back, and check the logits for NaN/Inf,
+        # in every forward (a host sync); else they stay on the device (the CPU always reads).
+        self.host_stats = bool(host_stats)
         # Build the C++ layer of every gate now, so a bad option fails here, not at forward;
         # except over an NCCL group, which cannot run the CPU layer's collectives (the
         # parameters are still on the CPU): there the first CUDA forward builds it.
@@ -911,14 +915,15 @@ class MOELayer(nn.Module):
             # An evaluation forward keeps no state for backward in the C++ layer; without
             # training-only behaviour a training forward computes the same numbers.
             training = self.training or not training_only
-            call = _Call(eng, cf, k, training, can_recompute=not stochastic)
+            call = _Call(eng, cf, k, training, can_recompute=not stochastic,
+                         host_stats=self.host_stats)
             y, l_aux, l_z = _MoEFunction.apply(call, len(cpp_params), x, *cpp_params,
                                                *py_params)
         else:
             with torch.no_grad():
-                y, aux, z, _ = eng.forward(x, cpp_params, cf, k, self.training, object())
-            l_aux = torch.tensor(aux, dtype=eng.routing_dtype, device=device)
-            l_z = torch.tensor(z, dtype=eng.routing_dtype, device=device)
+                y, aux, z, _ = eng.forward(x, cpp_params, cf, k, self.training, object(),
+                                           host_stats=self.host_stats)
+            l_aux, l_z = aux.to(eng.routing_dtype), z.to(eng.routing_dtype)
 
         out_dim = cfg["output_dim"] or self.model_dim
         y = y.view(list(original_shape[:-reserve_dims]) +
@@ -926,8 +931,29 @@ class MOELayer(nn.Module):
         y = y.to(original_dtype)
         self.l_aux = y.l_aux = l_aux
         self.l_z = y.l_z = l_z
-        self.routing_stats = eng.last_stats  # tokens per expert, drops, capacity, layout
+        self._routing_stats = eng.last_stats  # read to the host when asked for
         return self.result_func(y) if self.result_func is not None else y
+
+    @property
+    def routing_stats(self):
+        """The last call's routing: tokens_per_expert (kept rows per expert), dropped_choices,
+        capacity, num_rows, top_k, layout. The counts are read from the layer's device on first
+        access (a sync on CUDA); capacity is None where the call did not need it on the host (a
+        dropless packed call on CUDA without host_stats)."""
+        s = self._routing_stats
+        if s is not None and isinstance(s["tokens_per_expert"], torch.Tensor):
+            counts = [int(c) for c in s["tokens_per_expert"].tolist()]
+            kept = sum(counts)
+            s = dict(s, tokens_per_expert=counts)
+            if s["dropped_choices"] < 0:
+                s["dropped_choices"] = s["tokens"] * s["top_k"] - kept
+            if s["num_rows"] < 0:
+                s["num_rows"] = kept  # packed: the kept rows
+            if s["capacity"] < 0:
+                s["capacity"] = None
+            del s["tokens"]
+            self._routing_stats = s
+        return s
 
 
 moe_layer = MOELayer

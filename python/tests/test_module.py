@@ -504,6 +504,24 @@ def test_a_cuda_layer_needs_a_cuda_build():
 
 
 @needs_cuda
+def test_host_stats_on_cuda():
+    # Without host_stats (the default) a CUDA forward leaves the statistics and losses on the
+    # device and reports NaN/Inf logits at the next forward that reads them back.
+    layer = small().cuda()
+    assert not layer.host_stats
+    y = layer(torch.randn(16, D, device="cuda"))
+    assert y.l_aux.device.type == "cuda" and torch.isfinite(y.l_aux)
+    s = layer.routing_stats
+    assert sum(s["tokens_per_expert"]) + s["dropped_choices"] == 16 * 2
+    layer(torch.full((3, D), float("nan"), device="cuda"))  # not read back: no error yet
+    layer.host_stats = True
+    with pytest.raises(switchyard.Error, match="NaN|finite|Inf"):
+        layer(torch.randn(3, D, device="cuda"))
+    assert layer(torch.randn(3, D, device="cuda")).shape == (3, D)  # still usable
+    assert isinstance(layer.routing_stats["capacity"], int)
+
+
+@needs_cuda
 def test_zero_copy_crossing_on_cuda():
     t = torch.randn(5, 7, dtype=torch.float64, device="cuda")
     ptr, sizes, strides, dtype = _C._view_info(t)

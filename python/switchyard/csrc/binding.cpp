@@ -420,10 +420,13 @@ class Layer {
   }
 
   // Returns (y, l_aux, l_z, stats). `params` in the order of param_names(), each contiguous with
-  // the shape and dtype of param_shapes()/param_dtypes().
+  // the shape and dtype of param_shapes()/param_dtypes(). l_aux and l_z are 0-dim f64 tensors and
+  // stats["tokens_per_expert"] an [E] i64 tensor, all on the layer's device; with host_stats
+  // false a CUDA forward makes no host sync, and the statistics the host does not know without
+  // one are -1 (ForwardOptions::host_stats).
   py::tuple forward(const at::Tensor& x, const std::vector<at::Tensor>& params,
                     std::optional<double> capacity_factor, std::optional<int> top_k, bool training,
-                    std::optional<int> adaptive_r) {
+                    std::optional<int> adaptive_r, bool host_stats) {
     TorchStreamScope scope(device_);
     point_values(params);
     sy::ForwardOptions opt;
@@ -431,6 +434,7 @@ class Layer {
     opt.top_k = top_k;
     opt.training = training;
     opt.adaptive_r = adaptive_r;  // layers with a communicator only (the C++ layer checks)
+    opt.host_stats = host_stats;
     const sy::Tensor xv = view_of(x, "forward: x");
     sy::ForwardResult r;
     {
@@ -438,13 +442,13 @@ class Layer {
       r = layer_->forward(xv, opt);
     }
     py::dict stats;
-    stats["tokens_per_expert"] = r.stats.tokens_per_expert;
+    stats["tokens_per_expert"] = torch_of(r.tokens_per_expert);
     stats["dropped_choices"] = r.stats.dropped_choices;
     stats["capacity"] = r.stats.capacity;
     stats["num_rows"] = r.stats.num_rows;
     stats["top_k"] = r.stats.top_k;
     stats["layout"] = std::string(sy::to_string(r.stats.layout));
-    return py::make_tuple(torch_of(r.y), r.losses.aux, r.losses.z, stats);
+    return py::make_tuple(torch_of(r.y), torch_of(r.aux_loss), torch_of(r.z_loss), stats);
   }
 
   // Returns (dx, [grad of each parameter]): the gradient of sum(y * dy) + aux * l_aux + z * l_z
@@ -578,7 +582,8 @@ PYBIND11_MODULE(_C, m) {
       .def("param_dtypes", &Layer::param_dtypes)
       .def("forward", &Layer::forward, py::arg("x"), py::arg("params"),
            py::arg("capacity_factor") = py::none(), py::arg("top_k") = py::none(),
-           py::arg("training") = true, py::arg("adaptive_r") = py::none())
+           py::arg("training") = true, py::arg("adaptive_r") = py::none(),
+           py::arg("host_stats") = true)
       .def("backward", &Layer::backward, py::arg("dy"), py::arg("params"), py::arg("aux") = 0.0,
            py::arg("z") = 0.0)
       .def("update_expert_bias", &Layer::update_expert_bias, py::arg("rate") = 1e-3)
