@@ -10,6 +10,7 @@
 #include "switchyard/device.h"
 #include "switchyard/dtype.h"
 #include "switchyard/index.h"
+#include "switchyard/tensor.h"
 
 namespace switchyard {
 
@@ -142,6 +143,11 @@ struct ForwardOptions {
 struct LossWeights {
   double aux = 0.0;
   double z = 0.0;
+  // Or 1-element floating tensors on the layer's device holding aux and z (each replaces its
+  // double when defined): a CUDA backward then reads them on the device, with no host sync (the
+  // PyTorch binding passes autograd's gradients of l_aux and l_z this way). They are not checked
+  // for NaN/Inf there, as the doubles are.
+  Tensor aux_tensor, z_tensor;
 };
 
 }  // namespace switchyard

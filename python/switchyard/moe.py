@@ -437,7 +437,10 @@ class _MoEFunction(torch.autograd.Function):
             eng.forward(x, cpp_params, call.cf, call.k, True, call.token, call.adaptive_r,
                         call.host_stats)
         vals = eng.cpp_values(cpp_params)
-        dx, grads = eng.layer.backward(dy.contiguous(), vals, float(daux), float(dz))
+        # The losses' weights stay on the device (no host sync); None: that loss is unused.
+        dx, grads = eng.layer.backward(dy.contiguous(), vals,
+                                       None if daux is None else daux.detach(),
+                                       None if dz is None else dz.detach())
         eng.owner = None
         out = [dx.to(x.dtype)]
         for p, g in zip(cpp_params, grads):

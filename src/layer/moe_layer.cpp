@@ -339,8 +339,22 @@ Tensor MoELayer::backward(const Tensor& dy_in, const LossWeights& weights) {
            ", the layer on ", to_string(cfg.device));
   SY_CHECK(is_floating(dy_in.dtype()), "backward: dy must be floating, got ",
            dtype_name(dy_in.dtype()));
-  SY_CHECK(std::isfinite(weights.aux) && std::isfinite(weights.z),
-           "backward: loss weights must be finite, got aux=", weights.aux, ", z=", weights.z);
+  // Weights held in tensors: read where this backward routes on the host anyway (the CPU, or a
+  // plan routed on the host), else handed to the CUDA router as they are (no host sync).
+  LossWeights lw = weights;
+  for (Tensor* t : {&lw.aux_tensor, &lw.z_tensor}) {
+    if (!t->defined()) continue;
+    SY_CHECK(t->numel() == 1 && is_floating(t->dtype()) && t->device() == cfg.device,
+             "backward: a loss weight tensor must hold one floating value on ",
+             to_string(cfg.device), ", got ", shape_str(t->sizes()), " ", dtype_name(t->dtype()),
+             " on ", to_string(t->device()));
+    if (m.routed_on_host || cfg.device.is_cpu()) {
+      (t == &lw.aux_tensor ? lw.aux : lw.z) = t->to_vector()[0];
+      *t = Tensor();
+    }
+  }
+  SY_CHECK(std::isfinite(lw.aux) && std::isfinite(lw.z),
+           "backward: loss weights must be finite, got aux=", lw.aux, ", z=", lw.z);
   const Tf32Scope tf32(cfg.use_tensorcore);  // the gate opts out below
   const index_t T = m.x.size(0);
   const Tensor dy = dy_in.reshape({T, cfg.out_dim()}).to(cfg.dtype).contiguous();
@@ -366,11 +380,11 @@ Tensor MoELayer::backward(const Tensor& dy_in, const LossWeights& weights) {
   Tensor dlogits;
   if (m.routed_on_host) {
     dlogits = route_backward_cpu(cfg, dev.is_cpu() ? m.plan : m.host_plan, m.router,
-                                 dweight.to(Device::cpu()), weights)
+                                 dweight.to(Device::cpu()), lw)
                   .to(dev);
   } else {
 #ifdef SY_WITH_CUDA
-    dlogits = route_backward_cuda(cfg, m.plan, m.router, dweight, weights);
+    dlogits = route_backward_cuda(cfg, m.plan, m.router, dweight, lw);
 #endif
   }
   const Tensor dx_gate = [&] {

@@ -6,11 +6,10 @@
 // packed and dropless (capacity_factor 0): the row count is known on the host. The capacity of
 // capacity_factor < 0, or 0 with the padded layout, is the largest per-expert count, and a packed
 // layout with drops has as many rows as choices kept: each is read back (one sync).
-#include <cub/device/device_radix_sort.cuh>
-
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cub/device/device_radix_sort.cuh>
 #include <limits>
 
 #include "core/cuda_check.cuh"
@@ -244,8 +243,8 @@ __global__ void route_rows(RouteParams p, const A* __restrict__ z, A* __restrict
 // into part[p, s, e]; then the chunks' partials add up in order.
 constexpr int kSumRows = 8;
 template <class A>
-__global__ void column_sums_part(const A* __restrict__ x, index_t E, index_t seg_len,
-                                 index_t chunk, double* __restrict__ part) {
+__global__ void column_sums_part(const A* __restrict__ x, index_t E, index_t seg_len, index_t chunk,
+                                 double* __restrict__ part) {
   __shared__ double acc_y[kSumRows][kWarp + 1];
   const index_t e = static_cast<index_t>(blockIdx.x) * kWarp + threadIdx.x;
   const index_t s = blockIdx.y, p = blockIdx.z;
@@ -302,9 +301,10 @@ __global__ void count_choices(const std::int32_t* __restrict__ idx, index_t n, i
 }
 
 // aux = scale * sum_{s,e} mass[s,e] * count[s,e]; z = sum_t zsq[t] / T.
-__global__ void finish_losses(const double* __restrict__ mass, const std::int32_t* __restrict__ count,
-                              index_t n, double scale, const double* __restrict__ zsq, index_t T,
-                              double* __restrict__ aux, double* __restrict__ z) {
+__global__ void finish_losses(const double* __restrict__ mass,
+                              const std::int32_t* __restrict__ count, index_t n, double scale,
+                              const double* __restrict__ zsq, index_t T, double* __restrict__ aux,
+                              double* __restrict__ z) {
   __shared__ double prod[kBlockSumThreads];
   double acc = 0;
   if (mass)
@@ -360,10 +360,11 @@ __global__ void scan_counts(const std::int32_t* __restrict__ needed, index_t E, 
 }
 
 // Sorted position i of expert e is slot i - start[e]; slots below the capacity get a row.
-__global__ void assign_rows(const std::int32_t* __restrict__ key, const std::int32_t* __restrict__ choice,
-                            index_t n, const index_t* __restrict__ start,
-                            const index_t* __restrict__ offsets, index_t capacity,
-                            index_t* __restrict__ row, index_t* __restrict__ row_choice) {
+__global__ void assign_rows(const std::int32_t* __restrict__ key,
+                            const std::int32_t* __restrict__ choice, index_t n,
+                            const index_t* __restrict__ start, const index_t* __restrict__ offsets,
+                            index_t capacity, index_t* __restrict__ row,
+                            index_t* __restrict__ row_choice) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
     const int e = key[i];
@@ -383,21 +384,18 @@ template <class K, class V>
 void stable_sort_pairs(const K* key_in, K* key_out, const V* val_in, V* val_out, index_t n,
                        int end_bit, bool descending, Device dev, cudaStream_t stream) {
   const auto sort = [&](void* temp, std::size_t& bytes) {
-    return descending ? cub::DeviceRadixSort::SortPairsDescending(temp, bytes, key_in, key_out,
-                                                                  val_in, val_out,
-                                                                  static_cast<int>(n), 0,
-                                                                  static_cast<int>(sizeof(K) * 8),
-                                                                  stream)
-                      : cub::DeviceRadixSort::SortPairs(temp, bytes, key_in, key_out, val_in,
-                                                        val_out, static_cast<int>(n), 0, end_bit,
-                                                        stream);
+    return descending
+               ? cub::DeviceRadixSort::SortPairsDescending(temp, bytes, key_in, key_out, val_in,
+                                                           val_out, static_cast<int>(n), 0,
+                                                           static_cast<int>(sizeof(K) * 8), stream)
+               : cub::DeviceRadixSort::SortPairs(temp, bytes, key_in, key_out, val_in, val_out,
+                                                 static_cast<int>(n), 0, end_bit, stream);
   };
   std::size_t bytes = 0;
   SY_CUDA_CHECK(sort(nullptr, bytes));
   const Tensor temp = Tensor::empty({static_cast<index_t>(bytes / 4) + 1}, DType::kI32, dev);
   SY_CUDA_CHECK(sort(temp.data_ptr(), bytes));
 }
-
 
 int bits_for(index_t v) {
   int b = 1;
@@ -421,6 +419,10 @@ struct BackwardParams {
   bool switch_softmax;
   index_t seq_len;
   double z_weight;  // z weight * 2 / T (0: no z-loss term)
+  // Device-held loss weights (LossWeights' tensors, as f64): the weights above then hold their
+  // scales for a weight of 1, and these multiply them.
+  const double* aux_weight = nullptr;
+  const double* z_weight_on_device = nullptr;
 };
 
 // dlogits of one token per warp: the weights' gradient through the gates and the score
@@ -442,8 +444,11 @@ __global__ void route_backward_rows(BackwardParams p, const A* __restrict__ dwei
   const A* pt = probs + offset_of(t, p.E);
   const A* zt = z + offset_of(t, p.E);
   A* dzt = dz + offset_of(t, p.E);
+  const double aux_w = p.aux_weight ? *p.aux_weight : 1.0;
+  const double gshard_w = p.gshard_weight * aux_w, switch_w = p.switch_weight * aux_w;
+  const double z_w = p.z_weight * (p.z_weight_on_device ? *p.z_weight_on_device : 1.0);
   for (int e = lane; e < E; e += kWarp) {
-    dp[e] = p.gshard_weight != 0 ? static_cast<A>(p.gshard_weight * loss_count[e]) : A(0);
+    dp[e] = p.gshard_weight != 0 ? static_cast<A>(gshard_w * loss_count[e]) : A(0);
     dsparse[e] = 0;
   }
   __syncwarp();
@@ -497,7 +502,7 @@ __global__ void route_backward_rows(BackwardParams p, const A* __restrict__ dwei
     }
     for (int e = lane; e < E; e += kWarp) {
       const A prob = p.switch_softmax ? exp(zt[e] - mc) / sc : A(1) / (A(1) + exp(-zt[e])) / ssig;
-      sw_dot += prob * static_cast<A>(p.switch_weight * count[e]);
+      sw_dot += prob * static_cast<A>(switch_w * count[e]);
     }
     sw_dot = warp_sum(sw_dot);
   }
@@ -506,7 +511,7 @@ __global__ void route_backward_rows(BackwardParams p, const A* __restrict__ dwei
     A g = p.softmax ? pt[e] * (dp[e] - dot) : dp[e] * pt[e] * (A(1) - pt[e]);
     g += dsparse[e];
     if (p.switch_weight != 0) {
-      const A gp = static_cast<A>(p.switch_weight * count[e]);
+      const A gp = static_cast<A>(switch_w * count[e]);
       if (p.switch_softmax) {
         g += exp(zt[e] - mc) / sc * (gp - sw_dot);
       } else {
@@ -514,7 +519,7 @@ __global__ void route_backward_rows(BackwardParams p, const A* __restrict__ dwei
         g += (gp - sw_dot) / ssig * sig * (A(1) - sig);
       }
     }
-    if (p.z_weight != 0) g += static_cast<A>(p.z_weight) * lse * exp(zt[e] - mc) / sc;
+    if (p.z_weight != 0) g += static_cast<A>(z_w) * lse * exp(zt[e] - mc) / sc;
     dzt[e] = g;
   }
 }
@@ -535,8 +540,8 @@ void dispatch_route_dtype(DType dtype, const char* op, F&& f) {
 
 bool route_cuda_supports(const MoEConfig& cfg, const RouteArgs& args, index_t num_tokens) {
   const std::size_t per_warp = cfg.num_experts * (2 * sizeof(double) + 1);
-  return !cfg.sinkhorn && cfg.aux_loss != AuxLoss::kLoadImportance &&
-         !args.max_needed_over_ranks && !args.sum_over_ranks &&
+  return !cfg.sinkhorn && cfg.aux_loss != AuxLoss::kLoadImportance && !args.max_needed_over_ranks &&
+         !args.sum_over_ranks &&
          !(cfg.rules == RuleSet::kMegatron && cfg.drop_policy == DropPolicy::kProbs &&
            args.capacity_factor != 0) &&
          per_warp <= 48 * 1024 && num_tokens > 0 &&
@@ -555,8 +560,8 @@ RoutingPlan route_cuda(const MoEConfig& cfg, const RouteArgs& args, const Tensor
   const Tensor logits = logits_in.contiguous();
   const WeightRule rule = weight_rule(cfg);
   const bool noise = args.training && cfg.gate_noise > 0;
-  const bool switch_loss = cfg.aux_loss == AuxLoss::kSwitch ||
-                           cfg.aux_loss == AuxLoss::kSwitchSequence;
+  const bool switch_loss =
+      cfg.aux_loss == AuxLoss::kSwitch || cfg.aux_loss == AuxLoss::kSwitchSequence;
   const bool prioritized = cfg.rules == RuleSet::kTutel && cfg.batch_prioritized_routing;
   const index_t L = switch_loss ? switch_seq_len(cfg, T) : T;
 
@@ -597,8 +602,9 @@ RoutingPlan route_cuda(const MoEConfig& cfg, const RouteArgs& args, const Tensor
   p.switch_loss = switch_loss;
   p.switch_softmax = cfg.score_fn == ScoreFn::kSoftmax;
   p.seq_len = L;
-  if (p.bias) SY_CHECK(args.expert_bias->device() == dev, "route_cuda: expert_bias must be on ",
-                       to_string(dev));
+  if (p.bias)
+    SY_CHECK(args.expert_bias->device() == dev, "route_cuda: expert_bias must be on ",
+             to_string(dev));
 
   dispatch_route_dtype(rd, "route_cuda", [&](auto tag) {
     using A = decltype(tag);
@@ -621,7 +627,7 @@ RoutingPlan route_cuda(const MoEConfig& cfg, const RouteArgs& args, const Tensor
   double aux_scale = 0;
   if (cfg.aux_loss == AuxLoss::kGShard) {
     count_choices<<<blocks_for(T), 256, 0, stream>>>(plan.expert_idx.data<std::int32_t>(), T, k,
-                                                      loss_count.data<std::int32_t>());
+                                                     loss_count.data<std::int32_t>());
     SY_CUDA_CHECK_LAUNCH();
     mass = Tensor::empty({1, E}, DType::kF64, dev);
     launch_column_sums(probs, T, mass, stream);
@@ -648,12 +654,12 @@ RoutingPlan route_cuda(const MoEConfig& cfg, const RouteArgs& args, const Tensor
     const Tensor sorted_priority = Tensor::empty({T}, rd, dev);
     dispatch_route_dtype(rd, "route_cuda", [&](auto tag) {
       using A = decltype(tag);
-      stable_sort_pairs(priority.data<A>(), sorted_priority.data<A>(),
-                        tokens.data<std::int32_t>(), order.data<std::int32_t>(), T, 0, true, dev,
-                        stream);
+      stable_sort_pairs(priority.data<A>(), sorted_priority.data<A>(), tokens.data<std::int32_t>(),
+                        order.data<std::int32_t>(), T, 0, true, dev, stream);
     });
   }
-  const Tensor key = Tensor::empty({n}, DType::kI32, dev), choice = Tensor::empty({n}, DType::kI32, dev);
+  const Tensor key = Tensor::empty({n}, DType::kI32, dev),
+               choice = Tensor::empty({n}, DType::kI32, dev);
   order_choices<<<blocks_for(n), 256, 0, stream>>>(
       plan.expert_idx.data<std::int32_t>(), order.defined() ? order.data<std::int32_t>() : nullptr,
       T, k, cfg.rules == RuleSet::kTutel, key.data<std::int32_t>(), choice.data<std::int32_t>());
@@ -665,7 +671,7 @@ RoutingPlan route_cuda(const MoEConfig& cfg, const RouteArgs& args, const Tensor
                     bits_for(E - 1), false, dev, stream);
   const Tensor needed = Tensor::zeros({E}, DType::kI32, dev);
   count_choices<<<blocks_for(n), 256, 0, stream>>>(plan.expert_idx.data<std::int32_t>(), n, 1,
-                                                    needed.data<std::int32_t>());
+                                                   needed.data<std::int32_t>());
   SY_CUDA_CHECK_LAUNCH();
 
   // Capacity: from the token count, or (one sync) from the largest per-expert count.
@@ -704,10 +710,11 @@ RoutingPlan route_cuda(const MoEConfig& cfg, const RouteArgs& args, const Tensor
   plan.row_choice = Tensor::empty({plan.num_rows}, DType::kI64, dev);
   if (plan.num_rows > 0)
     SY_CUDA_CHECK(cudaMemsetAsync(plan.row_choice.data_ptr(), 0xff,
-                                  static_cast<std::size_t>(plan.num_rows) * sizeof(index_t), stream));
+                                  static_cast<std::size_t>(plan.num_rows) * sizeof(index_t),
+                                  stream));
   assign_rows<<<blocks_for(n), 256, 0, stream>>>(
-      sorted_key.data<std::int32_t>(), sorted_choice.data<std::int32_t>(), n,
-      start.data<index_t>(), plan.offsets.data<index_t>(), capacity, plan.row.data<index_t>(),
+      sorted_key.data<std::int32_t>(), sorted_choice.data<std::int32_t>(), n, start.data<index_t>(),
+      plan.offsets.data<index_t>(), capacity, plan.row.data<index_t>(),
       plan.row_choice.data<index_t>());
   SY_CUDA_CHECK_LAUNCH();
 
@@ -726,8 +733,8 @@ Tensor route_backward_cuda(const MoEConfig& cfg, const RoutingPlan& plan, const 
   const Tensor dweight = dweight_in.contiguous();
   Tensor dlogits = Tensor::empty({T, E}, rd, dev);
   if (T == 0) return dlogits;
-  const bool switch_loss = cfg.aux_loss == AuxLoss::kSwitch ||
-                           cfg.aux_loss == AuxLoss::kSwitchSequence;
+  const bool switch_loss =
+      cfg.aux_loss == AuxLoss::kSwitch || cfg.aux_loss == AuxLoss::kSwitchSequence;
   const index_t L = switch_loss ? switch_seq_len(cfg, T) : T;
 
   BackwardParams p{};
@@ -739,13 +746,26 @@ Tensor route_backward_cuda(const MoEConfig& cfg, const RoutingPlan& plan, const 
   p.megatron = cfg.rules == RuleSet::kMegatron;
   p.softmax = probs_fn(cfg, st.rule, k) == ScoreFn::kSoftmax;
   p.scale = cfg.scaling_factor;
+  // Device-held weights: the kernel multiplies the scales below (computed for a weight of 1) by
+  // their values, converted to f64 on the device.
+  Tensor aux_w, z_w;
+  const double aux = lw.aux_tensor.defined() ? 1.0 : lw.aux;
+  const double zw = lw.z_tensor.defined() ? 1.0 : lw.z;
+  if (lw.aux_tensor.defined()) {
+    aux_w = lw.aux_tensor.to(DType::kF64).contiguous();
+    p.aux_weight = aux_w.data<double>();
+  }
+  if (lw.z_tensor.defined()) {
+    z_w = lw.z_tensor.to(DType::kF64).contiguous();
+    p.z_weight_on_device = z_w.data<double>();
+  }
   if (cfg.aux_loss == AuxLoss::kGShard)
-    p.gshard_weight = lw.aux * static_cast<double>(E) / (static_cast<double>(T) * T);
+    p.gshard_weight = aux * static_cast<double>(E) / (static_cast<double>(T) * T);
   if (switch_loss)
-    p.switch_weight = lw.aux * static_cast<double>(E) / (static_cast<double>(k) * L * L) / (T / L);
+    p.switch_weight = aux * static_cast<double>(E) / (static_cast<double>(k) * L * L) / (T / L);
   p.switch_softmax = cfg.score_fn == ScoreFn::kSoftmax;
   p.seq_len = L;
-  p.z_weight = lw.z * 2 / static_cast<double>(T);
+  p.z_weight = zw * 2 / static_cast<double>(T);
 
   dispatch_route_dtype(rd, "route_backward_cuda", [&](auto tag) {
     using A = decltype(tag);

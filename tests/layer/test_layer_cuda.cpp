@@ -2,6 +2,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <map>
+#include <string>
 
 #include "reference/compare.h"
 #include "reference/random.h"
@@ -159,8 +161,8 @@ TEST(MoELayerCudaGradients, SetToNoneEqualsZeroedOnBothGemmPaths) {
           ASSERT_TRUE(pu[i]->grad.defined()) << pu[i]->name;
           const std::vector<double> g = pu[i]->grad.to_vector(), want = pz[i]->grad.to_vector();
           for (double v : g) ASSERT_TRUE(std::isfinite(v)) << pu[i]->name;
-          EXPECT_LT(rel_l2(g, want), tol) << pu[i]->name << " " << dtype_name(dt) << " T=" << T
-                                          << " step " << step;
+          EXPECT_LT(rel_l2(g, want), tol)
+              << pu[i]->name << " " << dtype_name(dt) << " T=" << T << " step " << step;
         }
       }
     }
@@ -176,8 +178,7 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"JitterCapped", DType::kF32, -0.5, Activation::kSilu, true, 0, 0.1},
         Case{"PaddedBf16", DType::kBF16, 1.0, Activation::kRelu, true, 0, 0.0},
         Case{"DroplessBf16Swiglu", DType::kBF16, 0.0, Activation::kSwiGLU, true, 32, 0.0},
-        Case{"CosineGateF32", DType::kF32, 1.0, Activation::kRelu, true, 0, 0.0,
-             GateType::kCosine},
+        Case{"CosineGateF32", DType::kF32, 1.0, Activation::kRelu, true, 0, 0.0, GateType::kCosine},
         Case{"CosineGateDroplessBf16", DType::kBF16, 0.0, Activation::kGelu, true, 0, 0.0,
              GateType::kCosine}),
     [](const auto& info) { return std::string(info.param.name); });
@@ -245,6 +246,41 @@ TEST(MoELayerCudaRouting, MegatronAndBatchPrioritizedOptionsMatchTheCpu) {
         EXPECT_EQ(gpu.expert_bias().to_vector(), cpu.expert_bias().to_vector());
       }
     }
+  }
+}
+
+// Loss weights held in device tensors (read by the router's backward kernel, no host sync) give
+// what the same doubles give, for the GShard and Switch losses and the z-loss.
+TEST(MoELayerCudaGradients, LossWeightsOnTheDeviceEqualTheDoubles) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  for (AuxLoss aux : {AuxLoss::kGShard, AuxLoss::kSwitch}) {
+    MoEConfig cfg;
+    cfg.model_dim = 64;
+    cfg.hidden_size = 96;
+    cfg.num_experts = 8;
+    cfg.top_k = 2;
+    cfg.capacity_factor = 0.0;
+    cfg.aux_loss = aux;
+    cfg.device = Device::cuda(0);
+    MoELayer layer(cfg);
+    const Tensor x = Tensor::from_vector(randn(200 * 64, 3), {200, 64}, DType::kF32).to(cfg.device);
+    const Tensor dy =
+        Tensor::from_vector(randn(200 * 64, 4), {200, 64}, DType::kF32).to(cfg.device);
+    layer.forward(x);
+    layer.zero_grad(true);
+    const std::vector<double> want = layer.backward(dy, {.aux = 0.01, .z = 0.001}).to_vector();
+    std::map<std::string, std::vector<double>> want_grads;
+    for (Parameter* p : layer.parameters()) want_grads[p->name] = p->grad.to_vector();
+    ForwardOptions no_sync;
+    no_sync.host_stats = false;
+    layer.forward(x, no_sync);
+    layer.zero_grad(true);
+    LossWeights w;
+    w.aux_tensor = Tensor::from_vector({0.01}, {1}, DType::kF64).to(cfg.device);
+    w.z_tensor = Tensor::from_vector({0.001}, {1}, DType::kF32).to(cfg.device);
+    EXPECT_LT(rel_l2(layer.backward(dy, w).to_vector(), want), 1e-6) << to_string(aux);
+    for (Parameter* p : layer.parameters())
+      EXPECT_LT(rel_l2(p->grad.to_vector(), want_grads.at(p->name)), 1e-6) << p->name;
   }
 }
 

@@ -177,6 +177,30 @@ TEST(MoELayerCpu, ExpertsLeftUndrawnTakeTheCallersValues) {
   expect_bitwise_equal(step(drawn, x, dy), step(undrawn, x, dy));
 }
 
+// Loss weights held in tensors give what the same doubles give; a tensor that is not one
+// floating value on the layer's device is refused.
+TEST(MoELayerCpu, LossWeightsInTensorsEqualTheDoubles) {
+  MoEConfig cfg = small_config();
+  const auto [x, dy] = inputs(cfg, 53, 36);
+  MoELayer layer(cfg);
+  const StepResult want = step(layer, x, dy);  // weights 0.1 and 0.01
+  layer.forward(x);
+  layer.zero_grad();
+  LossWeights w;
+  w.aux_tensor = make_tensor({0.1}, {1}, DType::kF64);
+  w.z_tensor = make_tensor({0.01}, {}, DType::kF64);
+  EXPECT_TRUE(sy_ref::bitwise_equal(layer.backward(dy, w).to_vector(), want.dx));
+  for (Parameter* p : layer.parameters())
+    EXPECT_TRUE(sy_ref::bitwise_equal(p->grad.to_vector(), want.grads.at(p->name))) << p->name;
+  layer.forward(x);
+  LossWeights two;
+  two.aux_tensor = make_tensor({0.1, 0.2}, {2}, DType::kF64);
+  EXPECT_THROW(layer.backward(dy, two), Error);
+  LossWeights integer;
+  integer.z_tensor = Tensor::zeros({1}, DType::kI64);
+  EXPECT_THROW(layer.backward(dy, integer), Error);
+}
+
 TEST(MoELayerCpu, ThreadCountDoesNotChangeResults) {
   MoEConfig cfg = small_config(DType::kF32);
   cfg.model_dim = 32;

@@ -452,19 +452,26 @@ class Layer {
   }
 
   // Returns (dx, [grad of each parameter]): the gradient of sum(y * dy) + aux * l_aux + z * l_z
-  // for the most recent training forward.
-  py::tuple backward(const at::Tensor& dy, const std::vector<at::Tensor>& params, double aux,
-                     double z) {
+  // for the most recent training forward. aux and z: one-element tensors on the layer's device
+  // (autograd's gradients of l_aux and l_z, read there: no host sync), or None for 0.
+  py::tuple backward(const at::Tensor& dy, const std::vector<at::Tensor>& params,
+                     const std::optional<at::Tensor>& aux, const std::optional<at::Tensor>& z) {
     TorchStreamScope scope(device_);
     point_values(params);
     // The gradients start unset: backward creates them (the experts' weight gradients written
     // by their GEMMs, not added to zeros) and torch receives them without a copy.
     release_grads();
     const sy::Tensor dyv = view_of(dy, "backward: dy");
+    // One-element views, alive for the call (view_of does not own the memory).
+    const at::Tensor aux1 = aux ? aux->reshape({1}).contiguous() : at::Tensor();
+    const at::Tensor z1 = z ? z->reshape({1}).contiguous() : at::Tensor();
+    sy::LossWeights weights;
+    if (aux1.defined()) weights.aux_tensor = view_of(aux1, "backward: aux");
+    if (z1.defined()) weights.z_tensor = view_of(z1, "backward: z");
     sy::Tensor dx;
     try {
       py::gil_scoped_release nogil;
-      dx = layer_->backward(dyv, sy::LossWeights{aux, z});
+      dx = layer_->backward(dyv, weights);
     } catch (...) {
       release_grads();
       throw;
@@ -584,8 +591,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("capacity_factor") = py::none(), py::arg("top_k") = py::none(),
            py::arg("training") = true, py::arg("adaptive_r") = py::none(),
            py::arg("host_stats") = true)
-      .def("backward", &Layer::backward, py::arg("dy"), py::arg("params"), py::arg("aux") = 0.0,
-           py::arg("z") = 0.0)
+      .def("backward", &Layer::backward, py::arg("dy"), py::arg("params"),
+           py::arg("aux") = py::none(), py::arg("z") = py::none())
       .def("update_expert_bias", &Layer::update_expert_bias, py::arg("rate") = 1e-3)
       .def("expert_bias", &Layer::expert_bias)
       .def("device", &Layer::device)
