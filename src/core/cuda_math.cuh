@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <initializer_list>
@@ -157,12 +158,11 @@ inline int multiprocessor_count() {
 }
 inline RowBlocks row_blocks(index_t rows, index_t cols, int v) {
   const index_t packs = (cols + v - 1) / v;
-  const unsigned x = static_cast<unsigned>(packs >= 256 ? 256 : (packs + 31) / 32 * 32);
-  const unsigned y = 256 / (x == 0 ? 32 : x);
+  const unsigned x = static_cast<unsigned>(std::clamp<index_t>((packs + 31) / 32 * 32, 32, 256));
+  const unsigned y = 256 / x;
   const index_t groups = (rows + y - 1) / y;
   const index_t fill = static_cast<index_t>(multiprocessor_count()) * (2048 / (x * y));
-  const index_t grid = groups < 1 ? 1 : groups < fill ? groups : fill;
-  return {dim3(x == 0 ? 32 : x, y), static_cast<unsigned>(grid)};
+  return {dim3(x, y), static_cast<unsigned>(std::clamp<index_t>(groups, 1, fill))};
 }
 
 // A row kernel's first row and its stride over rows.
