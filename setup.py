@@ -198,7 +198,7 @@ def extension():
     # CUDA tensors over.
     return CUDAExtension(sources=sources + cuda_sources(),
                          define_macros=macros,
-                         libraries=["cublas"],
+                         libraries=["cublas", "cublasLt"],
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **common)
 
 

@@ -3,7 +3,8 @@
 // GEMMs: one strided-batched cuBLAS GEMM when every expert has the same row count (the padded
 // layout); otherwise, for bf16/f16, the grouped GEMM (experts/grouped_gemm_cuda.cuh), which reads
 // the offsets on the device, unless the experts are coarse (see use_grouped_gemm); otherwise one
-// cuBLAS GEMM per expert.
+// cuBLAS GEMM per expert. The forward GEMMs add the biases (and apply relu) in their epilogues:
+// the grouped kernel's, or cuBLASLt's on the other paths (all dtypes but f64).
 // NOTE: host syncs. None on the grouped path with device offsets (the packed layout's GEMMs
 // of experts that are not coarse): forward and backward then read the offsets on the device. The
 // cuBLAS paths need the offsets on the host: FfnExperts::forward reads device offsets back (a
@@ -226,6 +227,25 @@ void per_expert(const std::vector<index_t>& off, F&& f) {
   for (index_t e = 0; e < E; ++e) f(e, off[e], off[e + 1] - off[e], index_t{1});
 }
 
+// The forward GEMMs off the grouped path, C [n, cols] = A [n, k] · op(B_e) + bias_e, then relu
+// where asked: bias and relu in cuBLASLt's epilogue for f16, bf16 and f32; f64 has neither
+// (its caller's kernels add them). b_e: expert e's [cols, k] (tb) or [k, cols] matrix, batch of
+// them a matrix apart (the padded layout), as are a, c and the [cols] biases.
+template <class T>
+void forward_gemm(cublasHandle_t h, int device, cudaStream_t stream, bool tb, index_t n,
+                  index_t cols, index_t k, const T* a, const T* b_e, T* c, index_t batch,
+                  const T* bias_e, bool relu) {
+  const index_t ldb = tb ? k : cols;
+  if constexpr (std::is_same_v<T, double>) {
+    SY_ASSERT(!bias_e && !relu, "f64 GEMMs have no epilogue");
+    gemm<T>(h, false, tb, n, cols, k, a, k, n * k, b_e, ldb, cols * k, 0.0, c, cols, n * cols,
+            batch);
+  } else {
+    gemm_epilogue<T>(device, stream, false, tb, n, cols, k, a, k, n * k, b_e, ldb, cols * k, c,
+                     cols, n * cols, batch, GemmEpilogue{bias_e, cols, relu});
+  }
+}
+
 bool every_expert_has_rows(const std::vector<index_t>& off) {
   for (std::size_t e = 0; e + 1 < off.size(); ++e)
     if (off[e + 1] <= off[e]) return false;
@@ -271,10 +291,12 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
   const bool grouped = ffn_cuda_grouped(s, R) && (off.empty() || !equal_rows(off));
   SY_ASSERT(grouped || !off.empty(), "ffn_forward_cuda: host offsets needed");
   // relu's derivative reads off its output (act > 0 exactly where the pre-activation is > 0,
-  // both stored in T), so relu experts keep act alone; on the grouped path fc1's epilogue adds
-  // the bias and applies relu, and the pre-activation never exists.
+  // both stored in T), so relu experts keep act alone. The GEMMs' epilogues add the biases and
+  // apply relu (the grouped kernel's, or cuBLASLt's for all but f64), and for relu the
+  // pre-activation never exists.
   const bool relu = !gated && s.activation == Activation::kRelu;
-  const bool fused_act = grouped && relu;
+  const bool epilogues = grouped || s.dtype != DType::kF64;
+  const bool fused_act = epilogues && relu;
   Tensor hpre = fused_act ? Tensor() : Tensor::empty({R, h1}, s.dtype, dev);
   Tensor act = Tensor::empty({R, hid}, s.dtype, dev), y = Tensor::empty({R, o}, s.dtype, dev);
   const Tensor off_dev = offsets.to(dev).contiguous();  // a copy only for host offsets
@@ -299,13 +321,13 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
                            stream, b1, fused_act);
     } else {
       per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {  // h = x · fc1_wᵀ
-        gemm<T>(h, false, true, n, h1, d, xp + offset_of(r0, d), d, n * d,
-                w1 + offset_of(e, h1 * d), d, h1 * d, 0.0, hp + offset_of(r0, h1), h1, n * h1,
-                batch);
+        forward_gemm<T>(h, dev.index, stream, true, n, h1, d, xp + offset_of(r0, d),
+                        w1 + offset_of(e, h1 * d), (fused_act ? ap : hp) + offset_of(r0, h1),
+                        batch, epilogues && b1 ? b1 + offset_of(e, h1) : nullptr, fused_act);
       });
     }
     if (R > 0 && !fused_act) {
-      const T* bias = grouped ? nullptr : b1;  // the grouped epilogue added it
+      const T* bias = epilogues ? nullptr : b1;  // else the GEMM's epilogue added it
       with_pack_width<T>(hid, {hp, ap, bias}, [&](auto v) {
         const RowBlocks rb = row_blocks(R, hid, v());
         bias_activation<T, v()><<<rb.grid, rb.block, 0, stream>>>(
@@ -317,12 +339,12 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
       grouped_varying_m<T>(ap, w2, false, yp, off_dev.data<index_t>(), E, R, o, hid, stream, b2);
     } else {
       per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {  // y = act · fc2_w
-        gemm<T>(h, false, false, n, o, hid, ap + offset_of(r0, hid), hid, n * hid,
-                w2 + offset_of(e, hid * o), o, hid * o, 0.0, yp + offset_of(r0, o), o, n * o,
-                batch);
+        forward_gemm<T>(h, dev.index, stream, false, n, o, hid, ap + offset_of(r0, hid),
+                        w2 + offset_of(e, hid * o), yp + offset_of(r0, o), batch,
+                        epilogues && b2 ? b2 + offset_of(e, o) : nullptr, false);
       });
     }
-    if (b2 && !grouped && R > 0) {
+    if (b2 && !epilogues && R > 0) {
       with_pack_width<T>(o, {yp, b2}, [&](auto v) {
         const RowBlocks rb = row_blocks(R, o, v());
         add_bias<T, v()>

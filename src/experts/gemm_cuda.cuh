@@ -35,6 +35,16 @@ cudaDataType_t cuda_data_type() {
     return CUDA_R_16BF;
 }
 
+template <class T>
+cublasComputeType_t cuda_compute_type() {
+  if constexpr (std::is_same_v<T, double>)
+    return CUBLAS_COMPUTE_64F;
+  else if constexpr (std::is_same_v<T, float>)
+    return tf32_allowed() ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  else
+    return CUBLAS_COMPUTE_32F;
+}
+
 // cuBLAS is column-major, so this computes Cᵀ = op(B)ᵀ op(A)ᵀ.
 template <class T>
 void gemm(cublasHandle_t h, bool ta, bool tb, index_t m, index_t n, index_t k, const T* a,
@@ -43,10 +53,7 @@ void gemm(cublasHandle_t h, bool ta, bool tb, index_t m, index_t n, index_t k, c
   if (m == 0 || n == 0 || batch == 0) return;
   using A = cuda_acc_t<T>;
   const A alpha_v = static_cast<A>(alpha), beta_v = static_cast<A>(beta);
-  cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
-  if constexpr (std::is_same_v<T, double>) compute = CUBLAS_COMPUTE_64F;
-  if constexpr (std::is_same_v<T, float>)
-    if (tf32_allowed()) compute = CUBLAS_COMPUTE_32F_FAST_TF32;
+  const cublasComputeType_t compute = cuda_compute_type<T>();
   auto i32 = [](index_t v) {
     SY_CHECK(v <= 2147483647, "cuBLAS dimension ", v, " exceeds int");
     return static_cast<int>(v);
@@ -56,6 +63,30 @@ void gemm(cublasHandle_t h, bool ta, bool tb, index_t m, index_t n, index_t k, c
       &alpha_v, b, cuda_data_type<T>(), i32(ldb), stride_b, a, cuda_data_type<T>(), i32(lda),
       stride_a, &beta_v, c, cuda_data_type<T>(), i32(ldc), stride_c, i32(batch), compute,
       CUBLAS_GEMM_DEFAULT));
+}
+
+// The batched GEMM of gemm() with beta 0 and an epilogue fused by cuBLASLt: C = op(A) op(B) +
+// bias, then max(0, .) where relu is set, with one pass over C instead of a kernel after the
+// GEMM. bias: [batch, n] rows bias_stride elements apart (nullptr: none), added to every row of
+// the batch's C; the sum is rounded to T once. T: f16, bf16 or f32 (FP32 unless TF32 is allowed).
+struct GemmEpilogue {
+  const void* bias = nullptr;
+  index_t bias_stride = 0;
+  bool relu = false;
+};
+void gemm_epilogue_lt(int device, cudaStream_t stream, bool ta, bool tb, index_t m, index_t n,
+                      index_t k, const void* a, index_t lda, index_t stride_a, const void* b,
+                      index_t ldb, index_t stride_b, void* c, index_t ldc, index_t stride_c,
+                      index_t batch, cudaDataType_t type, cublasComputeType_t compute,
+                      const GemmEpilogue& epilogue);
+template <class T>
+void gemm_epilogue(int device, cudaStream_t stream, bool ta, bool tb, index_t m, index_t n,
+                   index_t k, const T* a, index_t lda, index_t stride_a, const T* b, index_t ldb,
+                   index_t stride_b, T* c, index_t ldc, index_t stride_c, index_t batch,
+                   const GemmEpilogue& epilogue) {
+  static_assert(!std::is_same_v<T, double>, "cuBLASLt's epilogues: f16, bf16 and f32");
+  gemm_epilogue_lt(device, stream, ta, tb, m, n, k, a, lda, stride_a, b, ldb, stride_b, c, ldc,
+                   stride_c, batch, cuda_data_type<T>(), cuda_compute_type<T>(), epilogue);
 }
 
 }  // namespace switchyard
