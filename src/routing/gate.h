@@ -3,8 +3,10 @@
 //   CosineGate: logits = normalize(P x + b) · normalize(S, columns) * exp(min(tau, ln 100)),
 //     P [p, d] ("cosine_projector.weight"), b [p] ("cosine_projector.bias"), S [p, E]
 //     ("sim_matrix", N(0, 0.01)), tau [1] ("temperature", ln(1/init_t)).
-// With fp32_gate the parameters are f32 and x is cast to f32 for the gate. Both run on the CPU and
-// CUDA (the cosine gate's own steps in routing/cosine_ops.h), with no host synchronisation.
+// With fp32_gate the parameters are f32 and x is cast to f32 for the gate (the linear gate of a
+// bf16 x on CUDA computes the same f32 products on bf16 tensor cores: routing/gate_split.h).
+// Both run on the CPU and CUDA (the cosine gate's own steps in routing/cosine_ops.h), with no
+// host synchronisation.
 #pragma once
 
 #include "switchyard/config.h"
@@ -21,7 +23,7 @@ class LinearGate final : public Gate {
 
  private:
   Parameter wg_;
-  Tensor x_;  // gate input in the gate's dtype, saved for backward
+  Tensor x_;  // gate input in the gate's dtype (bf16 for the split gate), saved for backward
   DType x_dtype_ = DType::kF32;
 };
 

@@ -10,6 +10,7 @@
 #include "reference/random.h"
 #include "core/dtype_dispatch.h"
 #include "routing/gate.h"
+#include "routing/gate_split.h"
 
 namespace switchyard {
 namespace {
@@ -62,6 +63,51 @@ TEST(LinearGateCuda, MatchesTheCpuGateForwardAndBackward) {
     EXPECT_LT(rel_l2(cuda.parameters()[0]->grad.to_vector(), cpu.parameters()[0]->grad.to_vector()),
               fp32_gate ? 1e-5 : 1e-2);
   }
+}
+
+// The split gate (bf16 x, f32 weights) against sums in f64: each logit and weight-gradient
+// element within FP32 rounding of its dot product (error over the sum of |products|), dx within
+// bf16 rounding; the same inputs give the same bits twice.
+TEST(LinearGateCuda, SplitGateHasFp32Accuracy) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  const index_t T = 300, d = 2048, E = 64;
+  const Device gpu = Device::cuda(0);
+  const Tensor x = Tensor::from_vector(randn(T * d, 6), {T, d}, DType::kBF16);
+  const Tensor w = Tensor::from_vector(randn(E * d, 7), {E, d}, DType::kF32);
+  const Tensor dl = Tensor::from_vector(randn(T * E, 8), {T, E}, DType::kF32);
+  ASSERT_TRUE(split_gate_applies(x.to(gpu), w.to(gpu)));
+  EXPECT_FALSE(split_gate_applies(x.to(DType::kF32).to(gpu), w.to(gpu)));
+  EXPECT_FALSE(split_gate_applies(x, w));  // the CPU
+  const auto xv = x.to_vector(), wv = w.to_vector(), dlv = dl.to_vector();
+  const auto logits = split_gate_forward_cuda(x.to(gpu), w.to(gpu)).to_vector();
+  EXPECT_EQ(split_gate_forward_cuda(x.to(gpu), w.to(gpu)).to_vector(), logits);
+  Tensor grad = Tensor::zeros({E, d}, DType::kF32, gpu);
+  const auto dx = split_gate_backward_cuda(dl.to(gpu), x.to(gpu), w.to(gpu), grad).to_vector();
+  const auto gv = grad.to_vector();
+  double worst_logit = 0, worst_grad = 0;
+  std::vector<double> dx_ref(T * d, 0.0);
+  for (index_t t = 0; t < T; ++t)
+    for (index_t e = 0; e < E; ++e) {
+      double sum = 0, mag = 0;
+      for (index_t j = 0; j < d; ++j) {
+        sum += xv[t * d + j] * wv[e * d + j];
+        mag += std::abs(xv[t * d + j] * wv[e * d + j]);
+        dx_ref[t * d + j] += dlv[t * E + e] * wv[e * d + j];
+      }
+      worst_logit = std::max(worst_logit, std::abs(logits[t * E + e] - sum) / mag);
+    }
+  for (index_t e = 0; e < E; ++e)
+    for (index_t j = 0; j < d; ++j) {
+      double sum = 0, mag = 0;
+      for (index_t t = 0; t < T; ++t) {
+        sum += dlv[t * E + e] * xv[t * d + j];
+        mag += std::abs(dlv[t * E + e] * xv[t * d + j]);
+      }
+      worst_grad = std::max(worst_grad, std::abs(gv[e * d + j] - sum) / mag);
+    }
+  EXPECT_LT(worst_logit, 1e-5);  // TF32 would be about 5e-4, bf16 4e-3
+  EXPECT_LT(worst_grad, 1e-5);
+  EXPECT_LT(rel_l2(dx, dx_ref), 4e-3);
 }
 
 // The cosine gate with the same parameters on both devices: logits, dx and every parameter's
