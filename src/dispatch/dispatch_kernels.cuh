@@ -1,8 +1,10 @@
-// Dispatch kernels on raw pointers, threads over the columns of a row. encode and decode are row
-// kernels (core/cuda_math.cuh's row_blocks); the backward kernels, which reduce dot products for
-// the weight gradients, run one block per row and reduce in a fixed tree (CUB BlockReduce), so
-// results are bitwise reproducible; no atomics. (As row kernels striding over rows, with a
-// barrier per row, they measured slower: sonic_fine decode_backward 775 vs 640 us under ncu.)
+// Dispatch kernels on raw pointers, threads over the columns of a row, every kernel token by token
+// (a token's k buffer rows next to each other in time, so its row of x or dy is read from DRAM
+// once). encode and decode are row kernels (core/cuda_math.cuh's row_blocks); the backward
+// kernels, which reduce dot products for the weight gradients, run one block per token and
+// reduce in a fixed tree (CUB BlockReduce), so results are bitwise reproducible; no atomics. (As
+// row kernels striding over rows, with a barrier per row, they measured slower: sonic_fine
+// decode_backward 775 vs 640 us under ncu.)
 #pragma once
 
 #include <cub/block/block_reduce.cuh>
@@ -14,27 +16,39 @@ namespace switchyard::kernels {
 
 constexpr int kDispatchThreads = 256;
 
-// buf[r] = x[t] * (prescore ? w[c] : 1) with c = row_choice[r], t = c / k; zeros for padding.
+// buf[row[t,j]] = x[t] * (prescore ? w[t,j] : 1) for every kept choice: token by token, so each
+// row of x is read once for its k copies (by buffer row, x was read once per expert's window of
+// rows, from DRAM again where x outgrows L2). Padding rows: zero_rows.
 template <class T, class A, int V>
-__global__ void encode(const T* __restrict__ x, const index_t* __restrict__ row_choice,
-                       const A* __restrict__ w, T* __restrict__ buf, index_t rows, index_t d, int k,
-                       bool prescore) {
-  for (index_t r = first_row(); r < rows; r += row_stride()) {
-    const index_t c = row_choice[r];
-    T* dst = buf + offset_of(r, d);
-    const A s = c >= 0 && prescore ? w[c] : A(1);
-    const T* src = c >= 0 ? x + offset_of(c / k, d) : nullptr;
+__global__ void encode(const T* __restrict__ x, const index_t* __restrict__ row,
+                       const A* __restrict__ w, T* __restrict__ buf, index_t tokens, index_t d,
+                       int k, bool prescore) {
+  for (index_t t = first_row(); t < tokens; t += row_stride()) {
     for (index_t j = threadIdx.x * V; j < d; j += blockDim.x * V) {
-      Pack<T, V> out;
-      if (src && !prescore) {
-        out = load_pack<V>(src + j);
-      } else {
-        const Pack<T, V> in = src ? load_pack<V>(src + j) : zero_pack<V, T>();
+      const Pack<T, V> in = load_pack<V>(x + offset_of(t, d) + j);
+      for (int c = 0; c < k; ++c) {
+        const index_t r = row[t * k + c];
+        if (r < 0) continue;
+        Pack<T, V> out = in;
+        if (prescore) {
+          const A s = w[t * k + c];
 #pragma unroll
-        for (int i = 0; i < V; ++i) out.v[i] = store<T>(src ? s * load(in.v[i]) : A(0));
+          for (int i = 0; i < V; ++i) out.v[i] = store<T>(s * load(in.v[i]));
+        }
+        store_pack<V>(buf + offset_of(r, d) + j, out);
       }
-      store_pack<V>(dst + j, out);
     }
+  }
+}
+
+// Zeros in the rows r of buf that hold no choice (row_choice[r] < 0: the padded layout's).
+template <class T, int V>
+__global__ void zero_rows(const index_t* __restrict__ row_choice, T* __restrict__ buf,
+                          index_t rows, index_t d) {
+  for (index_t r = first_row(); r < rows; r += row_stride()) {
+    if (row_choice[r] >= 0) continue;
+    for (index_t j = threadIdx.x * V; j < d; j += blockDim.x * V)
+      store_pack<V>(buf + offset_of(r, d) + j, zero_pack<V, T>());
   }
 }
 
@@ -62,41 +76,42 @@ __global__ void decode(const T* __restrict__ buf, const index_t* __restrict__ ro
   }
 }
 
-// dbuf[r] = (postscore ? w[c] : 1) * dy[t]; with postscore dw[c] += dot(dy[t], out[r]).
+// dbuf[row[t,j]] = (postscore ? w[t,j] : 1) * dy[t] for every kept choice, one block per token
+// (dy[t] comes from DRAM once and from L1 for its other choices); with postscore dw[t,j] +=
+// dot(dy[t], out[row[t,j]]). Padding rows: zero_rows.
 template <class T, class A, int V>
 __global__ void decode_backward(const T* __restrict__ dy, const T* __restrict__ out,
-                                const index_t* __restrict__ row_choice, const A* __restrict__ w,
+                                const index_t* __restrict__ row, const A* __restrict__ w,
                                 T* __restrict__ dbuf, A* __restrict__ dw, index_t d, int k,
                                 bool postscore) {
   using Reduce = cub::BlockReduce<A, kDispatchThreads>;
   __shared__ typename Reduce::TempStorage tmp;
-  const index_t r = blockIdx.x;
-  const index_t c = row_choice[r];
-  T* dst = dbuf + offset_of(r, d);
-  if (c < 0) {
-    for (index_t j = threadIdx.x * V; j < d; j += blockDim.x * V)
-      store_pack<V>(dst + j, zero_pack<V, T>());
-    return;
-  }
-  const T* g = dy + offset_of(c / k, d);
-  const T* o = out + offset_of(r, d);
-  const A s = postscore ? w[c] : A(1);
-  A dot = 0;
-  for (index_t j = threadIdx.x * V; j < d; j += blockDim.x * V) {
-    const Pack<T, V> gj = load_pack<V>(g + j);
-    Pack<T, V> res;
+  const index_t t = blockIdx.x;
+  const T* g = dy + offset_of(t, d);
+  for (int c = 0; c < k; ++c) {
+    const index_t r = row[t * k + c];
+    if (r < 0) continue;  // uniform across the block: every thread reads the same r
+    const A s = postscore ? w[t * k + c] : A(1);
+    T* dst = dbuf + offset_of(r, d);
+    const T* o = out + offset_of(r, d);
+    A dot = 0;
+    for (index_t j = threadIdx.x * V; j < d; j += blockDim.x * V) {
+      const Pack<T, V> gj = load_pack<V>(g + j);
+      Pack<T, V> res;
 #pragma unroll
-    for (int i = 0; i < V; ++i) res.v[i] = store<T>(s * load(gj.v[i]));
-    store_pack<V>(dst + j, res);
-    if (postscore) {
-      const Pack<T, V> oj = load_pack<V>(o + j);
+      for (int i = 0; i < V; ++i) res.v[i] = store<T>(s * load(gj.v[i]));
+      store_pack<V>(dst + j, res);
+      if (postscore) {
+        const Pack<T, V> oj = load_pack<V>(o + j);
 #pragma unroll
-      for (int i = 0; i < V; ++i) dot += load(gj.v[i]) * load(oj.v[i]);
+        for (int i = 0; i < V; ++i) dot += load(gj.v[i]) * load(oj.v[i]);
+      }
     }
+    if (!postscore) continue;
+    const A total = Reduce(tmp).Sum(dot);
+    if (threadIdx.x == 0) dw[t * k + c] += total;  // one writer per choice
+    __syncthreads();  // tmp is reused by the next reduction
   }
-  if (!postscore) return;
-  const A total = Reduce(tmp).Sum(dot);
-  if (threadIdx.x == 0) dw[c] += total;  // each choice owns one row: one writer
 }
 
 // dx[t] = sum over kept choices j of (prescore ? w[t,j] : 1) * dbuf[row[t,j]]; with prescore
