@@ -36,7 +36,9 @@ TEST_P(DispatchCuda, MatchesTheCpuBackendForwardAndBackward) {
   const int k = 2;
   const RoutingPlan plan = random_plan(T, E, k, layout, dt, 0.75);  // with drops
   ASSERT_GT(plan.dropped, 0);
-  if (layout == Layout::kPadded) ASSERT_GT(plan.num_rows, T * k - plan.dropped) << "no padding";
+  if (layout == Layout::kPadded) {
+    ASSERT_GT(plan.num_rows, T * k - plan.dropped) << "no padding rows";
+  }
   const RoutingPlan gplan = plan_to_device(plan, Device::cuda(0));
   const Tensor x = Tensor::from_vector(randn(T * d, 2), {T, d}, dt);
   const Tensor out = Tensor::from_vector(randn(plan.num_rows * d, 3), {plan.num_rows, d}, dt);
