@@ -76,12 +76,12 @@ struct LtLayout {
 
 }  // namespace
 
-void gemm_epilogue_lt(int device, cudaStream_t stream, bool ta, bool tb, index_t m, index_t n,
+bool gemm_epilogue_lt(int device, cudaStream_t stream, bool ta, bool tb, index_t m, index_t n,
                       index_t k, const void* a, index_t lda, index_t stride_a, const void* b,
                       index_t ldb, index_t stride_b, void* c, index_t ldc, index_t stride_c,
                       index_t batch, cudaDataType_t type, cublasComputeType_t compute,
                       const GemmEpilogue& ep) {
-  if (m == 0 || n == 0 || batch == 0) return;
+  if (m == 0 || n == 0 || batch == 0) return true;
   SY_CHECK(batch <= 2147483647, "cuBLASLt batch count ", batch, " exceeds int");
   cublasLtHandle_t h = cublaslt_handle(device);
   // Column-major, as gemm(): Cᵀ [n, m] = op(B)ᵀ [n, k] · op(A)ᵀ [k, m], so the bias, one value
@@ -142,15 +142,16 @@ void gemm_epilogue_lt(int device, cudaStream_t stream, bool ta, bool tb, index_t
       for (const auto& [attr, v] : aligns)
         SY_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &v, sizeof(v)));
       int found = 0;
-      SY_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(h, desc.desc, lb.layout, la.layout,
-                                                     lc.layout, lc.layout, pref, 1, &result,
-                                                     &found));
-      SY_CHECK(found > 0, "cuBLASLt has no kernel for a ", n, " x ", m, " x ", k,
-               " GEMM with epilogue ", int(epilogue));
+      const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(
+          h, desc.desc, lb.layout, la.layout, lc.layout, lc.layout, pref, 1, &result, &found);
+      SY_CHECK(st == CUBLAS_STATUS_SUCCESS || st == CUBLAS_STATUS_NOT_SUPPORTED,
+               "cublasLtMatmulAlgoGetHeuristic failed: ", cublasGetStatusString(st));
+      if (st != CUBLAS_STATUS_SUCCESS || found == 0) result.state = CUBLAS_STATUS_NOT_SUPPORTED;
       it = chosen.emplace(key, result).first;
     }
     result = it->second;
   }
+  if (result.state != CUBLAS_STATUS_SUCCESS) return false;
   const Device dev = Device::cuda(device);
   const std::shared_ptr<void> workspace =
       result.workspaceSize > 0 ? allocate(result.workspaceSize, dev) : nullptr;
@@ -158,6 +159,7 @@ void gemm_epilogue_lt(int device, cudaStream_t stream, bool ta, bool tb, index_t
   SY_CUBLAS_CHECK(cublasLtMatmul(h, desc.desc, &alpha, b, lb.layout, a, la.layout, &beta, c,
                                  lc.layout, c, lc.layout, &result.algo, workspace.get(),
                                  result.workspaceSize, stream));
+  return true;
 }
 
 void gemm_cuda(const Tensor& a, bool ta, const Tensor& b, bool tb, Tensor& c, double alpha,

@@ -5,6 +5,7 @@
 
 #include <cublas_v2.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "core/cuda_check.cuh"
@@ -74,19 +75,43 @@ struct GemmEpilogue {
   index_t bias_stride = 0;
   bool relu = false;
 };
-void gemm_epilogue_lt(int device, cudaStream_t stream, bool ta, bool tb, index_t m, index_t n,
+// Returns false, having done nothing, where cuBLASLt has no kernel for the problem.
+bool gemm_epilogue_lt(int device, cudaStream_t stream, bool ta, bool tb, index_t m, index_t n,
                       index_t k, const void* a, index_t lda, index_t stride_a, const void* b,
                       index_t ldb, index_t stride_b, void* c, index_t ldc, index_t stride_c,
                       index_t batch, cudaDataType_t type, cublasComputeType_t compute,
                       const GemmEpilogue& epilogue);
+
+// The epilogue on its own, over C after a plain GEMM (rounded to T twice): the fallback.
+template <class T>
+__global__ void gemm_epilogue_kernel(T* c, index_t m, index_t n, index_t ldc, index_t stride_c,
+                                     index_t batch, GemmEpilogue ep) {
+  const T* bias = static_cast<const T*>(ep.bias);
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < batch * m * n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t b = i / (m * n), r = i % (m * n) / n, j = i % n;
+    T* p = c + b * stride_c + r * ldc + j;
+    auto v = load(*p) + (bias ? load(bias[b * ep.bias_stride + j]) : 0);
+    *p = store<T>(ep.relu && !(v > 0) ? 0 : v);
+  }
+}
+
 template <class T>
 void gemm_epilogue(int device, cudaStream_t stream, bool ta, bool tb, index_t m, index_t n,
                    index_t k, const T* a, index_t lda, index_t stride_a, const T* b, index_t ldb,
                    index_t stride_b, T* c, index_t ldc, index_t stride_c, index_t batch,
                    const GemmEpilogue& epilogue) {
   static_assert(!std::is_same_v<T, double>, "cuBLASLt's epilogues: f16, bf16 and f32");
-  gemm_epilogue_lt(device, stream, ta, tb, m, n, k, a, lda, stride_a, b, ldb, stride_b, c, ldc,
-                   stride_c, batch, cuda_data_type<T>(), cuda_compute_type<T>(), epilogue);
+  if (gemm_epilogue_lt(device, stream, ta, tb, m, n, k, a, lda, stride_a, b, ldb, stride_b, c,
+                       ldc, stride_c, batch, cuda_data_type<T>(), cuda_compute_type<T>(),
+                       epilogue))
+    return;
+  gemm<T>(cublas_handle(device, stream), ta, tb, m, n, k, a, lda, stride_a, b, ldb, stride_b, 0.0,
+          c, ldc, stride_c, batch);
+  const index_t total = batch * m * n;
+  gemm_epilogue_kernel<T><<<std::min(grid_size(total, 256), 65535u * 16), 256, 0, stream>>>(
+      c, m, n, ldc, stride_c, batch, epilogue);
+  SY_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace switchyard
