@@ -30,8 +30,8 @@ void for_types(const Tensor& data, index_t d, std::initializer_list<const void*>
   });
 }
 
-// Zeros in buf's rows that hold no choice: only the padded layout has them (a packed plan's rows
-// are exactly its kept choices).
+// Zeros in decode_backward's rows that hold no choice: only the padded layout has them (a packed
+// plan's rows are exactly its kept choices).
 void zero_padding_rows(const RoutingPlan& plan, Tensor& buf) {
   const index_t R = plan.num_rows, d = buf.size(1);
   if (plan.layout == Layout::kPacked || R == 0 || d == 0) return;
@@ -47,22 +47,20 @@ void zero_padding_rows(const RoutingPlan& plan, Tensor& buf) {
 }  // namespace
 
 Tensor encode_cuda(const RoutingPlan& plan, const Tensor& x, bool prescore) {
-  const index_t R = plan.num_rows, T = plan.num_tokens, d = x.size(1);
+  const index_t R = plan.num_rows, d = x.size(1);
   Tensor buf = Tensor::empty({R, d}, x.dtype(), x.device());
   if (R == 0 || d == 0) return buf;
   DeviceScope scope(x.device().index);
-  if (T > 0)
-    for_types(x, d, {x.data_ptr(), buf.data_ptr()}, "encode", [&](auto t_tag, auto a_tag, auto v) {
-      using T_ = decltype(t_tag);
-      using A = decltype(a_tag);
-      const RowBlocks rb = row_blocks(T, d, v());
-      kernels::encode<T_, A, v()><<<rb.grid, rb.block, 0, stream_of(x)>>>(
-          static_cast<const T_*>(x.data_ptr()), plan.row.data<index_t>(),
-          static_cast<const A*>(plan.weight.data_ptr()), static_cast<T_*>(buf.data_ptr()), T, d,
-          plan.top_k, prescore);
-      SY_CUDA_CHECK_LAUNCH();
-    });
-  zero_padding_rows(plan, buf);
+  for_types(x, d, {x.data_ptr(), buf.data_ptr()}, "encode", [&](auto t_tag, auto a_tag, auto v) {
+    using T = decltype(t_tag);
+    using A = decltype(a_tag);
+    const RowBlocks rb = row_blocks(R, d, v());
+    kernels::encode<T, A, v()><<<rb.grid, rb.block, 0, stream_of(x)>>>(
+        static_cast<const T*>(x.data_ptr()), plan.row_choice.data<index_t>(),
+        static_cast<const A*>(plan.weight.data_ptr()), static_cast<T*>(buf.data_ptr()), R, d,
+        plan.top_k, prescore);
+    SY_CUDA_CHECK_LAUNCH();
+  });
   return buf;
 }
 

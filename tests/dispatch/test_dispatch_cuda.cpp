@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <string>
 
 #include "dispatch/dispatch.h"
 #include "reference/compare.h"
@@ -30,41 +31,47 @@ class DispatchCuda : public ::testing::TestWithParam<Case> {
   }
 };
 
+// With drops (capacity factor 0.75) and, padded, with padding rows (2.0).
 TEST_P(DispatchCuda, MatchesTheCpuBackendForwardAndBackward) {
   const auto [layout, post, dt] = GetParam();
   const index_t T = 989, E = 8, d = 111;
   const int k = 2;
-  const RoutingPlan plan = random_plan(T, E, k, layout, dt, 0.75);  // with drops
-  ASSERT_GT(plan.dropped, 0);
-  if (layout == Layout::kPadded) {
-    ASSERT_GT(plan.num_rows, T * k - plan.dropped) << "no padding rows";
+  for (double cf : {0.75, 2.0}) {
+    if (cf > 1 && layout == Layout::kPacked) continue;
+    SCOPED_TRACE("capacity factor " + std::to_string(cf));
+    const RoutingPlan plan = random_plan(T, E, k, layout, dt, cf);
+    if (cf < 1) {
+      ASSERT_GT(plan.dropped, 0);
+    } else {
+      ASSERT_GT(plan.num_rows, T * k - plan.dropped) << "no padding rows";
+    }
+    const RoutingPlan gplan = plan_to_device(plan, Device::cuda(0));
+    const Tensor x = Tensor::from_vector(randn(T * d, 2), {T, d}, dt);
+    const Tensor out = Tensor::from_vector(randn(plan.num_rows * d, 3), {plan.num_rows, d}, dt);
+    const Tensor dy = Tensor::from_vector(randn(T * d, 4), {T, d}, dt);
+    const double tol = dt == DType::kF64   ? 1e-14
+                       : dt == DType::kF32 ? 1e-6
+                       : dt == DType::kF16 ? 1e-3
+                                           : 1e-2;
+
+    EXPECT_LT(rel_l2(encode(gplan, x.to(Device::cuda(0)), !post).to_vector(),
+                     encode(plan, x, !post).to_vector()),
+              tol);
+    EXPECT_LT(rel_l2(decode(gplan, out.to(Device::cuda(0)), post).to_vector(),
+                     decode(plan, out, post).to_vector()),
+              tol);
+
+    const DType rd = plan.weight.dtype();
+    Tensor dw = Tensor::zeros({T, k}, rd), gdw = dw.to(Device::cuda(0));
+    const Tensor dbuf = decode_backward(plan, dy, out, post, dw);
+    const Tensor gdbuf =
+        decode_backward(gplan, dy.to(Device::cuda(0)), out.to(Device::cuda(0)), post, gdw);
+    EXPECT_LT(rel_l2(gdbuf.to_vector(), dbuf.to_vector()), tol);
+    const Tensor dx = encode_backward(plan, dbuf, x, !post, dw);
+    const Tensor gdx = encode_backward(gplan, gdbuf, x.to(Device::cuda(0)), !post, gdw);
+    EXPECT_LT(rel_l2(gdx.to_vector(), dx.to_vector()), tol);
+    EXPECT_LT(rel_l2(gdw.to_vector(), dw.to_vector()), dt == DType::kF64 ? 1e-12 : 1e-5);
   }
-  const RoutingPlan gplan = plan_to_device(plan, Device::cuda(0));
-  const Tensor x = Tensor::from_vector(randn(T * d, 2), {T, d}, dt);
-  const Tensor out = Tensor::from_vector(randn(plan.num_rows * d, 3), {plan.num_rows, d}, dt);
-  const Tensor dy = Tensor::from_vector(randn(T * d, 4), {T, d}, dt);
-  const double tol = dt == DType::kF64   ? 1e-14
-                     : dt == DType::kF32 ? 1e-6
-                     : dt == DType::kF16 ? 1e-3
-                                         : 1e-2;
-
-  EXPECT_LT(rel_l2(encode(gplan, x.to(Device::cuda(0)), !post).to_vector(),
-                   encode(plan, x, !post).to_vector()),
-            tol);
-  EXPECT_LT(rel_l2(decode(gplan, out.to(Device::cuda(0)), post).to_vector(),
-                   decode(plan, out, post).to_vector()),
-            tol);
-
-  const DType rd = plan.weight.dtype();
-  Tensor dw = Tensor::zeros({T, k}, rd), gdw = dw.to(Device::cuda(0));
-  const Tensor dbuf = decode_backward(plan, dy, out, post, dw);
-  const Tensor gdbuf =
-      decode_backward(gplan, dy.to(Device::cuda(0)), out.to(Device::cuda(0)), post, gdw);
-  EXPECT_LT(rel_l2(gdbuf.to_vector(), dbuf.to_vector()), tol);
-  const Tensor dx = encode_backward(plan, dbuf, x, !post, dw);
-  const Tensor gdx = encode_backward(gplan, gdbuf, x.to(Device::cuda(0)), !post, gdw);
-  EXPECT_LT(rel_l2(gdx.to_vector(), dx.to_vector()), tol);
-  EXPECT_LT(rel_l2(gdw.to_vector(), dw.to_vector()), dt == DType::kF64 ? 1e-12 : 1e-5);
 }
 
 TEST_P(DispatchCuda, RunsAreBitwiseReproducible) {
