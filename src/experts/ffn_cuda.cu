@@ -11,10 +11,12 @@
 // sync; coarse experts, where it costs little next to their GEMMs), and host offsets (the padded
 // layout) are uploaded once per forward.
 #include <algorithm>
+#include <memory>
 #include <mutex>
 #include <type_traits>
 #include <vector>
 
+#include "core/allocator.h"
 #include "core/cuda_check.cuh"
 #include "core/cuda_math.cuh"
 #include "experts/activation.h"
@@ -127,26 +129,52 @@ __global__ void activation_backward(const T* da, const T* hpre, T* dh, index_t r
   }
 }
 
-// grad[e, j] += sum over the rows of expert e of m[r, j]. Block (32, kBiasRows) per (32 columns,
-// expert): thread (x, y) sums rows y, y + kBiasRows, ... of its column, then row y = 0 adds the
-// partial sums in order (a fixed order: deterministic).
+// grad[e, j] += sum over the rows of expert e of m[r, j]. Block (32, kBiasRows) per (32 V
+// columns, expert, chunk of the expert's rows): thread (x, y) sums rows y, y + kBiasRows, ... of
+// the chunk in its V columns, then row y = 0 adds the kBiasRows partial sums in order. One chunk
+// (gridDim.z 1): the block adds its sums to grad. Several (few experts, where one block per
+// expert and slab of columns would leave the memory system idle): each writes its sums to
+// part[chunk, e, j], and bias_grad_chunks adds them to grad in chunk order. Fixed orders
+// throughout: deterministic.
 constexpr int kBiasRows = 16;
-template <class T>
+template <class T, int V>
 __global__ void bias_grad(const T* __restrict__ m, const index_t* __restrict__ off,
-                          T* __restrict__ grad, index_t n) {
+                          T* __restrict__ grad, cuda_acc_t<T>* __restrict__ part, index_t E, index_t n) {
   using A = cuda_acc_t<T>;
-  __shared__ A part[kBiasRows][33];
-  const index_t e = blockIdx.y, j = static_cast<index_t>(blockIdx.x) * 32 + threadIdx.x;
-  A acc = 0;
+  __shared__ A sums[kBiasRows][32 * V + 1];
+  const index_t e = blockIdx.y, j = (static_cast<index_t>(blockIdx.x) * 32 + threadIdx.x) * V;
+  const index_t lo = off[e], rows = off[e + 1] - lo, chunk = (rows + gridDim.z - 1) / gridDim.z;
+  const index_t r0 = lo + blockIdx.z * chunk, r1 = r0 + chunk < lo + rows ? r0 + chunk : lo + rows;
+  A acc[V] = {};
   if (j < n)
-    for (index_t r = off[e] + threadIdx.y; r < off[e + 1]; r += kBiasRows)
-      acc += load(m[offset_of(r, n) + j]);
-  part[threadIdx.y][threadIdx.x] = acc;
+    for (index_t r = r0 + threadIdx.y; r < r1; r += kBiasRows) {
+      const Pack<T, V> v = load_pack<V>(m + offset_of(r, n) + j);
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[i] += load(v.v[i]);
+    }
+#pragma unroll
+  for (int i = 0; i < V; ++i) sums[threadIdx.y][threadIdx.x * V + i] = acc[i];
   __syncthreads();
-  if (threadIdx.y == 0 && j < n) {
+  if (threadIdx.y != 0 || j >= n) return;
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
     A sum = 0;
-    for (int y = 0; y < kBiasRows; ++y) sum += part[y][threadIdx.x];
-    grad[offset_of(e, n) + j] = store<T>(load(grad[offset_of(e, n) + j]) + sum);
+    for (int y = 0; y < kBiasRows; ++y) sum += sums[y][threadIdx.x * V + i];
+    const index_t g = offset_of(e, n) + j + i;
+    if (gridDim.z == 1)
+      grad[g] = store<T>(load(grad[g]) + sum);
+    else
+      part[static_cast<index_t>(blockIdx.z) * E * n + g] = sum;
+  }
+}
+template <class T>
+__global__ void bias_grad_chunks(const cuda_acc_t<T>* __restrict__ part, int chunks,
+                                 T* __restrict__ grad, index_t total) {
+  for (index_t g = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; g < total;
+       g += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    cuda_acc_t<T> sum = 0;
+    for (int c = 0; c < chunks; ++c) sum += part[c * total + g];
+    grad[g] = store<T>(load(grad[g]) + sum);
   }
 }
 
@@ -156,10 +184,29 @@ void launch_bias_grad(const void* m, const index_t* off, void* grad, index_t E, 
   SY_CHECK(E <= 65535, "experts: at most 65535 experts per layer on CUDA, got ", E);
   dispatch_float_cuda(dtype, "bias_grad", [&](auto tag) {
     using T = decltype(tag);
-    const dim3 blocks(static_cast<unsigned>((n + 31) / 32), static_cast<unsigned>(E));
-    bias_grad<T><<<blocks, dim3(32, kBiasRows), 0, stream>>>(static_cast<const T*>(m), off,
-                                                             static_cast<T*>(grad), n);
-    SY_CUDA_CHECK_LAUNCH();
+    with_pack_width<T>(n, {m, grad}, [&](auto v) {
+      const index_t slabs = (n + 32 * v() - 1) / (32 * v());
+      // Enough blocks for four per multiprocessor, in chunks of the experts' rows.
+      const index_t want = 4 * static_cast<index_t>(multiprocessor_count());
+      const int chunks = static_cast<int>(std::clamp<index_t>(want / (slabs * E), 1, 64));
+      std::shared_ptr<void> part;
+      if (chunks > 1) {
+        int device = 0;
+        SY_CUDA_CHECK(cudaGetDevice(&device));
+        part = allocate(static_cast<std::size_t>(chunks) * E * n * sizeof(cuda_acc_t<T>),
+                        Device::cuda(device));
+      }
+      const dim3 blocks(static_cast<unsigned>(slabs), static_cast<unsigned>(E), chunks);
+      bias_grad<T, v()><<<blocks, dim3(32, kBiasRows), 0, stream>>>(
+          static_cast<const T*>(m), off, static_cast<T*>(grad),
+          static_cast<cuda_acc_t<T>*>(part.get()), E, n);
+      SY_CUDA_CHECK_LAUNCH();
+      if (chunks > 1) {
+        bias_grad_chunks<T><<<std::min(grid_size(E * n, 256), 65535u * 16), 256, 0, stream>>>(
+            static_cast<const cuda_acc_t<T>*>(part.get()), chunks, static_cast<T*>(grad), E * n);
+        SY_CUDA_CHECK_LAUNCH();
+      }
+    });
   });
 }
 

@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <vector>
 
 #include "experts/ffn.h"
 #include "reference/compare.h"
@@ -70,6 +71,16 @@ TEST(FfnCudaGrouped, ManyTilesAndDeepReductionsMatchTheCpu) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
   expect_matches_cpu(Activation::kRelu, DType::kBF16, 264, 520, 0, {0, 300, 300, 901, 1500});
   expect_matches_cpu(Activation::kRelu, DType::kBF16, 4104, 136, 0, {0, 2100, 4200});
+}
+
+// Bias gradients in both forms of their kernel: fc2's (1152 columns x 64 experts: one block per
+// expert and slab of columns fills an H100) adds straight into the gradient, fc1's (64 columns)
+// sums chunks of each expert's rows first; some experts have no rows.
+TEST(FfnCudaBiasGrad, ManyExpertsAndFewMatchTheCpu) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  std::vector<double> off{0};
+  for (int e = 0; e < 64; ++e) off.push_back(off.back() + e % 4);
+  expect_matches_cpu(Activation::kRelu, DType::kF32, 1152, 64, 0, off);
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, FfnCuda,
