@@ -37,13 +37,11 @@ Tensor LinearGate::forward(const Tensor& x, bool training) {
   SY_CHECK(x.device() == wg_.value.device(), "gate: x is on ", to_string(x.device()),
            ", the gate on ", to_string(wg_.value.device()));
   x_dtype_ = x.dtype();
-#ifdef SY_WITH_CUDA
   if (split_gate_applies(x, wg_.value)) {  // saves x as it is, with no f32 copy
     const Tensor xc = x.contiguous();
     if (training) x_ = xc;
     return split_gate_forward_cuda(xc, wg_.value);
   }
-#endif
   const Tensor xg = x.to(wg_.value.dtype()).contiguous();
   Tensor logits = Tensor::empty({xg.size(0), wg_.value.size(0)}, wg_.value.dtype(), x.device());
   gemm(xg, false, wg_.value, true, logits);
@@ -54,13 +52,11 @@ Tensor LinearGate::forward(const Tensor& x, bool training) {
 Tensor LinearGate::backward(const Tensor& dlogits) {
   SY_CHECK(x_.defined(), "gate: backward called without a training forward");
   const Tensor dl = dlogits.to(wg_.value.dtype()).contiguous();
-#ifdef SY_WITH_CUDA
   if (split_gate_applies(x_, wg_.value)) {
     Tensor dx = split_gate_backward_cuda(dl, x_, wg_.value, wg_.grad);
     x_ = Tensor();
     return dx;
   }
-#endif
   gemm(dl, true, x_, false, wg_.grad, 1.0, 1.0);  // dWg += dlᵀ · x
   Tensor dx = Tensor::empty(x_.sizes(), wg_.value.dtype(), x_.device());
   gemm(dl, false, wg_.value, false, dx);  // dx = dl · Wg
@@ -141,5 +137,18 @@ Tensor CosineGate::backward(const Tensor& dlogits) {
   accumulate(sim_, dsim);
   return dx.to(sv.x_dtype);
 }
+
+#ifndef SY_WITH_CUDA
+// Builds without the CUDA backend: the split gate never applies.
+bool split_gate_applies(const Tensor&, const Tensor&) { return false; }
+Tensor split_gate_forward_cuda(const Tensor&, const Tensor&) {
+  SY_CHECK(false, "split_gate_forward_cuda: this build has no CUDA backend");
+  return {};
+}
+Tensor split_gate_backward_cuda(const Tensor&, const Tensor&, const Tensor&, Tensor&) {
+  SY_CHECK(false, "split_gate_backward_cuda: this build has no CUDA backend");
+  return {};
+}
+#endif
 
 }  // namespace switchyard
