@@ -13,32 +13,38 @@
 
 namespace switchyard {
 
-cublasHandle_t cublas_handle(int device, cudaStream_t stream) {
+namespace {
+
+// The process's handle for `device`, made by create() on first use; use(handle) runs under the
+// same lock (one per call site: each instantiation has its own).
+template <class H, class Create, class Use>
+H device_handle(int device, Create create, Use use) {
   static std::mutex mu;
-  static std::vector<cublasHandle_t> handles(64, nullptr);
+  static std::vector<H> handles(64, nullptr);
   SY_CHECK(device >= 0 && device < 64, "cuda:", device, " is out of range");
   std::lock_guard<std::mutex> lock(mu);
   if (!handles[device]) {
     DeviceScope scope(device);
-    SY_CUBLAS_CHECK(cublasCreate(&handles[device]));
+    SY_CUBLAS_CHECK(create(&handles[device]));
   }
-  SY_CUBLAS_CHECK(cublasSetStream(handles[device], stream));
+  use(handles[device]);
   return handles[device];
+}
+
+cublasLtHandle_t cublaslt_handle(int device) {
+  return device_handle<cublasLtHandle_t>(
+      device, [](cublasLtHandle_t* h) { return cublasLtCreate(h); }, [](cublasLtHandle_t) {});
+}
+
+}  // namespace
+
+cublasHandle_t cublas_handle(int device, cudaStream_t stream) {
+  return device_handle<cublasHandle_t>(
+      device, [](cublasHandle_t* h) { return cublasCreate(h); },
+      [&](cublasHandle_t h) { SY_CUBLAS_CHECK(cublasSetStream(h, stream)); });
 }
 
 namespace {
-
-cublasLtHandle_t cublaslt_handle(int device) {
-  static std::mutex mu;
-  static std::vector<cublasLtHandle_t> handles(64, nullptr);
-  SY_CHECK(device >= 0 && device < 64, "cuda:", device, " is out of range");
-  std::lock_guard<std::mutex> lock(mu);
-  if (!handles[device]) {
-    DeviceScope scope(device);
-    SY_CUBLAS_CHECK(cublasLtCreate(&handles[device]));
-  }
-  return handles[device];
-}
 
 // The alignment in bytes (up to 16) that every batch's matrix keeps: the base address's and the
 // batch stride's.
