@@ -147,7 +147,7 @@ struct LossWeights {
   // double when defined): a CUDA backward then reads them on the device, with no host sync (the
   // PyTorch binding passes autograd's gradients of l_aux and l_z this way). They are not checked
   // for NaN/Inf there, as the doubles are.
-  Tensor aux_tensor, z_tensor;
+  Tensor aux_tensor{}, z_tensor{};  // (brace-initialised: no missing-initializer warnings)
 };
 
 }  // namespace switchyard
