@@ -44,8 +44,8 @@ __global__ void encode(const T* __restrict__ x, const index_t* __restrict__ row_
 
 // Zeros in the rows r of buf that hold no choice (row_choice[r] < 0: the padded layout's).
 template <class T, int V>
-__global__ void zero_rows(const index_t* __restrict__ row_choice, T* __restrict__ buf,
-                          index_t rows, index_t d) {
+__global__ void zero_rows(const index_t* __restrict__ row_choice, T* __restrict__ buf, index_t rows,
+                          index_t d) {
   for (index_t r = first_row(); r < rows; r += row_stride()) {
     if (row_choice[r] >= 0) continue;
     for (index_t j = threadIdx.x * V; j < d; j += blockDim.x * V)
@@ -111,7 +111,7 @@ __global__ void decode_backward(const T* __restrict__ dy, const T* __restrict__ 
     if (!postscore) continue;
     const A total = Reduce(tmp).Sum(dot);
     if (threadIdx.x == 0) dw[t * k + c] += total;  // one writer per choice
-    __syncthreads();  // tmp is reused by the next reduction
+    __syncthreads();                               // tmp is reused by the next reduction
   }
 }
 

@@ -139,7 +139,8 @@ __global__ void activation_backward(const T* da, const T* hpre, T* dh, index_t r
 constexpr int kBiasRows = 16;
 template <class T, int V>
 __global__ void bias_grad(const T* __restrict__ m, const index_t* __restrict__ off,
-                          T* __restrict__ grad, cuda_acc_t<T>* __restrict__ part, index_t E, index_t n) {
+                          T* __restrict__ grad, cuda_acc_t<T>* __restrict__ part, index_t E,
+                          index_t n) {
   using A = cuda_acc_t<T>;
   __shared__ A sums[kBiasRows][32 * V + 1];
   const index_t e = blockIdx.y, j = (static_cast<index_t>(blockIdx.x) * 32 + threadIdx.x) * V;
@@ -369,8 +370,8 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
     } else {
       per_expert(off, [&](index_t e, index_t r0, index_t n, index_t batch) {  // h = x · fc1_wᵀ
         forward_gemm<T>(h, dev.index, stream, true, n, h1, d, xp + offset_of(r0, d),
-                        w1 + offset_of(e, h1 * d), (fused_act ? ap : hp) + offset_of(r0, h1),
-                        batch, epilogues && b1 ? b1 + offset_of(e, h1) : nullptr, fused_act);
+                        w1 + offset_of(e, h1 * d), (fused_act ? ap : hp) + offset_of(r0, h1), batch,
+                        epilogues && b1 ? b1 + offset_of(e, h1) : nullptr, fused_act);
       });
     }
     if (R > 0 && !fused_act) {

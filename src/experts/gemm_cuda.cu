@@ -72,8 +72,8 @@ struct LtLayout {
     SY_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout, type, rows, cols, ld));
     const std::int32_t count = static_cast<std::int32_t>(batch);
     const std::int64_t offset = stride;
-    SY_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(
-        layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)));
+    SY_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                                                     &count, sizeof(count)));
     SY_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(
         layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &offset, sizeof(offset)));
   }
@@ -113,11 +113,12 @@ bool gemm_epilogue_lt(int device, cudaStream_t stream, bool ta, bool tb, index_t
   // The heuristic's choice, once per problem: it depends on the sizes, the operations, the
   // epilogue and the operands' alignment (each batch's matrix), never on the values.
   const std::size_t elem = type == CUDA_R_32F ? 4 : 2;
-  const std::uint32_t align_b = alignment(b, stride_b * elem), align_a = alignment(a, stride_a * elem);
+  const std::uint32_t align_b = alignment(b, stride_b * elem),
+                      align_a = alignment(a, stride_a * elem);
   const std::uint32_t align_c = alignment(c, stride_c * elem);
   const std::uint32_t align_bias = ep.bias ? alignment(ep.bias, ep.bias_stride * elem) : 16;
-  using Key = std::tuple<int, int, int, int, int, std::array<index_t, 10>,
-                         std::array<std::uint32_t, 4>>;
+  using Key =
+      std::tuple<int, int, int, int, int, std::array<index_t, 10>, std::array<std::uint32_t, 4>>;
   const Key key{device,
                 int(ta) * 2 + int(tb),
                 int(epilogue),

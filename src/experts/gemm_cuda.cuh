@@ -102,9 +102,8 @@ void gemm_epilogue(int device, cudaStream_t stream, bool ta, bool tb, index_t m,
                    index_t stride_b, T* c, index_t ldc, index_t stride_c, index_t batch,
                    const GemmEpilogue& epilogue) {
   static_assert(!std::is_same_v<T, double>, "cuBLASLt's epilogues: f16, bf16 and f32");
-  if (gemm_epilogue_lt(device, stream, ta, tb, m, n, k, a, lda, stride_a, b, ldb, stride_b, c,
-                       ldc, stride_c, batch, cuda_data_type<T>(), cuda_compute_type<T>(),
-                       epilogue))
+  if (gemm_epilogue_lt(device, stream, ta, tb, m, n, k, a, lda, stride_a, b, ldb, stride_b, c, ldc,
+                       stride_c, batch, cuda_data_type<T>(), cuda_compute_type<T>(), epilogue))
     return;
   gemm<T>(cublas_handle(device, stream), ta, tb, m, n, k, a, lda, stride_a, b, ldb, stride_b, 0.0,
           c, ldc, stride_c, batch);

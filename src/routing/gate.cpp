@@ -1,3 +1,5 @@
+#include "routing/gate.h"
+
 #include <cmath>
 
 #include "core/backend.h"
@@ -6,7 +8,6 @@
 #include "core/ops.h"
 #include "experts/gemm.h"
 #include "routing/cosine_ops.h"
-#include "routing/gate.h"
 #include "routing/gate_split.h"
 
 namespace switchyard {
@@ -60,7 +61,7 @@ Tensor LinearGate::backward(const Tensor& dlogits) {
   gemm(dl, true, x_, false, wg_.grad, 1.0, 1.0);  // dWg += dlᵀ · x
   Tensor dx = Tensor::empty(x_.sizes(), wg_.value.dtype(), x_.device());
   gemm(dl, false, wg_.value, false, dx);  // dx = dl · Wg
-  x_ = Tensor();  // one backward per forward: free the saved input now
+  x_ = Tensor();                          // one backward per forward: free the saved input now
   return dx.to(x_dtype_);
 }
 

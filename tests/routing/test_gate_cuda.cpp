@@ -5,10 +5,10 @@
 #include <cmath>
 #include <string>
 
+#include "core/dtype_dispatch.h"
 #include "experts/gemm.h"
 #include "reference/compare.h"
 #include "reference/random.h"
-#include "core/dtype_dispatch.h"
 #include "routing/gate.h"
 #include "routing/gate_split.h"
 
