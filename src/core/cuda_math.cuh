@@ -177,4 +177,12 @@ inline unsigned grid_size(index_t n, unsigned threads) {
   return static_cast<unsigned>(blocks < 1 ? 1 : blocks > 2147483647 ? 2147483647 : blocks);
 }
 
+// Blocks of 256 threads for a grid-stride loop over n items: one per 256 items, at most
+// 65535 x 16 (more would only queue behind the resident ones).
+constexpr unsigned kStrideThreads = 256;
+inline unsigned stride_grid(index_t n) {
+  const unsigned blocks = grid_size(n, kStrideThreads);
+  return blocks < 65535u * 16 ? blocks : 65535u * 16;
+}
+
 }  // namespace switchyard

@@ -50,7 +50,7 @@ void uniform_factors_cuda(Tensor& out, double eps, std::uint64_t seed, std::uint
   const cudaStream_t s = as_cuda_stream(current_stream(out.device()).handle);
   dispatch_float_cuda(out.dtype(), "uniform_factors", [&](auto tag) {
     using T = decltype(tag);
-    uniform_factors_kernel<T><<<std::min(grid_size(rows * cols, 256), 65535u * 16), 256, 0, s>>>(
+    uniform_factors_kernel<T><<<stride_grid(rows * cols), kStrideThreads, 0, s>>>(
         static_cast<T*>(out.data_ptr()), rows, cols, eps, seed, stream, step, row_base);
     SY_CUDA_CHECK_LAUNCH();
   });
@@ -67,8 +67,7 @@ void add_inplace_cuda(Tensor& dst, const Tensor& src, const Tensor* scale) {
     const T* a = static_cast<const T*>(src.data_ptr());
     const T* f = scale ? static_cast<const T*>(scale->data_ptr()) : nullptr;
     with_pack_width<T>(n, {d, a, f ? f : a}, [&](auto v) {
-      add_kernel<T, v()>
-          <<<std::min(grid_size(n / v(), 256), 65535u * 16), 256, 0, stream>>>(d, a, f, n);
+      add_kernel<T, v()><<<stride_grid(n / v()), kStrideThreads, 0, stream>>>(d, a, f, n);
     });
     SY_CUDA_CHECK_LAUNCH();
   });

@@ -203,7 +203,7 @@ void launch_bias_grad(const void* m, const index_t* off, void* grad, index_t E, 
           static_cast<cuda_acc_t<T>*>(part.get()), E, n);
       SY_CUDA_CHECK_LAUNCH();
       if (chunks > 1) {
-        bias_grad_chunks<T><<<std::min(grid_size(E * n, 256), 65535u * 16), 256, 0, stream>>>(
+        bias_grad_chunks<T><<<stride_grid(E * n), kStrideThreads, 0, stream>>>(
             static_cast<const cuda_acc_t<T>*>(part.get()), chunks, static_cast<T*>(grad), E * n);
         SY_CUDA_CHECK_LAUNCH();
       }
@@ -244,8 +244,6 @@ void grouped_varying_k(const T* a, const T* b, T* c, const index_t* off, index_t
   else
     SY_ASSERT(false, "no grouped GEMM for this dtype");
 }
-
-unsigned grid(index_t n) { return std::min(grid_size(n, 256), 65535u * 16); }
 
 // row_expert[r] = the expert e with off[e] <= r < off[e+1] (binary search; offsets on the device).
 __global__ void rows_to_experts(const index_t* __restrict__ off, index_t E, index_t R,
@@ -350,8 +348,8 @@ Tensor ffn_forward_cuda(const FfnShape& s, const Parameter& fc1_w, const Paramet
   const Tensor off_dev = offsets.to(dev).contiguous();  // a copy only for host offsets
   const Tensor row_expert = Tensor::empty({R}, DType::kI64, dev);
   if (R > 0) {
-    rows_to_experts<<<grid(R), 256, 0, stream>>>(off_dev.data<index_t>(), E, R,
-                                                 row_expert.data<index_t>());
+    rows_to_experts<<<stride_grid(R), kStrideThreads, 0, stream>>>(off_dev.data<index_t>(), E, R,
+                                                                   row_expert.data<index_t>());
     SY_CUDA_CHECK_LAUNCH();
   }
   dispatch_float_cuda(s.dtype, "ffn_forward_cuda", [&](auto tag) {

@@ -5,7 +5,6 @@
 
 #include <cublas_v2.h>
 
-#include <algorithm>
 #include <type_traits>
 
 #include "core/cuda_check.cuh"
@@ -46,6 +45,12 @@ cublasComputeType_t cuda_compute_type() {
     return CUBLAS_COMPUTE_32F;
 }
 
+// A size as cuBLAS's int.
+inline int cublas_int(index_t v) {
+  SY_CHECK(v <= 2147483647, "cuBLAS dimension ", v, " exceeds int");
+  return static_cast<int>(v);
+}
+
 // cuBLAS is column-major, so this computes Cᵀ = op(B)ᵀ op(A)ᵀ.
 template <class T>
 void gemm(cublasHandle_t h, bool ta, bool tb, index_t m, index_t n, index_t k, const T* a,
@@ -55,10 +60,7 @@ void gemm(cublasHandle_t h, bool ta, bool tb, index_t m, index_t n, index_t k, c
   using A = cuda_acc_t<T>;
   const A alpha_v = static_cast<A>(alpha), beta_v = static_cast<A>(beta);
   const cublasComputeType_t compute = cuda_compute_type<T>();
-  auto i32 = [](index_t v) {
-    SY_CHECK(v <= 2147483647, "cuBLAS dimension ", v, " exceeds int");
-    return static_cast<int>(v);
-  };
+  constexpr auto i32 = cublas_int;
   SY_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
       h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, i32(n), i32(m), i32(k),
       &alpha_v, b, cuda_data_type<T>(), i32(ldb), stride_b, a, cuda_data_type<T>(), i32(lda),
@@ -108,8 +110,8 @@ void gemm_epilogue(int device, cudaStream_t stream, bool ta, bool tb, index_t m,
   gemm<T>(cublas_handle(device, stream), ta, tb, m, n, k, a, lda, stride_a, b, ldb, stride_b, 0.0,
           c, ldc, stride_c, batch);
   const index_t total = batch * m * n;
-  gemm_epilogue_kernel<T><<<std::min(grid_size(total, 256), 65535u * 16), 256, 0, stream>>>(
-      c, m, n, ldc, stride_c, batch, epilogue);
+  gemm_epilogue_kernel<T>
+      <<<stride_grid(total), kStrideThreads, 0, stream>>>(c, m, n, ldc, stride_c, batch, epilogue);
   SY_CUDA_CHECK_LAUNCH();
 }
 

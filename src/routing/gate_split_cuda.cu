@@ -48,14 +48,12 @@ __global__ void sum_pieces_kernel(const float* __restrict__ src, index_t rows, i
   }
 }
 
-unsigned blocks(index_t n) { return std::min(grid_size(n, 256), 65535u * 16); }
-
 Tensor split(const Tensor& src, index_t rows_out, index_t cols_out, const SplitLayout& l,
              cudaStream_t stream) {
   Tensor dst = Tensor::empty({rows_out, cols_out}, DType::kBF16, src.device());
   if (l.rows * l.cols > 0) {
-    split_kernel<<<blocks(l.rows * l.cols), 256, 0, stream>>>(src.data<float>(), l,
-                                                              static_cast<bf16*>(dst.data_ptr()));
+    split_kernel<<<stride_grid(l.rows * l.cols), kStrideThreads, 0, stream>>>(
+        src.data<float>(), l, static_cast<bf16*>(dst.data_ptr()));
     SY_CUDA_CHECK_LAUNCH();
   }
   return dst;
@@ -64,7 +62,7 @@ Tensor split(const Tensor& src, index_t rows_out, index_t cols_out, const SplitL
 void sum_pieces(const Tensor& src, index_t rows, index_t cols, index_t row_stride,
                 index_t piece_stride, Tensor& dst, bool accumulate, cudaStream_t stream) {
   if (rows * cols == 0) return;
-  sum_pieces_kernel<<<blocks(rows * cols), 256, 0, stream>>>(
+  sum_pieces_kernel<<<stride_grid(rows * cols), kStrideThreads, 0, stream>>>(
       src.data<float>(), rows, cols, row_stride, piece_stride, dst.data<float>(), accumulate);
   SY_CUDA_CHECK_LAUNCH();
 }
@@ -75,10 +73,7 @@ void gemm_bf16(cublasHandle_t h, bool ta, bool tb, index_t m, index_t n, index_t
                index_t ldc) {
   if (m == 0 || n == 0) return;
   const float alpha = 1.0f, beta = 0.0f;
-  auto i32 = [](index_t v) {
-    SY_CHECK(v <= 2147483647, "cuBLAS dimension ", v, " exceeds int");
-    return static_cast<int>(v);
-  };
+  constexpr auto i32 = cublas_int;
   SY_CUBLAS_CHECK(cublasGemmEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
                                i32(n), i32(m), i32(k), &alpha, b, CUDA_R_16BF, i32(ldb), a,
                                CUDA_R_16BF, i32(lda), &beta, c, c_type, i32(ldc),
