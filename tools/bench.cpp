@@ -105,8 +105,7 @@ std::optional<double> dense_gemm_ms(index_t m, index_t n, index_t k, DType dtype
 // Keeps the GPU busy with GEMMs for about a second before the first case: its clocks rise under
 // load over a longer time than one case's warm-up iterations take, and tutel_default timed
 // first measured a 0.75-0.85 ms forward against 0.59 ms timed after two other configs.
-void warm_up_device(DType dtype, Device device, const BenchFlags& f) {
-  if (device.is_cpu()) return;
+void warm_up_gpu(DType dtype, Device device, const BenchFlags& f) {
   const index_t n = 4096;
   const Tensor a = random_normal(n, n, f.seed, 102, dtype, device);
   Tensor c = Tensor::empty({n, n}, dtype, device);
@@ -363,8 +362,10 @@ int run_bench(const BenchFlags& f) {
   }
 
   ProgressLine progress;
-  progress.update("warming up the device", /*force=*/true);
-  warm_up_device(dtype, device, f);
+  if (!device.is_cpu()) {
+    progress.update("warming up the GPU", /*force=*/true);
+    warm_up_gpu(dtype, device, f);
+  }
   const std::vector<int> overlaps = setup.comm ? f.overlap_degrees : std::vector<int>{1};
   for (const BenchConfig* c : configs) {
     for (const LayoutCase& lc : layouts) {
