@@ -419,15 +419,21 @@ __global__ void __launch_bounds__(384, 1)
     unsigned char* bias_s = smem + Cfg::kBiasOffset + wg * BN * 2;
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
       const TileAt ta = tile_at(t, e);
+      // The tile's bias columns go to shared memory by asynchronous copies, waited for in the
+      // epilogue: a plain load and store would hold the warpgroup's first wgmma for the load's
+      // latency, and a register to carry the value across the main loop would spill (the
+      // kernel is compiled to 168 registers, the launch bound's count, whatever setmaxnreg
+      // grants). The previous tile's readers passed its second barrier before this thread got
+      // here.
       if (!kOuter && p.bias && wtid < BN / 8) {
-        // Staged now, read in the epilogue after its first barrier; the previous tile's readers
-        // passed its second barrier before this thread got here.
-        const int col = ta.n0 + wtid * 8;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (col < p.n)
-          v = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.bias) + offset_of(e, p.n) +
-                                              col);
-        *reinterpret_cast<uint4*>(bias_s + wtid * 16) = v;
+        const bool in = ta.n0 + wtid * 8 < p.n;
+        const T* src =
+            static_cast<const T*>(p.bias) + (in ? offset_of(e, p.n) + ta.n0 + wtid * 8 : 0);
+        asm volatile(
+            "cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(bias_s + wtid * 16)),
+            "l"(src), "r"(in ? 16 : 0)
+            : "memory");
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
       }
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
@@ -507,6 +513,7 @@ __global__ void __launch_bounds__(384, 1)
       const int r0 = (wtid / 32) * 16 + lane / 4, c0 = (lane % 4) * 2;
       unsigned char* cbuf = smem + Cfg::kCOffset + wg * 64 * Cfg::kCLd * 2;
       if (wtid < 64) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+      if (!kOuter && p.bias && wtid < BN / 8) asm volatile("cp.async.wait_all;\n" ::: "memory");
       named_barrier(1 + wg, 128);  // the previous tile's copies have read the buffer
       // C's old values (varying K, beta 1) or the mask's (varying M) come into the staging tile
       // by bulk copies, one per valid row, rather than by each thread's scattered 4-byte loads,
