@@ -136,6 +136,22 @@ __device__ __forceinline__ void tma_load_3d(std::uint32_t dst, const CUtensorMap
       "l"(map), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
       : "memory");
 }
+// Tensor stores from shared memory (bulk-group completion): a [64][64] box of C.
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, std::uint32_t src, int c0,
+                                             int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"(map),
+      "r"(src), "r"(c0), "r"(c1)
+      : "memory");
+}
+__device__ __forceinline__ void tma_store_3d(const CUtensorMap* map, std::uint32_t src, int c0,
+                                             int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(
+          map),
+      "r"(src), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
 __device__ __forceinline__ void wgmma_fence() {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 }
@@ -314,7 +330,9 @@ struct Sm90PrefixCfg {
 template <class T, class Cfg, Form F>
 __global__ void __launch_bounds__(384, 1)
     grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tma_a,
-                             const __grid_constant__ CUtensorMap tma_b, const Sm90Params p) {
+                             const __grid_constant__ CUtensorMap tma_b,
+                             const __grid_constant__ CUtensorMap tma_c,
+                             const __grid_constant__ CUtensorMap tma_mask, const Sm90Params p) {
 #if defined(SY_GG_SM90_DEVICE)
   using namespace sm90;
   constexpr bool kOuter = F == Form::kOuter, kTransB = F == Form::kRowsBt;
@@ -515,49 +533,96 @@ __global__ void __launch_bounds__(384, 1)
       if (wtid < 64) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
       if (!kOuter && p.bias && wtid < BN / 8) asm volatile("cp.async.wait_all;\n" ::: "memory");
       named_barrier(1 + wg, 128);  // the previous tile's copies have read the buffer
-      // C's old values (varying K, beta 1) or the mask's (varying M) come into the staging tile
-      // by bulk copies, one per valid row, rather than by each thread's scattered 4-byte loads,
-      // which left the tensor cores idle.
+      // The staging tile leaves by tensor stores, BN / 64 boxes of [64][64] in the 128-byte
+      // swizzle, when all of this warpgroup's rows are the group's (varying K: always, as the
+      // [E, M, N] map clips at M): a few large copies, where one bulk copy per row (64 per
+      // warpgroup and tile) kept the copy engine busy for microseconds per tile on short-K
+      // shapes. A tile that ends its group goes row by row from the padded layout, so the next
+      // group's rows are not written. C's old values (varying K, beta 1) or the mask's (varying
+      // M) come into the staging tile the same way, rather than by each thread's scattered
+      // 4-byte loads, which left the tensor cores idle.
+      const bool boxes = kOuter || rows_valid >= 64;
+      const int row0 = kOuter ? ta.m0 + wg * 64 : static_cast<int>(ta.lo) + ta.m0 + wg * 64;
+      const int nboxes = (cols_valid < BN ? cols_valid + 63 : BN) / 64;
       const bool add_old = kOuter && p.beta != 0.0f;
       const bool masked = gm != nullptr;
-      const T* old_src = masked ? gm : gc;
       if (add_old || masked) {
-        const int rows = rows_valid < 0 ? 0 : rows_valid < 64 ? rows_valid : 64;
-        const int bytes = (cols_valid < BN ? cols_valid : BN) * 2;
         const std::uint32_t bar = old_bar + 8 * wg;
         if (wtid == 0) {
-          mbar_expect_tx(bar, rows * bytes);
-          for (int r = 0; r < rows; ++r)
-            asm volatile(
-                "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], "
-                "%2, [%3];\n" ::"r"(smem_addr(cbuf + r * Cfg::kCLd * 2)),
-                "l"(old_src + offset_of(r, p.n)), "r"(bytes), "r"(bar)
-                : "memory");
+          if (boxes) {
+            mbar_expect_tx(bar, nboxes * 64 * 128);
+            for (int b = 0; b < nboxes; ++b) {
+              const std::uint32_t dst = smem_addr(cbuf + b * 64 * 128);
+              if constexpr (kOuter)
+                tma_load_3d(dst, &tma_c, bar, ta.n0 + b * 64, row0, e);
+              else
+                tma_load_2d(dst, &tma_mask, bar, ta.n0 + b * 64, row0);
+            }
+          } else {
+            const T* old_src = masked ? gm : gc;
+            const int rows = rows_valid < 0 ? 0 : rows_valid;
+            const int bytes = (cols_valid < BN ? cols_valid : BN) * 2;
+            mbar_expect_tx(bar, rows * bytes);
+            for (int r = 0; r < rows; ++r)
+              asm volatile(
+                  "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], "
+                  "%2, [%3];\n" ::"r"(smem_addr(cbuf + r * Cfg::kCLd * 2)),
+                  "l"(old_src + offset_of(r, p.n)), "r"(bytes), "r"(bar)
+                  : "memory");
+          }
         }
         mbar_wait(bar, old_phase);
         old_phase ^= 1;
       }
+      // Element (r, c) of the staging tile: padded rows of kCLd, or in the boxes, 16-byte chunk
+      // c % 64 / 8 of row r at chunk position (c % 64 / 8) ^ (r % 8), the 128-byte swizzle (the
+      // boxes start 1024-byte aligned). A thread's rows r0 and r0 + 8 share r % 8 = lane / 4.
+      // One loop per layout, so that the padded one's addresses are constants off one register.
+      auto finish = [&](auto slot_at) {
 #pragma unroll
-      for (int j = 0; j < BN / 8; ++j)
+        for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          auto* slot =
-              reinterpret_cast<std::uint32_t*>(cbuf + ((r0 + h * 8) * Cfg::kCLd + j * 8 + c0) * 2);
-          float x = acc[j * 4 + 2 * h], y = acc[j * 4 + 2 * h + 1];
-          if (add_old) {  // rows and columns past the valid ones hold stale values, never stored
-            const float2 old = unpack2<T>(*slot);
-            x += old.x;
-            y += old.y;
+          for (int h = 0; h < 2; ++h) {
+            auto* slot = reinterpret_cast<std::uint32_t*>(slot_at(j, h));
+            float x = acc[j * 4 + 2 * h], y = acc[j * 4 + 2 * h + 1];
+            if (add_old) {  // rows and columns past the valid ones hold stale values, never stored
+              const float2 old = unpack2<T>(*slot);
+              x += old.x;
+              y += old.y;
+            }
+            if constexpr (!kOuter)
+              epilogue_bias_relu<T>(
+                  x, y, p.bias ? reinterpret_cast<const T*>(bias_s + (j * 8 + c0) * 2) : nullptr,
+                  p.relu, masked ? reinterpret_cast<const T*>(slot) : nullptr);
+            *slot = pack2<T>(x, y);
           }
-          if constexpr (!kOuter)
-            epilogue_bias_relu<T>(
-                x, y, p.bias ? reinterpret_cast<const T*>(bias_s + (j * 8 + c0) * 2) : nullptr,
-                p.relu, masked ? reinterpret_cast<const T*>(slot) : nullptr);
-          *slot = pack2<T>(x, y);
-        }
+      };
+      if (boxes) {
+        unsigned char* base = cbuf + r0 * 128 + c0 * 2;
+        const int swz = (lane / 4) * 16;
+        finish([&](int j, int h) {
+          int z = swz;
+          asm volatile("" : "+r"(z));  // computed at each store: held in 8 registers, it spilled
+          return base + (j / 8) * 64 * 128 + h * 8 * 128 + ((j % 8) * 16 ^ z);
+        });
+      } else {
+        unsigned char* base = cbuf + (r0 * Cfg::kCLd + c0) * 2;
+        finish([&](int j, int h) { return base + (h * 8 * Cfg::kCLd + j * 8) * 2; });
+      }
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
       named_barrier(1 + wg, 128);
-      if (wtid < 64) {
+      if (boxes) {
+        if (wtid == 0) {
+          for (int b = 0; b < nboxes; ++b) {
+            const std::uint32_t src = smem_addr(cbuf + b * 64 * 128);
+            if constexpr (kOuter)
+              tma_store_3d(&tma_c, src, ta.n0 + b * 64, row0, e);
+            else
+              tma_store_2d(&tma_c, src, ta.n0 + b * 64, row0);
+          }
+          asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+        }
+      } else if (wtid < 64) {
         if (wtid < rows_valid) {
           const int bytes = (cols_valid < BN ? cols_valid : BN) * 2;
           asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(
@@ -655,7 +720,8 @@ bool sm90_fits(index_t num_groups) {
 // Launches grouped_gemm_sm90_kernel<T, Cfg, F>: one CTA per multiprocessor, at most one per
 // tile (`tiles_bound`, from the host-side sizes).
 template <class T, class Cfg, Form F>
-void launch_sm90_kernel(const CUtensorMap& map_a, const CUtensorMap& map_b, const Sm90Params& p,
+void launch_sm90_kernel(const CUtensorMap& map_a, const CUtensorMap& map_b,
+                        const CUtensorMap& map_c, const CUtensorMap& map_mask, const Sm90Params& p,
                         index_t tiles_bound, cudaStream_t stream) {
   const int smem = Cfg::smem_bytes(p.num_groups);
   const int sms = multiprocessor_count();  // checks the device index too
@@ -668,7 +734,8 @@ void launch_sm90_kernel(const CUtensorMap& map_a, const CUtensorMap& map_b, cons
     cached_smem[device].store(smem);
   }
   const index_t grid = std::min<index_t>(sms, std::max<index_t>(tiles_bound, 1));
-  kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, smem, stream>>>(map_a, map_b, p);
+  kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, smem, stream>>>(map_a, map_b, map_c,
+                                                                       map_mask, p);
   SY_CUDA_CHECK_LAUNCH();
 }
 
@@ -698,6 +765,12 @@ void launch_sm90(const T* a, const T* b, bool trans_b, T* c, const index_t* offs
     const std::uint32_t box[3] = {64, Cfg::BK, 1};
     map_b = make_tensor_map<T>(b, 3, dims, strides, box);
   }
+  // C and the mask [R, N] in [64][64] boxes, 128-byte swizzle (the epilogue's tensor copies).
+  const std::uint64_t dims_c[2] = {static_cast<std::uint64_t>(n), static_cast<std::uint64_t>(rows)};
+  const std::uint64_t strides_c[1] = {static_cast<std::uint64_t>(n) * es};
+  const std::uint32_t box_c[2] = {64, 64};
+  const CUtensorMap map_c = make_tensor_map<T>(c, 2, dims_c, strides_c, box_c);
+  const CUtensorMap map_mask = mask ? make_tensor_map<T>(mask, 2, dims_c, strides_c, box_c) : map_c;
   Sm90Params p{
       c,   offsets, static_cast<int>(num_groups), rows, 0, static_cast<int>(n), static_cast<int>(k),
       0.0f};
@@ -706,9 +779,9 @@ void launch_sm90(const T* a, const T* b, bool trans_b, T* c, const index_t* offs
   p.mask = mask;
   const index_t bound = (rows / Cfg::BM + num_groups) * ((n + Cfg::BN - 1) / Cfg::BN);
   if (trans_b)
-    launch_sm90_kernel<T, Cfg, Form::kRowsBt>(map_a, map_b, p, bound, stream);
+    launch_sm90_kernel<T, Cfg, Form::kRowsBt>(map_a, map_b, map_c, map_mask, p, bound, stream);
   else
-    launch_sm90_kernel<T, Cfg, Form::kRowsB>(map_a, map_b, p, bound, stream);
+    launch_sm90_kernel<T, Cfg, Form::kRowsB>(map_a, map_b, map_c, map_mask, p, bound, stream);
 }
 
 // Varying K: c[e] [M, N] = beta c[e] + (a [R, M] rows of e)ᵀ · (b [R, N] rows of e); rows > 0
@@ -733,7 +806,15 @@ void launch_sm90_outer(const T* a, const T* b, T* c, const index_t* offsets, ind
                      0,
                      static_cast<float>(beta)};
   const index_t bound = num_groups * ((m + Cfg::BM - 1) / Cfg::BM) * ((n + Cfg::BN - 1) / Cfg::BN);
-  launch_sm90_kernel<T, Cfg, Form::kOuter>(rows_map(a, m), rows_map(b, n), p, bound, stream);
+  // C [E, M, N] in [64][64] boxes, 128-byte swizzle (the epilogue's tensor copies).
+  const std::uint64_t dims_c[3] = {static_cast<std::uint64_t>(n), static_cast<std::uint64_t>(m),
+                                   static_cast<std::uint64_t>(num_groups)};
+  const std::uint64_t strides_c[2] = {static_cast<std::uint64_t>(n) * es,
+                                      static_cast<std::uint64_t>(m) * n * es};
+  const std::uint32_t box_c[3] = {64, 64, 1};
+  const CUtensorMap map_c = make_tensor_map<T>(c, 3, dims_c, strides_c, box_c);
+  launch_sm90_kernel<T, Cfg, Form::kOuter>(rows_map(a, m), rows_map(b, n), map_c, map_c, p, bound,
+                                           stream);
 }
 
 // Memory-bound GEMMs (fine-grained experts) keep more bytes in flight with k-tiles 32 deep;
