@@ -17,8 +17,9 @@
 // Varying K: the k dimension is the group's rows, so Aᵀ and B are both M/N-major (64-column
 // boxes of [R, M] and [R, N], through both transpose bits); the rows of a group's last k-tile
 // that belong to the next group are zeroed in shared memory by the consumers before the MMAs.
-// The epilogue stages the tile in shared memory and sends each valid row out with an
-// asynchronous bulk copy, so the stores drain while the next tile's MMAs run.
+// The epilogue stages the tile in shared memory and sends it out asynchronously, so the stores
+// drain while the next tile's MMAs run: [64][64] tensor-store boxes (128-byte swizzle) where all
+// of a warpgroup's rows are the group's, one bulk copy per valid row where the group ends.
 //
 // The device code exists only in sm_90a compiles (__CUDA_ARCH_FEAT_SM90_ALL); in other passes
 // the kernels are empty, and sm90_available() tells the host whether the code loaded for the
@@ -52,9 +53,8 @@ namespace switchyard::grouped_gemm_detail {
 // and use the swizzle of that width (128 or 64 bytes); M/N-major operands always come in
 // [BK][64] boxes with 128-byte rows. Halving BK doubles the stages that fit in the same shared
 // memory, so more of them are in flight while the consumers hold two.
-// The epilogue writes the tile to shared memory and its valid rows leave through asynchronous
-// bulk copies (cp.async.bulk, one per row), so the next tile's MMAs start while they drain.
-// (Stores from registers, with a fourth stage in the room of the staging tile, measured slower
+// The epilogue writes the tile to shared memory, from where it leaves by asynchronous copies
+// (see the kernel's epilogue). (Stores from registers, with a fourth stage in the room of the staging tile, measured slower
 // on every bench shape: mixtral fc1 448 vs 651 TFLOPS, deepseek fc1 540 vs 683.)
 template <int BN_, int BK_, int kStages_>
 struct Sm90Config {
