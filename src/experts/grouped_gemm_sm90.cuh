@@ -54,8 +54,9 @@ namespace switchyard::grouped_gemm_detail {
 // [BK][64] boxes with 128-byte rows. Halving BK doubles the stages that fit in the same shared
 // memory, so more of them are in flight while the consumers hold two.
 // The epilogue writes the tile to shared memory, from where it leaves by asynchronous copies
-// (see the kernel's epilogue). (Stores from registers, with a fourth stage in the room of the staging tile, measured slower
-// on every bench shape: mixtral fc1 448 vs 651 TFLOPS, deepseek fc1 540 vs 683.)
+// (see the kernel's epilogue). (Stores from registers, with a fourth stage in the room of the
+// staging tile, measured slower on every bench shape: mixtral fc1 448 vs 651 TFLOPS, deepseek
+// fc1 540 vs 683.)
 template <int BN_, int BK_, int kStages_>
 struct Sm90Config {
   static constexpr int BM = 128, BN = BN_, BK = BK_, kStages = kStages_;
