@@ -31,14 +31,14 @@ class DispatchCuda : public ::testing::TestWithParam<Case> {
   }
 };
 
-// With drops (capacity factor 0.75) and, padded, with padding rows (2.0).
+// With drops (capacity factor 0.75) and, padded, with padding rows (2.0); k = 11 spans more than
+// one of the backward kernels' chunks of choices.
 TEST_P(DispatchCuda, MatchesTheCpuBackendForwardAndBackward) {
   const auto [layout, post, dt] = GetParam();
-  const index_t T = 989, E = 8, d = 111;
-  const int k = 2;
-  for (double cf : {0.75, 2.0}) {
+  const index_t T = 989, E = 12, d = 111;
+  for (const auto& [k, cf] : {std::pair{2, 0.75}, std::pair{2, 2.0}, std::pair{11, 0.75}}) {
     if (cf > 1 && layout == Layout::kPacked) continue;
-    SCOPED_TRACE("capacity factor " + std::to_string(cf));
+    SCOPED_TRACE("k " + std::to_string(k) + ", capacity factor " + std::to_string(cf));
     const RoutingPlan plan = random_plan(T, E, k, layout, dt, cf);
     if (cf < 1) {
       ASSERT_GT(plan.dropped, 0);
