@@ -35,6 +35,9 @@ class Gate {
   // dlogits [T, E] (f32, or f64 for an f64 layer) -> dx [T, d] in x's dtype; accumulates the
   // gradients of parameters(). Called at most once after each forward.
   virtual Tensor backward(const Tensor& dlogits) = 0;
+  // backward that adds the input gradient to dx [T, d] (contiguous, x's dtype) instead of
+  // returning it. The default adds backward's result; a gate may fold the add into its kernels.
+  virtual void backward_add(const Tensor& dlogits, Tensor& dx);
   virtual std::vector<Parameter*> parameters() { return {}; }
 };
 

@@ -387,11 +387,14 @@ Tensor MoELayer::backward(const Tensor& dy_in, const LossWeights& weights) {
     dlogits = route_backward_cuda(cfg, m.plan, m.router, dweight, lw);
 #endif
   }
-  const Tensor dx_gate = [&] {
+  {
     const Tf32Scope exact(false);
-    return m.gate->backward(dlogits).to(cfg.dtype);
-  }();
-  add_inplace(dx, dx_gate, m.jitter.defined() ? &m.jitter : nullptr);
+    if (m.jitter.defined()) {  // the gate saw x * jitter
+      add_inplace(dx, m.gate->backward(dlogits).to(cfg.dtype), &m.jitter);
+    } else {
+      m.gate->backward_add(dlogits, dx);
+    }
+  }
   if (m.shared) add_inplace(dx, m.shared->backward(dy));
   // Free what the forward saved (one backward per forward).
   m.x = m.jitter = m.expert_out = Tensor();

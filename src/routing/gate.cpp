@@ -1,6 +1,7 @@
 #include "routing/gate.h"
 
 #include <cmath>
+#include <utility>
 
 #include "core/backend.h"
 #include "core/dtype_dispatch.h"
@@ -27,6 +28,10 @@ void accumulate(Parameter& p, const Tensor& g) { add_inplace(p.grad, g.to(p.grad
 
 }  // namespace
 
+void Gate::backward_add(const Tensor& dlogits, Tensor& dx) {
+  add_inplace(dx, backward(dlogits).to(dx.dtype()));
+}
+
 LinearGate::LinearGate(const MoEConfig& cfg) {
   wg_ = make_param("wg.weight", {cfg.num_experts, cfg.model_dim}, gate_dtype(cfg), cfg.device);
   fill_uniform(wg_.value, 1.0 / std::sqrt(static_cast<double>(cfg.model_dim)), cfg.seed,
@@ -51,18 +56,40 @@ Tensor LinearGate::forward(const Tensor& x, bool training) {
 }
 
 Tensor LinearGate::backward(const Tensor& dlogits) {
+  Tensor dx;
+  input_grad(dlogits, dx, false);
+  return dx;
+}
+
+void LinearGate::backward_add(const Tensor& dlogits, Tensor& dx) { input_grad(dlogits, dx, true); }
+
+void LinearGate::input_grad(const Tensor& dlogits, Tensor& dx, bool add) {
   SY_CHECK(x_.defined(), "gate: backward called without a training forward");
+  SY_CHECK(!add || dx.defined(), "gate: backward_add needs a dx to add to");
+  SY_CHECK(!add || (dx.sizes() == x_.sizes() && dx.dtype() == x_dtype_ && dx.is_contiguous() &&
+                    dx.device() == x_.device()),
+           "gate: backward_add needs a contiguous [", x_.size(0), ", ", x_.size(1), "] ",
+           dtype_name(x_dtype_), " dx on ", to_string(x_.device()), ", got ", dx.dim(), "-d ",
+           dtype_name(dx.dtype()), " of ", dx.numel(), " elements on ", to_string(dx.device()),
+           dx.is_contiguous() ? "" : ", not contiguous");
+  const Tensor x = std::exchange(x_, Tensor());  // one backward per forward: the saved input goes
   const Tensor dl = dlogits.to(wg_.value.dtype()).contiguous();
-  if (split_gate_applies(x_, wg_.value)) {
-    Tensor dx = split_gate_backward_cuda(dl, x_, wg_.value, wg_.grad);
-    x_ = Tensor();
-    return dx;
+  if (split_gate_applies(x, wg_.value)) {
+    split_gate_backward_cuda(dl, x, wg_.value, wg_.grad, dx, add);
+    return;
   }
-  gemm(dl, true, x_, false, wg_.grad, 1.0, 1.0);  // dWg += dlᵀ · x
-  Tensor dx = Tensor::empty(x_.sizes(), wg_.value.dtype(), x_.device());
-  gemm(dl, false, wg_.value, false, dx);  // dx = dl · Wg
-  x_ = Tensor();                          // one backward per forward: free the saved input now
-  return dx.to(x_dtype_);
+  gemm(dl, true, x, false, wg_.grad, 1.0, 1.0);  // dWg += dlᵀ · x
+  if (add && dx.dtype() == wg_.value.dtype()) {
+    gemm(dl, false, wg_.value, false, dx, 1.0, 1.0);  // dx += dl · Wg
+    return;
+  }
+  Tensor g = Tensor::empty(x.sizes(), wg_.value.dtype(), x.device());
+  gemm(dl, false, wg_.value, false, g);  // dl · Wg
+  if (add) {
+    add_inplace(dx, g.to(x_dtype_));
+  } else {
+    dx = g.to(x_dtype_);
+  }
 }
 
 CosineGate::CosineGate(const MoEConfig& cfg) {
@@ -146,9 +173,8 @@ Tensor split_gate_forward_cuda(const Tensor&, const Tensor&) {
   SY_CHECK(false, "split_gate_forward_cuda: this build has no CUDA backend");
   return {};
 }
-Tensor split_gate_backward_cuda(const Tensor&, const Tensor&, const Tensor&, Tensor&) {
+void split_gate_backward_cuda(const Tensor&, const Tensor&, const Tensor&, Tensor&, Tensor&, bool) {
   SY_CHECK(false, "split_gate_backward_cuda: this build has no CUDA backend");
-  return {};
 }
 #endif
 

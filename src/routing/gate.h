@@ -19,9 +19,13 @@ class LinearGate final : public Gate {
   explicit LinearGate(const MoEConfig& cfg);
   Tensor forward(const Tensor& x, bool training) override;
   Tensor backward(const Tensor& dlogits) override;
+  // The input gradient's GEMM accumulates into dx (no separate pass) where dx has its dtype.
+  void backward_add(const Tensor& dlogits, Tensor& dx) override;
   std::vector<Parameter*> parameters() override { return {&wg_}; }
 
  private:
+  // backward (add false: dx is assigned) or backward_add.
+  void input_grad(const Tensor& dlogits, Tensor& dx, bool add);
   Parameter wg_;
   Tensor x_;  // gate input in the gate's dtype (bf16 for the split gate), saved for backward
   DType x_dtype_ = DType::kF32;

@@ -17,7 +17,9 @@ namespace switchyard {
 bool split_gate_applies(const Tensor& x, const Tensor& w);
 // logits [T, E] f32 = x [T, d] bf16 · w [E, d] f32 ᵀ.
 Tensor split_gate_forward_cuda(const Tensor& x, const Tensor& w);
-// Returns dx [T, d] bf16 = dl [T, E] f32 · w; w_grad [E, d] f32 += dlᵀ · x.
-Tensor split_gate_backward_cuda(const Tensor& dl, const Tensor& x, const Tensor& w, Tensor& w_grad);
+// dx [T, d] bf16 = dl [T, E] f32 · w, or with add dx += it (rounded once); w_grad [E, d] f32 +=
+// dlᵀ · x.
+void split_gate_backward_cuda(const Tensor& dl, const Tensor& x, const Tensor& w, Tensor& w_grad,
+                              Tensor& dx, bool add);
 
 }  // namespace switchyard

@@ -70,9 +70,9 @@ void sum_pieces(const Tensor& src, index_t rows, index_t cols, index_t row_strid
 // C [m, n] (row-major, of c_type) = op(A) · op(B), A and B bf16, f32 accumulation.
 void gemm_bf16(cublasHandle_t h, bool ta, bool tb, index_t m, index_t n, index_t k, const void* a,
                index_t lda, const void* b, index_t ldb, void* c, cudaDataType_t c_type,
-               index_t ldc) {
+               index_t ldc, float beta = 0.0f) {
   if (m == 0 || n == 0) return;
-  const float alpha = 1.0f, beta = 0.0f;
+  const float alpha = 1.0f;
   constexpr auto i32 = cublas_int;
   SY_CUBLAS_CHECK(cublasGemmEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
                                i32(n), i32(m), i32(k), &alpha, b, CUDA_R_16BF, i32(ldb), a,
@@ -101,8 +101,8 @@ Tensor split_gate_forward_cuda(const Tensor& x, const Tensor& w) {
   return logits;
 }
 
-Tensor split_gate_backward_cuda(const Tensor& dl, const Tensor& x, const Tensor& w,
-                                Tensor& w_grad) {
+void split_gate_backward_cuda(const Tensor& dl, const Tensor& x, const Tensor& w, Tensor& w_grad,
+                              Tensor& dx, bool add) {
   const Device dev = x.device();
   DeviceScope scope(dev.index);
   const cudaStream_t stream = as_cuda_stream(current_stream(dev).handle);
@@ -112,16 +112,15 @@ Tensor split_gate_backward_cuda(const Tensor& dl, const Tensor& x, const Tensor&
   // its first 3E columns against x for the weight gradient's three pieces.
   const Tensor dl4 = split(dl, T, 4 * E, SplitLayout{T, E, 4 * E, E, 4, 0b00100100}, stream);
   const Tensor w4 = split(w, 4 * E, d, SplitLayout{E, d, d, E * d, 4, 0b01000000}, stream);
-  Tensor dx = Tensor::empty({T, d}, DType::kBF16, dev);
+  if (!add) dx = Tensor::empty({T, d}, DType::kBF16, dev);
   gemm_bf16(h, false, false, T, d, 4 * E, dl4.data_ptr(), 4 * E, w4.data_ptr(), d, dx.data_ptr(),
-            CUDA_R_16BF, d);
+            CUDA_R_16BF, d, add ? 1.0f : 0.0f);
   Tensor pieces = Tensor::empty({3 * E, d}, DType::kF32, dev);
   if (T > 0) {
     gemm_bf16(h, true, false, 3 * E, d, T, dl4.data_ptr(), 4 * E, x.data_ptr(), d,
               pieces.data_ptr(), CUDA_R_32F, d);
     sum_pieces(pieces, E, d, d, E * d, w_grad, true, stream);
   }
-  return dx;
 }
 
 }  // namespace switchyard

@@ -62,6 +62,13 @@ TEST(LinearGateCuda, MatchesTheCpuGateForwardAndBackward) {
     EXPECT_LT(rel_l2(dx_g, dx), 1e-2);
     EXPECT_LT(rel_l2(cuda.parameters()[0]->grad.to_vector(), cpu.parameters()[0]->grad.to_vector()),
               fp32_gate ? 1e-5 : 1e-2);
+    // backward_add: the input gradient added to a dx that holds x.
+    cpu.forward(x, true);
+    cuda.forward(x.to(Device::cuda(0)), true);
+    Tensor sum = x.clone(), sum_g = x.to(Device::cuda(0));
+    cpu.backward_add(dl, sum);
+    cuda.backward_add(dl.to(Device::cuda(0)), sum_g);
+    EXPECT_LT(rel_l2(sum_g.to_vector(), sum.to_vector()), 1e-2);
   }
 }
 
@@ -82,7 +89,9 @@ TEST(LinearGateCuda, SplitGateHasFp32Accuracy) {
   const auto logits = split_gate_forward_cuda(x.to(gpu), w.to(gpu)).to_vector();
   EXPECT_EQ(split_gate_forward_cuda(x.to(gpu), w.to(gpu)).to_vector(), logits);
   Tensor grad = Tensor::zeros({E, d}, DType::kF32, gpu);
-  const auto dx = split_gate_backward_cuda(dl.to(gpu), x.to(gpu), w.to(gpu), grad).to_vector();
+  Tensor dx_out;
+  split_gate_backward_cuda(dl.to(gpu), x.to(gpu), w.to(gpu), grad, dx_out, false);
+  const auto dx = dx_out.to_vector();
   const auto gv = grad.to_vector();
   double worst_logit = 0, worst_grad = 0;
   std::vector<double> dx_ref(T * d, 0.0);
@@ -108,6 +117,11 @@ TEST(LinearGateCuda, SplitGateHasFp32Accuracy) {
   EXPECT_LT(worst_logit, 1e-5);  // TF32 would be about 5e-4, bf16 4e-3
   EXPECT_LT(worst_grad, 1e-5);
   EXPECT_LT(rel_l2(dx, dx_ref), 4e-3);
+  // Added to a dx that holds x: one rounding of x + dl · w.
+  Tensor sum = x.to(gpu);
+  split_gate_backward_cuda(dl.to(gpu), x.to(gpu), w.to(gpu), grad, sum, true);
+  for (index_t i = 0; i < T * d; ++i) dx_ref[i] += xv[i];
+  EXPECT_LT(rel_l2(sum.to_vector(), dx_ref), 4e-3);
 }
 
 // The cosine gate with the same parameters on both devices: logits, dx and every parameter's
