@@ -62,7 +62,7 @@ def check_against_reference(layer, k, cf, bpr, norm, postscore=True, act=F.relu,
     tol = dict(atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(y.detach().cpu(), yr.detach(), **tol)
     torch.testing.assert_close(y.l_aux.detach().cpu(), l_aux_r.detach(), **tol)
-    assert layer.routing_stats["capacity"] >= info["capacity"] or cf <= 0
+    assert cf <= 0 or layer.routing_stats["capacity"] >= info["capacity"]
     torch.testing.assert_close(xa.grad.cpu(), xr.grad, **tol)
     for p, r in zip(params_of(layer), ref_params):
         if p is None:
