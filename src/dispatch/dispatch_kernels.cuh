@@ -1,8 +1,8 @@
 // Dispatch kernels on raw pointers, threads over the columns of a row. encode and decode are row
 // kernels (core/cuda_math.cuh's row_blocks) over buffer rows and tokens; the backward kernels,
 // which reduce dot products for the weight gradients, run one block per token (a token's k
-// buffer rows kChoiceChunk at a time, so its row of dy is read from DRAM once) and reduce in a fixed
-// order (block_sums_into), so results are bitwise reproducible; no atomics. (As row kernels
+// buffer rows kChoiceChunk at a time, so its row of dy is read from DRAM once) and reduce in a
+// fixed order (block_sums_into), so results are bitwise reproducible; no atomics. (As row kernels
 // striding over rows, with a barrier per row, they measured slower: sonic_fine decode_backward
 // 775 vs 640 us under ncu.)
 #pragma once
@@ -129,7 +129,8 @@ __global__ void decode_backward(const T* __restrict__ dy, const T* __restrict__ 
     const ChoiceRows cr(row, t, k, c0);
     A s[kChoiceChunk], dot[kChoiceChunk] = {};
 #pragma unroll
-    for (int i = 0; i < kChoiceChunk; ++i) s[i] = postscore && cr.r[i] >= 0 ? w[t * k + c0 + i] : A(1);
+    for (int i = 0; i < kChoiceChunk; ++i)
+      s[i] = postscore && cr.r[i] >= 0 ? w[t * k + c0 + i] : A(1);
     for (index_t j = threadIdx.x * V; j < d; j += blockDim.x * V) {
       const Pack<T, V> gj = load_pack<V>(g + j);
       Pack<T, V> oj[kChoiceChunk];

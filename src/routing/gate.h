@@ -45,11 +45,11 @@ class CosineGate final : public Gate {
   // Saved by a training forward for backward, in the routing dtype.
   struct Saved {
     DType x_dtype = DType::kF32;
-    Tensor x;            // [T, d]
-    Tensor un, unorm;    // normalised projection [T, p] and its row norms [T]
-    Tensor sn, snorm;    // normalised sim_matrix [p, E] and its column norms [E]
-    Tensor cos;          // [T, E]
-    Tensor tau;          // the temperature [1]
+    Tensor x;          // [T, d]
+    Tensor un, unorm;  // normalised projection [T, p] and its row norms [T]
+    Tensor sn, snorm;  // normalised sim_matrix [p, E] and its column norms [E]
+    Tensor cos;        // [T, E]
+    Tensor tau;        // the temperature [1]
   } saved_;
 };
 

@@ -69,8 +69,8 @@ void sum_pieces(const Tensor& src, index_t rows, index_t cols, index_t row_strid
 
 // C [m, n] (row-major, of c_type) = op(A) · op(B), A and B bf16, f32 accumulation.
 void gemm_bf16(cublasHandle_t h, bool ta, bool tb, index_t m, index_t n, index_t k, const void* a,
-               index_t lda, const void* b, index_t ldb, void* c, cudaDataType_t c_type,
-               index_t ldc, float beta = 0.0f) {
+               index_t lda, const void* b, index_t ldb, void* c, cudaDataType_t c_type, index_t ldc,
+               float beta = 0.0f) {
   if (m == 0 || n == 0) return;
   const float alpha = 1.0f;
   constexpr auto i32 = cublas_int;

@@ -56,8 +56,8 @@ TEST(Gate, BackwardAddRefusesADxOfAnotherShapeOrDtype) {
   LinearGate gate(gate_config(DType::kF32, false, GateType::kLinear));
   const Tensor x = Tensor::from_vector(randn(5 * 24, 3), {5, 24}, DType::kF32);
   const Tensor dl = Tensor::zeros({5, 6}, DType::kF32);
-  for (Tensor dx : {Tensor::zeros({4, 24}, DType::kF32), Tensor::zeros({5, 24}, DType::kF64),
-                    Tensor()}) {
+  for (Tensor dx :
+       {Tensor::zeros({4, 24}, DType::kF32), Tensor::zeros({5, 24}, DType::kF64), Tensor()}) {
     gate.forward(x, true);
     EXPECT_THROW(gate.backward_add(dl, dx), Error);
   }
