@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -16,6 +17,8 @@
 namespace switchyard {
 
 using Shape = std::vector<index_t>;
+// "[2, 3]": a shape as error messages print it.
+std::string shape_str(const Shape& s);
 
 class Tensor {
  public:

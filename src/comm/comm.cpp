@@ -148,12 +148,6 @@ index_t row_numel(const Tensor& t) {
   return checked_numel(trailing);
 }
 
-std::string shape_str(const Shape& s) {
-  std::string out = "[";
-  for (std::size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
 // A contiguous buffer to receive into: recv itself, or a scratch tensor copied back afterwards.
 struct RecvBuffer {
   Tensor target;   // the caller's tensor

@@ -23,12 +23,6 @@ Shape contiguous_strides(const Shape& sizes) {
   return strides;
 }
 
-std::string shape_str(const Shape& s) {
-  std::string r = "[";
-  for (std::size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
-  return r + "]";
-}
-
 // Calls f(offset) with the element offset of every element of (sizes, strides), row-major order.
 template <class F>
 void for_each_offset(const Shape& sizes, const Shape& strides, F&& f) {
@@ -57,6 +51,12 @@ void check_cpu(const Tensor& t, const char* op) {
 }
 
 }  // namespace
+
+std::string shape_str(const Shape& s) {
+  std::string r = "[";
+  for (std::size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
 
 Tensor Tensor::empty(const Shape& sizes, DType dtype, Device device) {
   Tensor t;

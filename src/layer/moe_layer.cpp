@@ -26,12 +26,6 @@ namespace {
 constexpr std::uint64_t kExpertInitId = 2000;
 constexpr std::uint64_t kSharedInitId = 3000;
 
-std::string shape_str(const Shape& s) {
-  std::string r = "[";
-  for (std::size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
-  return r + "]";
-}
-
 FfnShape ffn_shape(const MoEConfig& cfg, index_t num_experts, index_t hidden,
                    index_t first_expert = 0) {
   FfnShape s{num_experts,      cfg.model_dim, hidden,     cfg.activation, cfg.has_fc1_bias,
