@@ -7,7 +7,7 @@ set -euo pipefail
 packages=(
   cmake ninja-build g++ pkg-config       # toolchain
   libgtest-dev libgmock-dev              # tests
-  libopenblas-dev                        # CPU GEMMs
+  libopenblas-dev libopenblas0-openmp    # CPU GEMMs (cblas.h; the build on OpenMP threads)
   libcli11-dev nlohmann-json3-dev libfmt-dev  # the switchyard command-line tool
   libopenmpi-dev openmpi-bin             # the MPI communicator and its mpirun tests
   python3-torch libtorch-dev python3-pytest python3-numpy pybind11-dev python3-dev  # the PyTorch binding
