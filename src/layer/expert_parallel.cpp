@@ -229,10 +229,14 @@ ParallelCall ExpertParallel::begin(const ForwardOptions& opt, index_t T, int k, 
 
 void ExpertParallel::set_route_hooks(RouteArgs& args) {
   Communicator* c = comm_.get();
-  args.max_needed_over_ranks = [c](index_t needed) {
-    return c->all_reduce(std::vector<std::int64_t>{needed}, ReduceOp::kMax)[0];
-  };
-  args.sum_over_ranks = [c](std::vector<double>& v) { v = c->all_reduce(v, ReduceOp::kSum); };
+  // Only where the routing needs the other ranks (a padded capacity taken from the largest need,
+  // the batch-level Switch loss's counts): without hooks the CUDA router stays on the device.
+  if (args.layout == Layout::kPadded && args.capacity_factor <= 0)
+    args.max_needed_over_ranks = [c](index_t needed) {
+      return c->all_reduce(std::vector<std::int64_t>{needed}, ReduceOp::kMax)[0];
+    };
+  if (cfg_.aux_loss == AuxLoss::kSwitch && !cfg_.sinkhorn)
+    args.sum_over_ranks = [c](std::vector<double>& v) { v = c->all_reduce(v, ReduceOp::kSum); };
 }
 
 void ExpertParallel::sum_over_ranks(std::vector<double>& v) {

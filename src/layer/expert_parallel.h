@@ -66,7 +66,8 @@ class ExpertParallel {
   // finds T_max. Throws on every rank when they differ or adaptive_r does not fit.
   ParallelCall begin(const ForwardOptions& opt, index_t num_tokens, int top_k,
                      double capacity_factor, Layout layout, int overlap_degree);
-  // Installs the router's collectives (padded capacity max; the Switch loss's global counts).
+  // Installs the router's collectives where this call needs them (padded capacity_factor <= 0:
+  // the largest need; the batch-level Switch loss: its global counts).
   void set_route_hooks(RouteArgs& args);
 
   // The expert outputs of this rank's buffer: buffer [R, d] in the plan's layout -> [R, d].

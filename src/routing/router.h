@@ -50,6 +50,8 @@ struct RouterState {
   // The Switch loss's tokens(e) [E] and T summed over ranks (expert parallelism), else empty.
   std::vector<double> switch_tokens;
   double switch_num_tokens = 0;
+  // CUDA router, load/importance loss: d cv2 / d importance and d cv2 / d load, f64 [2E].
+  Tensor loss_grad;
 };
 
 // The unweighted losses as 0-dim f64 tensors on the router's device (no host sync).
@@ -67,8 +69,10 @@ Tensor route_backward_cpu(const MoEConfig& cfg, const RoutingPlan& plan, const R
                           const Tensor& dweight, const LossWeights& weights);
 
 // The CUDA router (router_cuda.cu): logits, plan, state and losses on the GPU. It supports every
-// option except sinkhorn, the load/importance loss and Megatron's probs drop policy with a
-// capacity (those route on the host); see route_cuda_supports. `nonfinite` (i32, one element, on
+// option of one process except sinkhorn on noisy logits (Tutel's gate noise in training), which
+// routes on the host, as do the expert-parallel hooks; see route_cuda_supports. Sinkhorn runs
+// its max_iters iterations as launches that return at once after convergence (no host sync).
+// `nonfinite` (i32, one element, on
 // the device) is set to 1 when the logits hold NaN or Inf: read it at a sync. The plan's
 // `dropped` is -1 (count it from expert_count); with packed dropless routing its `capacity` is
 // -1 (no capacity).

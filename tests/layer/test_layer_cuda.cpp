@@ -196,11 +196,12 @@ TEST(MoELayerCudaErrors, MixedDevicesAreRejected) {
   EXPECT_THROW(layer.backward(Tensor::zeros({4, 8}, DType::kF32)), Error);  // dy on the CPU
 }
 
-// Megatron/DeepSeek-style routing (sigmoid, expert bias, groups, scaling, Switch loss, z-loss)
-// and Tutel's batch-prioritized routing route on the GPU: the layer still matches the CPU.
-TEST(MoELayerCudaRouting, MegatronAndBatchPrioritizedOptionsMatchTheCpu) {
+// Megatron/DeepSeek-style routing (sigmoid, expert bias, groups, scaling, Switch loss, z-loss),
+// Megatron's probs drops and sinkhorn, Tutel's batch-prioritized routing and load/importance
+// loss route on the GPU: the layer still matches the CPU.
+TEST(MoELayerCudaRouting, MegatronAndTutelOptionsMatchTheCpu) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
-  for (int variant = 0; variant < 2; ++variant) {
+  for (int variant = 0; variant < 5; ++variant) {
     MoEConfig cfg;
     cfg.model_dim = 32;
     cfg.hidden_size = 48;
@@ -215,10 +216,24 @@ TEST(MoELayerCudaRouting, MegatronAndBatchPrioritizedOptionsMatchTheCpu) {
       cfg.scaling_factor = 2.5;
       cfg.aux_loss = AuxLoss::kSwitch;
       cfg.capacity_factor = 0.0;
-    } else {
+    } else if (variant == 1) {
       cfg.batch_prioritized_routing = true;
       cfg.capacity_factor = 0.5;
       cfg.gate_noise = 1.0;
+    } else if (variant == 2) {
+      cfg.rules = RuleSet::kMegatron;
+      cfg.aux_loss = AuxLoss::kSwitch;
+      cfg.drop_policy = DropPolicy::kProbs;
+      cfg.capacity_factor = 1.0;
+    } else if (variant == 3) {
+      cfg.rules = RuleSet::kMegatron;
+      cfg.sinkhorn = true;
+      cfg.aux_loss = AuxLoss::kNone;
+      cfg.capacity_factor = 0.0;
+    } else {
+      cfg.aux_loss = AuxLoss::kLoadImportance;
+      cfg.gate_noise = 1.0;
+      cfg.top_k = 2;
     }
     SCOPED_TRACE(variant);
     MoELayer cpu(cfg);

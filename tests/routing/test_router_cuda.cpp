@@ -56,6 +56,12 @@ std::vector<Case> cases(DType rd) {
   c = config(12, 1, rd);
   c.aux_loss = AuxLoss::kNone;
   add("k=1 no aux loss", c, 0.0, Layout::kPacked);
+  for (int k : {1, 2}) {
+    c = config(16, k, rd);
+    c.aux_loss = AuxLoss::kLoadImportance;
+    c.gate_noise = 1.0;
+    add("load/importance k=" + std::to_string(k), c, 1.0, Layout::kPadded);
+  }
 
   MoEConfig m = config(16, 2, rd);
   m.rules = RuleSet::kMegatron;
@@ -74,9 +80,21 @@ std::vector<Case> cases(DType rd) {
   m.scaling_factor = 2.5;
   m.aux_loss = AuxLoss::kSwitch;
   add("deepseek: sigmoid, bias, groups, scaling", m, 0.0, Layout::kPacked);
+  add("megatron probs drops", m, 1.0, Layout::kPacked);
+  add("megatron probs drops, padded", m, 0.5, Layout::kPadded);
+  add("megatron probs drops, capped", m, -0.5, Layout::kPacked);
   m.drop_policy = DropPolicy::kPosition;
   add("megatron position drops", m, 1.0, Layout::kPacked);
   add("megatron position drops, padded", m, 1.0, Layout::kPadded);
+  for (int k : {1, 2}) {
+    m = config(16, k, rd);
+    m.rules = RuleSet::kMegatron;
+    m.sinkhorn = true;
+    add("sinkhorn k=" + std::to_string(k), m, 0.0, Layout::kPacked);
+    all.push_back({"sinkhorn evaluation k=" + std::to_string(k), m, 1.0, Layout::kPadded, false});
+  }
+  m.sinkhorn_max_iters = 3;
+  add("sinkhorn, 3 iterations", m, 1.0, Layout::kPadded);
   Case eval{"evaluation", config(16, 2, rd), 1.0, Layout::kPadded, false};
   eval.cfg.gate_noise = 1.0;
   all.push_back(eval);
