@@ -174,15 +174,7 @@ RoutingPlan route_impl(const MoEConfig& cfg, const RouteArgs& args, const Tensor
     priority.resize(static_cast<std::size_t>(T));
     for (index_t t = 0; t < T; ++t) priority[t] = *std::max_element(p + t * E, p + (t + 1) * E);
   }
-  SlotRules rules;
-  rules.rules = cfg.rules;
-  rules.capacity_factor = args.capacity_factor;
-  rules.layout = args.layout;
-  rules.alignment = args.alignment > 0 ? args.alignment : cfg.overlap_degree;
-  rules.drop_policy = cfg.drop_policy;
-  rules.max_tokens = args.max_tokens;
-  if (args.layout == Layout::kPadded) rules.max_needed_over_ranks = args.max_needed_over_ranks;
-  assign_slots_cpu<A>(rules, priority.empty() ? nullptr : priority.data(), w, plan);
+  assign_slots_cpu<A>(slot_rules(cfg, args), priority.empty() ? nullptr : priority.data(), w, plan);
 
   // 5. Losses (unweighted). Sinkhorn balances by itself: no aux loss, as Megatron. Under expert
   // parallelism the Switch loss counts tokens(e) and T over all ranks (Megatron's global batch).
@@ -218,7 +210,7 @@ RoutingPlan route_impl(const MoEConfig& cfg, const RouteArgs& args, const Tensor
   }
   losses.z = z_loss<A>(T, E, z, nullptr, 0);
 
-  st = RouterState{logits, noisy,      probs, gates, rule, {}, std::move(switch_tokens),
+  st = RouterState{logits,           noisy, probs, gates, rule, {}, std::move(switch_tokens),
                    switch_num_tokens};
   return plan;
 }

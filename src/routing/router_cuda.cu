@@ -854,12 +854,7 @@ RoutingPlan route_cuda(const MoEConfig& cfg, const RouteArgs& args, const Tensor
   SY_CUDA_CHECK_LAUNCH();
 
   // Capacity: from the token count, or (one sync) from the largest per-expert count.
-  SlotRules rules;
-  rules.rules = cfg.rules;
-  rules.capacity_factor = args.capacity_factor;
-  rules.layout = args.layout;
-  rules.alignment = args.alignment > 0 ? args.alignment : cfg.overlap_degree;
-  rules.max_tokens = args.max_tokens;
+  const SlotRules rules = slot_rules(cfg, args);
   const bool padded = args.layout == Layout::kPadded;
   const Tensor start = Tensor::empty({E}, DType::kI64, dev);
   const Tensor max_needed = Tensor::empty({}, DType::kI64, dev);

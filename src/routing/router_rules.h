@@ -25,6 +25,19 @@ inline bool renormalises(const MoEConfig& cfg, int k) {
   return cfg.rules == RuleSet::kTutel && cfg.normalize_gate;
 }
 
+// The slot rules of one routing call (ROUTING.md §3).
+inline SlotRules slot_rules(const MoEConfig& cfg, const RouteArgs& args) {
+  SlotRules r;
+  r.rules = cfg.rules;
+  r.capacity_factor = args.capacity_factor;
+  r.layout = args.layout;
+  r.alignment = args.alignment > 0 ? args.alignment : cfg.overlap_degree;
+  r.drop_policy = cfg.drop_policy;
+  r.max_tokens = args.max_tokens;
+  if (args.layout == Layout::kPadded) r.max_needed_over_ranks = args.max_needed_over_ranks;
+  return r;
+}
+
 // Tokens per sequence of the sequence-level Switch loss (all tokens for the batch-level one);
 // throws unless the tokens are whole sequences.
 inline index_t switch_seq_len(const MoEConfig& cfg, index_t T) {
