@@ -145,7 +145,7 @@ RoutingPlan route_impl(const MoEConfig& cfg, const RouteArgs& args, const Tensor
   A* g = gates.data<A>();
   const bool group_limited = cfg.num_groups > 1 && rule != WeightRule::kSinkhorn;
   const bool renorm = rule == WeightRule::kScores && renormalises(cfg, k);
-  const A scale = rule == WeightRule::kSinkhorn ? A(1) : static_cast<A>(cfg.scaling_factor);
+  const A scale = static_cast<A>(weight_scale(cfg, rule));
 #pragma omp parallel for schedule(static)
   for (index_t t = 0; t < T; ++t) {
     A* s = sel.data() + t * E;
@@ -181,32 +181,31 @@ RoutingPlan route_impl(const MoEConfig& cfg, const RouteArgs& args, const Tensor
   losses = Losses{};
   std::vector<double> switch_tokens;
   double switch_num_tokens = 0;
-  if (rule != WeightRule::kSinkhorn && cfg.aux_loss == AuxLoss::kSwitch && args.sum_over_ranks) {
+  const AuxLoss aux_loss = aux_loss_of(cfg, rule);
+  if (aux_loss == AuxLoss::kSwitch && args.sum_over_ranks) {
     switch_tokens = switch_token_counts<A>(T, E, k, z, cfg.score_fn);
     switch_tokens.push_back(static_cast<double>(T));
     args.sum_over_ranks(switch_tokens);
     switch_num_tokens = switch_tokens.back();
     switch_tokens.pop_back();
   }
-  if (rule != WeightRule::kSinkhorn) {
-    switch (cfg.aux_loss) {
-      case AuxLoss::kNone:
-        break;
-      case AuxLoss::kGShard:
-        losses.aux = gshard_loss<A>(T, E, k, p, idx, nullptr, 0);
-        break;
-      case AuxLoss::kLoadImportance:
-        losses.aux = load_importance_loss<A>(T, E, k, z, zn, idx, cfg.gate_noise, nullptr, 0);
-        break;
-      case AuxLoss::kSwitch:
-        losses.aux = switch_loss<A>(T, E, k, z, cfg.score_fn, 0, nullptr, 0,
-                                    switch_tokens.empty() ? nullptr : switch_tokens.data(),
-                                    switch_num_tokens);
-        break;
-      case AuxLoss::kSwitchSequence:
-        losses.aux = switch_loss<A>(T, E, k, z, cfg.score_fn, cfg.seq_len, nullptr, 0);
-        break;
-    }
+  switch (aux_loss) {
+    case AuxLoss::kNone:
+      break;
+    case AuxLoss::kGShard:
+      losses.aux = gshard_loss<A>(T, E, k, p, idx, nullptr, 0);
+      break;
+    case AuxLoss::kLoadImportance:
+      losses.aux = load_importance_loss<A>(T, E, k, z, zn, idx, cfg.gate_noise, nullptr, 0);
+      break;
+    case AuxLoss::kSwitch:
+      losses.aux =
+          switch_loss<A>(T, E, k, z, cfg.score_fn, 0, nullptr, 0,
+                         switch_tokens.empty() ? nullptr : switch_tokens.data(), switch_num_tokens);
+      break;
+    case AuxLoss::kSwitchSequence:
+      losses.aux = switch_loss<A>(T, E, k, z, cfg.score_fn, cfg.seq_len, nullptr, 0);
+      break;
   }
   losses.z = z_loss<A>(T, E, z, nullptr, 0);
 
@@ -233,7 +232,7 @@ Tensor route_backward_impl(const MoEConfig& cfg, const RoutingPlan& plan, const 
   A* dz = dlogits.data<A>();
   std::vector<A> dp(static_cast<std::size_t>(T * E), A(0));
   const bool renorm = rule == WeightRule::kScores && renormalises(cfg, k);
-  const A scale = rule == WeightRule::kSinkhorn ? A(1) : static_cast<A>(cfg.scaling_factor);
+  const A scale = static_cast<A>(weight_scale(cfg, rule));
 
 #pragma omp parallel for schedule(static)
   for (index_t t = 0; t < T; ++t) {
@@ -264,7 +263,8 @@ Tensor route_backward_impl(const MoEConfig& cfg, const RoutingPlan& plan, const 
           scale * (dwt[j] / denom - (through_denominator ? dot / (denom * denom) : A(0)));
   }
 
-  if (rule != WeightRule::kSinkhorn && cfg.aux_loss == AuxLoss::kGShard && lw.aux != 0)
+  const AuxLoss aux_loss = aux_loss_of(cfg, rule);
+  if (aux_loss == AuxLoss::kGShard && lw.aux != 0)
     gshard_loss<A>(T, E, k, p, idx, dp.data(), lw.aux);
 
   // probs = act(noisy logits); noisy = logits + constant, so d noisy = d logits.
@@ -282,14 +282,14 @@ Tensor route_backward_impl(const MoEConfig& cfg, const RoutingPlan& plan, const 
     }
   }
 
-  if (rule != WeightRule::kSinkhorn && lw.aux != 0) {
-    if (cfg.aux_loss == AuxLoss::kLoadImportance)
+  if (lw.aux != 0) {
+    if (aux_loss == AuxLoss::kLoadImportance)
       load_importance_loss<A>(T, E, k, z, zn, idx, cfg.gate_noise, dz, lw.aux);
-    else if (cfg.aux_loss == AuxLoss::kSwitch)
+    else if (aux_loss == AuxLoss::kSwitch)
       switch_loss<A>(T, E, k, z, cfg.score_fn, 0, dz, lw.aux,
                      st.switch_tokens.empty() ? nullptr : st.switch_tokens.data(),
                      st.switch_num_tokens);
-    else if (cfg.aux_loss == AuxLoss::kSwitchSequence)
+    else if (aux_loss == AuxLoss::kSwitchSequence)
       switch_loss<A>(T, E, k, z, cfg.score_fn, cfg.seq_len, dz, lw.aux);
   }
   if (lw.z != 0) z_loss<A>(T, E, z, dz, lw.z);

@@ -721,8 +721,7 @@ RoutingPlan route_cuda(const MoEConfig& cfg, const RouteArgs& args, const Tensor
   const WeightRule rule = weight_rule(cfg);
   const bool sinkhorn = rule == WeightRule::kSinkhorn;
   const bool noise = args.training && cfg.gate_noise > 0;
-  // Sinkhorn balances by itself: no aux loss, as Megatron.
-  const AuxLoss aux_loss = sinkhorn ? AuxLoss::kNone : cfg.aux_loss;
+  const AuxLoss aux_loss = aux_loss_of(cfg, rule);
   const bool switch_loss = aux_loss == AuxLoss::kSwitch || aux_loss == AuxLoss::kSwitchSequence;
   const bool load_importance = aux_loss == AuxLoss::kLoadImportance;
   const bool prioritized = cfg.rules == RuleSet::kTutel && cfg.batch_prioritized_routing;
@@ -760,7 +759,7 @@ RoutingPlan route_cuda(const MoEConfig& cfg, const RouteArgs& args, const Tensor
   p.logit_softmax = rule == WeightRule::kLogitSoftmax;
   p.renorm = rule == WeightRule::kScores && renormalises(cfg, k);
   p.megatron = cfg.rules == RuleSet::kMegatron;
-  p.scale = sinkhorn ? 1.0 : cfg.scaling_factor;
+  p.scale = weight_scale(cfg, rule);
   p.bias = args.expert_bias && !sinkhorn ? args.expert_bias->data<float>() : nullptr;
   p.groups = cfg.num_groups > 1 && !sinkhorn ? cfg.num_groups : 0;
   p.topk_groups = cfg.topk_groups;
@@ -923,8 +922,7 @@ Tensor route_backward_cuda(const MoEConfig& cfg, const RoutingPlan& plan, const 
   const Tensor dweight = dweight_in.contiguous();
   Tensor dlogits = Tensor::empty({T, E}, rd, dev);
   if (T == 0) return dlogits;
-  const bool sinkhorn = st.rule == WeightRule::kSinkhorn;
-  const AuxLoss aux_loss = sinkhorn ? AuxLoss::kNone : cfg.aux_loss;
+  const AuxLoss aux_loss = aux_loss_of(cfg, st.rule);
   const bool switch_loss = aux_loss == AuxLoss::kSwitch || aux_loss == AuxLoss::kSwitchSequence;
   const index_t L = switch_loss ? switch_seq_len(cfg, T) : T;
 
@@ -936,7 +934,7 @@ Tensor route_backward_cuda(const MoEConfig& cfg, const RoutingPlan& plan, const 
   p.renorm = st.rule == WeightRule::kScores && renormalises(cfg, k);
   p.megatron = cfg.rules == RuleSet::kMegatron;
   p.softmax = probs_fn(cfg, st.rule, k) == ScoreFn::kSoftmax;
-  p.scale = sinkhorn ? 1.0 : cfg.scaling_factor;
+  p.scale = weight_scale(cfg, st.rule);
   // Device-held weights: the kernel multiplies the scales below (computed for a weight of 1) by
   // their values, converted to f64 on the device.
   Tensor aux_w, z_w;

@@ -18,6 +18,14 @@ inline ScoreFn probs_fn(const MoEConfig& cfg, WeightRule rule, int k) {
   return cfg.score_fn;
 }
 
+// Sinkhorn balances by itself: it has no aux loss (as Megatron) and its weights are not scaled.
+inline AuxLoss aux_loss_of(const MoEConfig& cfg, WeightRule rule) {
+  return rule == WeightRule::kSinkhorn ? AuxLoss::kNone : cfg.aux_loss;
+}
+inline double weight_scale(const MoEConfig& cfg, WeightRule rule) {
+  return rule == WeightRule::kSinkhorn ? 1.0 : cfg.scaling_factor;
+}
+
 // Megatron normalises sigmoid weights with + 1e-20; Tutel clamps the sum at f32 epsilon.
 inline bool renormalises(const MoEConfig& cfg, int k) {
   if (k <= 1) return false;
