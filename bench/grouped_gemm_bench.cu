@@ -6,6 +6,9 @@
 // Build and run on a GPU machine from the repository root:
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -I src -I include \
 //     bench/grouped_gemm_bench.cu src/core/error.cpp -lcublas -o grouped_gemm_bench
+// Options: --only TEXT times the shapes whose name contains TEXT (no correctness sweep);
+// --profile TEXT launches the library's choice and cuBLAS strided-batched once on each varying-M
+// shape whose name contains TEXT, for ncu (add -lineinfo to the build for its source view).
 #include <cublas_v2.h>
 
 #include <algorithm>
@@ -496,26 +499,59 @@ void graph_follows_device_offsets() {
   cudaFree(doff);
 }
 
-// --profile: one launch of the default configuration on fine-grained fc1 and dW1, for ncu.
-int profile() {
+// The bench shapes: varying M (E experts of `rows` rows, K -> N) and varying K (weight gradients).
+const std::vector<Shape>& shapes() {
+  static const std::vector<Shape> all = {
+      {"mixtral fc1 (8 x 2048, 4096 -> 14336) B^T", 8, 2048, 4096, 14336, true, false, 0},
+      {"deepseek fc2 (32 x 1024, 2048 -> 7168)", 32, 1024, 2048, 7168, false, false, 0},
+      {"deepseek fc1 (32 x 1024, 7168 -> 2048) B^T", 32, 1024, 7168, 2048, true, false, 0},
+      {"tutel fc1 (2 x 8192, 2048 -> 2048) B^T", 2, 8192, 2048, 2048, true, false, 0},
+      {"sonic-coarse fc1 (64 x 2048, 4096 -> 4096) B^T", 64, 2048, 4096, 4096, true, false, 0},
+      {"fine-grained fc1 (128 x 512, 2048 -> 768) B^T", 128, 512, 2048, 768, true, false, 0},
+      {"fine-grained dX (128 x 512, 768 -> 2048)", 128, 512, 768, 2048, false, false, 0},
+      {"sonic-fine fc2 (128 x 1536, 256 -> 1536)", 128, 1536, 256, 1536, false, false, 0},
+      {"sonic-fine fc1 (128 x 1536, 1536 -> 512) B^T", 128, 1536, 1536, 512, true, false, 0},
+      {"sonic-fine dX (128 x 1536, 512 -> 1536)", 128, 1536, 512, 1536, false, false, 0},
+      {"fine-grained dW1 (128 x 512 rows, M=768, N=2048)", 128, 512, 0, 2048, false, true, 768},
+      {"mixtral dW1 (8 x 2048 rows, M=14336, N=4096)", 8, 2048, 0, 4096, false, true, 14336},
+      {"deepseek dW2 (32 x 1024 rows, M=2048, N=7168)", 32, 1024, 0, 7168, false, true, 2048},
+      {"sonic-fine dW1 (128 x 1536 rows, M=512, N=1536)", 128, 1536, 0, 1536, false, true, 512},
+      {"tutel dW1 (2 x 8192 rows, M=2048, N=2048)", 2, 8192, 0, 2048, false, true, 2048},
+  };
+  return all;
+}
+
+// --profile TEXT: for ncu, one launch of the library's choice on each varying-M shape whose name
+// contains TEXT, then one cuBLAS strided-batched launch of the same shape.
+int profile(const std::string& only) {
   using T = __nv_bfloat16;
-  const index_t E = 128, rows = 512, R = E * rows, d = 2048, h = 768;
-  std::vector<index_t> off(E + 1);
-  for (index_t e = 0; e <= E; ++e) off[e] = e * rows;
-  index_t* doff = upload_off(off);
-  T *x = dalloc<T>(R * d), *w = dalloc<T>(E * h * d), *hh = dalloc<T>(R * h);
-  rnd(x, R * d, 1);
-  rnd(w, E * h * d, 2);
-  rnd(hh, R * h, 3);
-  run_varying_m<T>(x, w, true, hh, doff, E, R, h, d, 0);  // fc1: [R, d] x [E, h, d]^T
-  run_varying_k<T>(hh, x, w, doff, E, R, h, d, 0.0, 0);   // dW1: [R, h]^T x [R, d]
-  CK(cudaDeviceSynchronize());
-  printf("profile launches done\n");
+  for (const Shape& s : shapes()) {
+    if (s.outer || std::string(s.name).find(only) == std::string::npos) continue;
+    const index_t E = s.E, R = E * s.rows;
+    std::vector<index_t> off(E + 1);
+    for (index_t e = 0; e <= E; ++e) off[e] = e * s.rows;
+    index_t* doff = upload_off(off);
+    T *a = dalloc<T>(R * s.K), *b = dalloc<T>(E * (index_t)s.K * s.N), *c = dalloc<T>(R * s.N);
+    rnd(a, R * s.K, 1);
+    rnd(b, E * (index_t)s.K * s.N, 2);
+    run_varying_m<T>(a, b, s.tb, c, doff, E, R, s.N, s.K, 0, Kernel::kAuto);
+    cublas_sb<T>(false, s.tb, s.rows, s.N, s.K, a, s.K, (long long)s.rows * s.K, b,
+                 s.tb ? s.K : s.N, (long long)s.K * s.N, c, s.N, (long long)s.rows * s.N, E);
+    CK(cudaDeviceSynchronize());
+    printf("profiled %s\n", s.name);
+    cudaFree(a);
+    cudaFree(b);
+    cudaFree(c);
+    cudaFree(doff);
+  }
   return 0;
 }
 
 int main(int argc, char** argv) {
-  if (argc > 1 && std::string(argv[1]) == "--profile") return profile();
+  if (argc > 2 && std::string(argv[1]) == "--profile") {
+    CB(cublasCreate(&g_h));
+    return profile(argv[2]);
+  }
   // --only TEXT: time only the shapes whose name contains TEXT (no correctness sweep).
   const std::string only = argc > 2 && std::string(argv[1]) == "--only" ? argv[2] : "";
   cudaDeviceProp prop;
@@ -567,24 +603,8 @@ int main(int argc, char** argv) {
       "| shape (E x rows, K -> N) | mma 128x128x64 s3 | wgmma 128x256x64 s3 | wgmma 128x256x32 s6 "
       "| wgmma 128x128x64 s5 | library's choice | cuBLAS strided-batched | cuBLAS per expert | "
       "dense same total | max rel err (vs cuBLAS) |\n");
-  Shape shapes[] = {
-      {"mixtral fc1 (8 x 2048, 4096 -> 14336) B^T", 8, 2048, 4096, 14336, true, false, 0},
-      {"deepseek fc2 (32 x 1024, 2048 -> 7168)", 32, 1024, 2048, 7168, false, false, 0},
-      {"deepseek fc1 (32 x 1024, 7168 -> 2048) B^T", 32, 1024, 7168, 2048, true, false, 0},
-      {"tutel fc1 (2 x 8192, 2048 -> 2048) B^T", 2, 8192, 2048, 2048, true, false, 0},
-      {"sonic-coarse fc1 (64 x 2048, 4096 -> 4096) B^T", 64, 2048, 4096, 4096, true, false, 0},
-      {"fine-grained fc1 (128 x 512, 2048 -> 768) B^T", 128, 512, 2048, 768, true, false, 0},
-      {"fine-grained dX (128 x 512, 768 -> 2048)", 128, 512, 768, 2048, false, false, 0},
-      {"sonic-fine fc2 (128 x 1536, 256 -> 1536)", 128, 1536, 256, 1536, false, false, 0},
-      {"sonic-fine fc1 (128 x 1536, 1536 -> 512) B^T", 128, 1536, 1536, 512, true, false, 0},
-      {"sonic-fine dX (128 x 1536, 512 -> 1536)", 128, 1536, 512, 1536, false, false, 0},
-      {"fine-grained dW1 (128 x 512 rows, M=768, N=2048)", 128, 512, 0, 2048, false, true, 768},
-      {"mixtral dW1 (8 x 2048 rows, M=14336, N=4096)", 8, 2048, 0, 4096, false, true, 14336},
-      {"deepseek dW2 (32 x 1024 rows, M=2048, N=7168)", 32, 1024, 0, 7168, false, true, 2048},
-      {"sonic-fine dW1 (128 x 1536 rows, M=512, N=1536)", 128, 1536, 0, 1536, false, true, 512},
-      {"tutel dW1 (2 x 8192 rows, M=2048, N=2048)", 2, 8192, 0, 2048, false, true, 2048},
-  };
-  for (auto& s : shapes)
+
+  for (const Shape& s : shapes())
     if (only.empty() || std::string(s.name).find(only) != std::string::npos) bench(s);
   printf("correctness failures: %d\n", g_fail);
   return g_fail ? 1 : 0;
