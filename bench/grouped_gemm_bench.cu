@@ -89,6 +89,12 @@ index_t* upload_off(const std::vector<index_t>& off) {
   CK(cudaMemcpy(d, off.data(), off.size() * 8, cudaMemcpyHostToDevice));
   return d;
 }
+// Offsets of E groups of `rows` rows each, on the device.
+index_t* upload_equal_off(index_t E, index_t rows) {
+  std::vector<index_t> off(E + 1);
+  for (index_t e = 0; e <= E; ++e) off[e] = e * rows;
+  return upload_off(off);
+}
 
 struct Err {
   double max_rel = 0, worst_ref = 0;
@@ -337,9 +343,7 @@ using Sm90N128 = Sm90Config<128, 64, 5>;
 void bench(const Shape& s) {
   using T = __nv_bfloat16;
   const index_t E = s.E, R = (index_t)s.E * s.rows;
-  std::vector<index_t> off(E + 1);
-  for (index_t e = 0; e <= E; ++e) off[e] = e * s.rows;
-  index_t* doff = upload_off(off);
+  index_t* doff = upload_equal_off(E, s.rows);
   double flops;
   T *a, *b, *c;
   float* cref;
@@ -528,9 +532,7 @@ int profile(const std::string& only) {
   for (const Shape& s : shapes()) {
     if (s.outer || std::string(s.name).find(only) == std::string::npos) continue;
     const index_t E = s.E, R = E * s.rows;
-    std::vector<index_t> off(E + 1);
-    for (index_t e = 0; e <= E; ++e) off[e] = e * s.rows;
-    index_t* doff = upload_off(off);
+    index_t* doff = upload_equal_off(E, s.rows);
     T *a = dalloc<T>(R * s.K), *b = dalloc<T>(E * (index_t)s.K * s.N), *c = dalloc<T>(R * s.N);
     rnd(a, R * s.K, 1);
     rnd(b, E * (index_t)s.K * s.N, 2);
@@ -552,7 +554,6 @@ int main(int argc, char** argv) {
     CB(cublasCreate(&g_h));
     return profile(argv[2]);
   }
-  // --only TEXT: time only the shapes whose name contains TEXT (no correctness sweep).
   const std::string only = argc > 2 && std::string(argv[1]) == "--only" ? argv[2] : "";
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
@@ -603,7 +604,6 @@ int main(int argc, char** argv) {
       "| shape (E x rows, K -> N) | mma 128x128x64 s3 | wgmma 128x256x64 s3 | wgmma 128x256x32 s6 "
       "| wgmma 128x128x64 s5 | library's choice | cuBLAS strided-batched | cuBLAS per expert | "
       "dense same total | max rel err (vs cuBLAS) |\n");
-
   for (const Shape& s : shapes())
     if (only.empty() || std::string(s.name).find(only) != std::string::npos) bench(s);
   printf("correctness failures: %d\n", g_fail);

@@ -21,6 +21,7 @@ log=${SY_LOG_DIR:-build-ab/logs}
 mkdir -p "$log"
 log=$(realpath "$log")
 new_root=$(mktemp -d)
+trap 'rm -rf "$new_root"' EXIT
 tar --exclude='./build*' --exclude=./.git -cf - . | tar -xf - -C "$new_root"
 (cd "$new_root" && patch -p1 -s <"$patch_file")
 
